@@ -1,0 +1,167 @@
+"""What the master and slave protocols share: framing, error frames, and
+the factory that tracks connections so the daemon can close them on stop."""
+
+from __future__ import annotations
+
+from struct import unpack_from
+from typing import Set
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from gloom import wire
+from gloom.scheduler import Scheduler
+
+# How long a peer that sent an oversized frame gets to read its error frame.
+ABORT_AFTER_ERROR = 10.0
+
+
+def address_name(address) -> str:
+    """``host:port`` for an IP address, the address itself otherwise."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+class GloomProtocol(Int32StringReceiver):
+    """A connection speaking Gloom frames; subclasses handle the actions.
+
+    Frames are split out of a growing ``bytearray`` rather than Twisted's
+    immutable buffer, which copies everything received so far on every read
+    and would make one large frame cost quadratic time.
+    """
+
+    log = Logger()
+    role = "peer"
+    other_role = "peer"
+    actions: frozenset = frozenset()
+    other_actions: frozenset = frozenset()
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._parsing = False
+        self._refusing = False
+        self._abort_call = None
+        self.closed: Deferred = Deferred()
+
+    # --- connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.MAX_LENGTH = self.factory.max_frame
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        self.peer = address_name(self.transport.getPeer())
+        self.factory.connections.add(self)
+        self.log.info("{role} connected from {peer}", role=self.role, peer=self.peer)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.connections.discard(self)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self.log.info("{role} {peer} disconnected", role=self.role, peer=self.peer)
+        self.closed.callback(None)
+
+    # --- framing ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        buffer = self._buffer
+        buffer += data
+        if self._parsing:
+            return
+        self._parsing = True
+        offset = 0
+        try:
+            while not self.paused and len(buffer) - offset >= 4:
+                (length,) = unpack_from("!I", buffer, offset)
+                if length > self.MAX_LENGTH:
+                    self._refusing = True
+                    del buffer[:]
+                    offset = 0
+                    self.lengthLimitExceeded(length)
+                    return
+                end = offset + 4 + length
+                if len(buffer) < end:
+                    break
+                frame = bytes(buffer[offset + 4 : end])
+                offset = end
+                self.stringReceived(frame)
+        finally:
+            if offset:
+                del buffer[:offset]
+            self._parsing = False
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        """Say why, then close: the rest of the stream cannot be framed."""
+        reason = f"frame of {length} bytes is over the limit of {self.MAX_LENGTH} bytes"
+        self.log.warn("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
+                      code=wire.SIZE_ERROR, reason=reason)
+        self.sendString(wire.error(wire.SIZE_ERROR, reason))
+        self.transport.loseConnection()
+        self._abort_call = self.factory.clock.callLater(
+            ABORT_AFTER_ERROR, self.transport.abortConnection
+        )
+
+    def stringReceived(self, frame: bytes) -> None:
+        try:
+            message = wire.decode(frame)
+            action = wire.action_of(message)
+            if action not in self.actions:
+                if action in self.other_actions:
+                    raise wire.MessageError(
+                        wire.WRONG_PORT,
+                        f"action {action!r} belongs on the {self.other_role} port, "
+                        f"not the {self.role} port",
+                    )
+                raise wire.MessageError(wire.UNKNOWN_ACTION, f"unknown action {action!r}")
+            getattr(self, "do_" + action)(message)
+        except wire.MessageError as e:
+            self.log.info("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
+                          code=e.code, reason=e.reason)
+            self.sendString(wire.error(e.code, e.reason, e.job_id))
+
+
+class GloomFactory(Factory):
+    """Builds one kind of Gloom protocol around the shared scheduler."""
+
+    noisy = False
+
+    def __init__(self, scheduler: Scheduler, clock: IReactorTime,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME):
+        self.scheduler = scheduler
+        self.clock = clock
+        self.max_frame = max_frame
+        self.connections: Set[GloomProtocol] = set()
+
+    def close_all(self, timeout: float) -> Deferred:
+        """Close every connection after its pending frames are written;
+        abort those still open after ``timeout`` seconds."""
+        connections = list(self.connections)
+        for connection in connections:
+            connection.transport.loseConnection()
+        done = DeferredList([c.closed for c in connections])
+        if connections:
+            abort = self.clock.callLater(timeout, self._abort, connections)
+            done.addBoth(_cancel_if_active, abort)
+        return done
+
+    @staticmethod
+    def _abort(connections) -> None:
+        for connection in connections:
+            if not connection.closed.called:
+                connection.transport.abortConnection()
+
+
+def _cancel_if_active(result, call):
+    if call.active():
+        call.cancel()
+    return result

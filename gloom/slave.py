@@ -1,0 +1,86 @@
+"""The slave port: slaves join a type, take one job at a time and answer it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+
+from gloom import wire
+from gloom.protocol import GloomFactory, GloomProtocol
+from gloom.scheduler import Job
+
+
+class SlaveProtocol(GloomProtocol):
+    """One slave's connection: idle, it waits on a scheduler Deferred for a
+    job of its type; busy, it holds exactly one job until it answers."""
+
+    role = "slave"
+    other_role = "master"
+    actions = wire.SLAVE_ACTIONS
+    other_actions = wire.MASTER_ACTIONS
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_type: Optional[str] = None
+        self.job: Optional[Job] = None
+        self._waiting: Optional[Deferred] = None
+
+    def do_join(self, message: dict) -> None:
+        """Serve a type.  While a job is held the switch waits for its answer."""
+        job_type = wire.required_string(message, "type")
+        if self._waiting is not None and job_type == self.job_type:
+            self.sendString(wire.OK)
+            return
+        self.job_type = job_type
+        if self._waiting is not None:
+            self._waiting.cancel()
+        self.sendString(wire.OK)
+        if self.job is None:
+            self._ask()
+
+    def do_respond(self, message: dict) -> None:
+        job = self._held_job("respond")
+        body = wire.required_body(message, job.id)
+        self.job = None
+        self.sendString(wire.OK)
+        self.factory.scheduler.complete(job, body)
+        self._ask()
+
+    def do_fail(self, message: dict) -> None:
+        job = self._held_job("fail")
+        reason = wire.required_string(message, "reason", job.id, allow_empty=True)
+        self.job = None
+        self.sendString(wire.OK)
+        self.factory.scheduler.fail(job, reason)
+        self._ask()
+
+    def _held_job(self, action: str) -> Job:
+        if self.job is None:
+            raise wire.MessageError(wire.NOT_PROCESSING, f"{action} without a job: this slave holds none")
+        return self.job
+
+    def _ask(self) -> None:
+        self._waiting = waiting = self.factory.scheduler.next_job(self.job_type)
+        waiting.addCallbacks(self._assigned, self._stopped_waiting)
+
+    def _assigned(self, job: Job) -> None:
+        self._waiting = None
+        self.job = job
+        self.sendString(wire.job(job.id, job.type, job.body))
+
+    def _stopped_waiting(self, failure) -> None:
+        failure.trap(CancelledError)
+        self._waiting = None
+
+    def connectionLost(self, reason) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self.job is not None:
+            job, self.job = self.job, None
+            self.factory.scheduler.release(job)
+        super().connectionLost(reason)
+
+
+class SlaveFactory(GloomFactory):
+    protocol = SlaveProtocol

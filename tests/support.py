@@ -1,0 +1,126 @@
+"""Helpers shared by the tests: frame codecs, in-memory and TCP clients."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from gloom.master import MasterFactory
+from gloom.scheduler import Scheduler
+from gloom.slave import SlaveFactory
+
+
+def frame(message) -> bytes:
+    """One length-prefixed frame carrying ``message`` (bytes are sent as is)."""
+    data = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return struct.pack("!I", len(data)) + data
+
+
+def unframe(data: bytes) -> list:
+    """Split a byte stream into its decoded JSON frames; the stream must end on a frame."""
+    messages = []
+    while data:
+        (length,) = struct.unpack("!I", data[:4])
+        assert len(data) >= 4 + length, "stream ends inside a frame"
+        messages.append(json.loads(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return messages
+
+
+class Peer:
+    """A protocol on a StringTransport, driven with whole JSON messages."""
+
+    def __init__(self, factory, address=("10.0.0.1", 1234)):
+        self.protocol = factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=_ipv4(*address))
+        self.protocol.makeConnection(self.transport)
+        self.unread = []
+
+    def send(self, *messages) -> list:
+        """Send messages in one chunk; return every frame written back since."""
+        self.protocol.dataReceived(b"".join(frame(m) for m in messages))
+        return self.received()
+
+    def received(self) -> list:
+        """Every frame written back and not yet read."""
+        data = self.transport.value()
+        self.transport.clear()
+        frames, self.unread = self.unread + unframe(data), []
+        return frames
+
+    def disconnect(self) -> None:
+        self.protocol.connectionLost(protocol.connectionDone)
+
+
+def _ipv4(host, port):
+    from twisted.internet.address import IPv4Address
+
+    return IPv4Address("TCP", host, port)
+
+
+class Daemon:
+    """A scheduler with both factories, in memory."""
+
+    def __init__(self, max_retries=3, max_frame=1024 * 1024):
+        self.clock = Clock()
+        self.scheduler = Scheduler(max_retries=max_retries)
+        self.masters = MasterFactory(self.scheduler, self.clock, max_frame)
+        self.slaves = SlaveFactory(self.scheduler, self.clock, max_frame)
+
+    def master(self) -> Peer:
+        return Peer(self.masters)
+
+    def slave(self, job_type=None) -> Peer:
+        """A slave, joined to ``job_type`` if given; a job it got at once stays unread."""
+        peer = Peer(self.slaves)
+        if job_type is not None:
+            frames = peer.send({"action": "join", "type": job_type})
+            assert frames[0] == {"ok": True}, frames
+            peer.unread = frames[1:]
+        return peer
+
+
+class FrameClient(protocol.Protocol):
+    """A real TCP client: frames arrive in a DeferredQueue."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.frames = defer.DeferredQueue()
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while len(self.buffer) >= 4:
+            (length,) = struct.unpack("!I", self.buffer[:4])
+            if len(self.buffer) < 4 + length:
+                break
+            self.frames.put(json.loads(self.buffer[4 : 4 + length]))
+            self.buffer = self.buffer[4 + length :]
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def send(self, *messages):
+        self.transport.write(b"".join(frame(m) for m in messages))
+
+    def next(self):
+        """A Deferred for the next frame (fails the test after 5 s)."""
+        from twisted.internet import reactor
+
+        return self.frames.get().addTimeout(5, reactor)
+
+    def close(self):
+        self.transport.loseConnection()
+        return self.lost
+
+
+def connect(port: int):
+    """Connect a FrameClient to 127.0.0.1:port."""
+    from twisted.internet import reactor
+
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return endpoints.connectProtocol(endpoint, FrameClient())

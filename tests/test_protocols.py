@@ -1,0 +1,354 @@
+"""Both protocols over StringTransport: every rule of the wire protocol."""
+
+import struct
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from gloom import wire
+from gloom.protocol import ABORT_AFTER_ERROR
+from tests.support import Daemon, frame, unframe
+
+
+class RoundTripTests(SynchronousTestCase):
+    def setUp(self):
+        self.daemon = Daemon()
+        self.master = self.daemon.master()
+
+    def test_job_through_one_slave(self):
+        slave = self.daemon.slave("echo")
+        self.assertEqual(self.master.send({"action": "submit", "id": "1", "type": "echo", "body": {"n": 1}}),
+                         [{"ok": True, "id": "1"}])
+        self.assertEqual(slave.received(), [{"action": "job", "id": "1", "type": "echo", "body": {"n": 1}}])
+        self.assertEqual(slave.send({"action": "respond", "body": [2, None]}), [{"ok": True}])
+        self.assertEqual(self.master.received(), [{"id": "1", "body": [2, None]}])
+
+    def test_job_waits_for_a_slave(self):
+        self.master.send({"action": "submit", "id": "1", "type": "echo", "body": None})
+        slave = self.daemon.slave()
+        self.assertEqual(slave.send({"action": "join", "type": "echo"}),
+                         [{"ok": True}, {"action": "job", "id": "1", "type": "echo", "body": None}])
+
+    def test_slave_holds_one_job_at_a_time(self):
+        for i in range(3):
+            self.master.send({"action": "submit", "id": str(i), "type": "t", "body": i})
+        slave = self.daemon.slave()
+        self.assertEqual([m.get("id") for m in slave.send({"action": "join", "type": "t"})], [None, "0"])
+        self.assertEqual([m.get("id") for m in slave.send({"action": "respond", "body": 0})], [None, "1"])
+        self.assertEqual(self.daemon.scheduler.queued("t"), 1)
+
+    def test_priority_order(self):
+        self.master.send(
+            {"action": "submit", "id": "low", "type": "t", "body": None, "priority": -1},
+            {"action": "submit", "id": "mid", "type": "t", "body": None},
+            {"action": "submit", "id": "high", "type": "t", "body": None, "priority": 9},
+            {"action": "submit", "id": "mid2", "type": "t", "body": None, "priority": 0},
+        )
+        slave = self.daemon.slave("t")
+        order = [slave.received()[0]["id"]]
+        for _ in range(3):
+            order.append(slave.send({"action": "respond", "body": None})[1]["id"])
+        self.assertEqual(order, ["high", "mid", "mid2", "low"])
+
+    def test_answers_in_any_order_each_after_its_ack(self):
+        slaves = [self.daemon.slave("t"), self.daemon.slave("t")]
+        self.assertEqual(self.master.send({"action": "submit", "id": "a", "type": "t", "body": 1},
+                                          {"action": "submit", "id": "b", "type": "t", "body": 2}),
+                         [{"ok": True, "id": "a"}, {"ok": True, "id": "b"}])
+        slaves[1].received()
+        slaves[1].send({"action": "respond", "body": "B"})
+        slaves[0].send({"action": "respond", "body": "A"})
+        self.assertEqual(self.master.received(), [{"id": "b", "body": "B"}, {"id": "a", "body": "A"}])
+
+    def test_answers_go_to_the_submitting_master(self):
+        other = self.daemon.master()
+        slave = self.daemon.slave("t")
+        other.send({"action": "submit", "id": "o", "type": "t", "body": None})
+        slave.send({"action": "respond", "body": "for other"})
+        self.assertEqual(other.received(), [{"id": "o", "body": "for other"}])
+        self.assertEqual(self.master.received(), [])
+
+    def test_big_integer_body_exact(self):
+        slave = self.daemon.slave("t")
+        body = {"n": 3**5000, "f": 0.1, "g": 1e300}
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": body})
+        self.assertEqual(slave.received()[0]["body"], body)
+        slave.send({"action": "respond", "body": body})
+        self.assertEqual(self.master.received(), [{"id": "1", "body": body}])
+
+    def test_id_free_again_after_answer(self):
+        slave = self.daemon.slave("t")
+        submit = {"action": "submit", "id": "1", "type": "t", "body": None}
+        self.master.send(submit)
+        slave.send({"action": "respond", "body": None})
+        self.master.received()
+        self.assertEqual(self.master.send(submit), [{"ok": True, "id": "1"}])
+
+    def test_slave_fail(self):
+        slave = self.daemon.slave("t")
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        slave.received()
+        self.assertEqual(slave.send({"action": "fail", "reason": "disk full"}), [{"ok": True}])
+        self.assertEqual(self.master.received(),
+                         [{"error": "job_failed", "reason": "disk full", "id": "1"}])
+        self.assertEqual(self.daemon.scheduler.queued("t"), 0)
+        self.assertNotIn("1", self.daemon.scheduler)
+
+    def test_frames_split_across_reads(self):
+        data = frame({"action": "submit", "id": "1", "type": "t", "body": "x" * 100}) * 1
+        data += frame({"action": "submit", "id": "2", "type": "t", "body": None})
+        for byte in range(len(data)):
+            self.master.protocol.dataReceived(data[byte : byte + 1])
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "1"}, {"ok": True, "id": "2"}])
+
+    def test_tcp_nodelay_is_set(self):
+        class Transport(StringTransport):
+            nodelay = None
+
+            def setTcpNoDelay(self, enabled):
+                self.nodelay = enabled
+
+        transport = Transport()
+        self.daemon.masters.buildProtocol(None).makeConnection(transport)
+        self.assertTrue(transport.nodelay)
+
+    def test_paused_protocol_parses_nothing_until_resumed(self):
+        self.master.protocol.pauseProducing()
+        self.master.protocol.dataReceived(frame({"action": "submit", "id": "1", "type": "t", "body": None}))
+        self.assertEqual(self.master.received(), [])
+        self.master.protocol.resumeProducing()
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "1"}])
+
+
+class JoinTests(SynchronousTestCase):
+    def setUp(self):
+        self.daemon = Daemon()
+        self.master = self.daemon.master()
+
+    def test_join_again_switches_type(self):
+        slave = self.daemon.slave("a")
+        self.assertEqual(slave.send({"action": "join", "type": "b"}), [{"ok": True}])
+        self.assertEqual(self.daemon.scheduler.idle_slaves("a"), 0)
+        self.assertEqual(self.daemon.scheduler.idle_slaves("b"), 1)
+        self.master.send({"action": "submit", "id": "1", "type": "b", "body": None})
+        self.assertEqual(slave.received()[0]["id"], "1")
+
+    def test_join_same_type_keeps_its_place(self):
+        first = self.daemon.slave("a")
+        self.daemon.slave("a")
+        first.send({"action": "join", "type": "a"})
+        self.master.send({"action": "submit", "id": "1", "type": "a", "body": None})
+        self.assertEqual(first.received()[0]["id"], "1")
+
+    def test_join_while_holding_a_job_waits_for_its_answer(self):
+        slave = self.daemon.slave("a")
+        self.master.send({"action": "submit", "id": "1", "type": "a", "body": None},
+                         {"action": "submit", "id": "2", "type": "a", "body": None},
+                         {"action": "submit", "id": "3", "type": "b", "body": None})
+        slave.received()
+        self.assertEqual(slave.send({"action": "join", "type": "b"}), [{"ok": True}])
+        self.assertIn("1", self.daemon.scheduler)
+        self.assertEqual(slave.send({"action": "respond", "body": "one"}),
+                         [{"ok": True}, {"action": "job", "id": "3", "type": "b", "body": None}])
+        self.assertEqual(self.master.received()[-1], {"id": "1", "body": "one"})
+        self.assertEqual(self.daemon.scheduler.queued("a"), 1)
+
+
+class DisconnectTests(SynchronousTestCase):
+    def setUp(self):
+        self.daemon = Daemon(max_retries=3)
+        self.master = self.daemon.master()
+
+    def test_master_leaving_drops_queued_jobs(self):
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.master.disconnect()
+        self.assertEqual(self.daemon.scheduler.queued("t"), 0)
+        self.assertNotIn("1", self.daemon.scheduler)
+        slave = self.daemon.slave("t")
+        self.assertEqual(slave.received(), [])
+
+    def test_master_leaving_lets_running_jobs_finish(self):
+        slave = self.daemon.slave("t")
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.master.disconnect()
+        slave.received()
+        self.assertIn("1", self.daemon.scheduler)
+        other = self.daemon.master()
+        self.assertEqual(other.send({"action": "submit", "id": "1", "type": "t", "body": None})[0]["error"],
+                         "id_exists")
+        self.assertEqual(slave.send({"action": "respond", "body": "late"}), [{"ok": True}])
+        self.assertNotIn("1", self.daemon.scheduler)
+        self.assertEqual(other.send({"action": "submit", "id": "1", "type": "t", "body": None}),
+                         [{"ok": True, "id": "1"}])
+
+    def test_slave_leaving_requeues_its_job(self):
+        slave = self.daemon.slave("t")
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": "b"})
+        slave.disconnect()
+        self.assertEqual(self.daemon.scheduler.queued("t"), 1)
+        second = self.daemon.slave()
+        self.assertEqual(second.send({"action": "join", "type": "t"})[1],
+                         {"action": "job", "id": "1", "type": "t", "body": "b"})
+        second.send({"action": "respond", "body": "done"})
+        self.assertEqual(self.master.received()[-1], {"id": "1", "body": "done"})
+
+    def test_retry_limit(self):
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.master.received()
+        for attempt in range(4):
+            slave = self.daemon.slave("t")
+            self.assertEqual(slave.received()[0]["id"], "1")
+            self.assertEqual(self.master.received(), [])
+            slave.disconnect()
+        (error,) = self.master.received()
+        self.assertEqual((error["error"], error["id"]), ("job_failed", "1"))
+        self.assertIn("4 attempts", error["reason"])
+        self.assertNotIn("1", self.daemon.scheduler)
+
+    def test_idle_slave_leaving(self):
+        slave = self.daemon.slave("t")
+        slave.disconnect()
+        self.assertEqual(self.daemon.scheduler.idle_slaves("t"), 0)
+        self.assertNotIn(slave.protocol, self.daemon.slaves.connections)
+
+
+class ErrorFrameTests(SynchronousTestCase):
+    """Every bad input gets its error frame and changes nothing else."""
+
+    def setUp(self):
+        self.daemon = Daemon(max_frame=1000)
+        self.master = self.daemon.master()
+        self.slave = self.daemon.slave("t")
+
+    def assertError(self, peer, message, code, reason_part, job_id=None):
+        (reply,) = peer.send(message)
+        expected = {"error": code}
+        if job_id is not None:
+            expected["id"] = job_id
+        self.assertEqual({k: v for k, v in reply.items() if k != "reason"}, expected)
+        self.assertIn(reason_part, reply["reason"])
+        self.assertFalse(peer.transport.disconnecting)
+
+    def assertUnchanged(self):
+        scheduler = self.daemon.scheduler
+        self.assertEqual((scheduler.queued("t"), scheduler.idle_slaves("t"), len(scheduler._jobs)), (0, 1, 0))
+
+    def test_invalid_json(self):
+        self.assertError(self.master, b'{"action": "submit", ', "invalid_json", "not valid JSON")
+        self.assertError(self.slave, b"\x00", "invalid_json", "not valid JSON")
+        self.assertUnchanged()
+
+    def test_invalid_utf8(self):
+        self.assertError(self.master, b'{"action":"submit","id":"\xc3\x28"}', "invalid_json", "UTF-8")
+        self.assertUnchanged()
+
+    def test_not_an_object(self):
+        self.assertError(self.master, [1, 2], "invalid_message", "JSON object")
+        self.assertError(self.slave, "join", "invalid_message", "JSON object")
+
+    def test_missing_or_mistyped_action(self):
+        self.assertError(self.master, {"id": "1"}, "invalid_message", "'action'")
+        self.assertError(self.slave, {"action": ["join"]}, "invalid_message", "'action'")
+
+    def test_unknown_action(self):
+        self.assertError(self.master, {"action": "dance"}, "unknown_action", "'dance'")
+        self.assertError(self.slave, {"action": "dance"}, "unknown_action", "'dance'")
+
+    def test_wrong_port(self):
+        for action in ("join", "respond", "fail"):
+            self.assertError(self.master, {"action": action, "type": "t"}, "wrong_port", "slave port")
+        self.assertError(self.slave, {"action": "submit", "id": "1", "type": "t", "body": None},
+                         "wrong_port", "master port")
+        self.assertUnchanged()
+
+    def test_submit_fields(self):
+        cases = [
+            ({}, "missing field 'id'", None),
+            ({"id": 7}, "'id' must be a string", None),
+            ({"id": ""}, "'id' must not be empty", None),
+            ({"id": "1"}, "missing field 'type'", "1"),
+            ({"id": "1", "type": None}, "'type' must be a string", "1"),
+            ({"id": "1", "type": ""}, "'type' must not be empty", "1"),
+            ({"id": "1", "type": "t"}, "missing field 'body'", "1"),
+            ({"id": "1", "type": "t", "body": 1, "priority": 1.5}, "'priority' must be an integer", "1"),
+            ({"id": "1", "type": "t", "body": 1, "priority": True}, "'priority' must be an integer", "1"),
+            ({"id": "1", "type": "t", "body": 1, "priority": "9"}, "'priority' must be an integer", "1"),
+        ]
+        for fields, reason, job_id in cases:
+            self.assertError(self.master, dict(fields, action="submit"), "invalid_message", reason, job_id)
+        self.assertUnchanged()
+
+    def test_id_exists(self):
+        self.master.send({"action": "submit", "id": "1", "type": "u", "body": None})
+        self.assertError(self.master, {"action": "submit", "id": "1", "type": "v", "body": 2},
+                         "id_exists", "'1'", "1")
+        self.assertError(self.daemon.master(), {"action": "submit", "id": "1", "type": "u", "body": 2},
+                         "id_exists", "'1'", "1")
+        self.assertEqual((self.daemon.scheduler.queued("u"), self.daemon.scheduler.queued("v")), (1, 0))
+
+    def test_not_processing(self):
+        self.assertError(self.slave, {"action": "respond", "body": 1}, "not_processing", "holds none")
+        self.assertError(self.slave, {"action": "fail", "reason": "x"}, "not_processing", "holds none")
+        self.assertUnchanged()
+
+    def test_respond_and_fail_fields(self):
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.slave.received()
+        self.assertError(self.slave, {"action": "respond"}, "invalid_message", "missing field 'body'", "1")
+        self.assertError(self.slave, {"action": "fail"}, "invalid_message", "missing field 'reason'", "1")
+        self.assertError(self.slave, {"action": "fail", "reason": 5}, "invalid_message", "'reason' must be a string", "1")
+        self.assertError(self.slave, {"action": "join", "type": 5}, "invalid_message", "'type' must be a string")
+        self.assertEqual(self.slave.send({"action": "respond", "body": "still mine"}), [{"ok": True}])
+        self.assertEqual(self.master.received()[-1], {"id": "1", "body": "still mine"})
+
+    def test_size_error_closes_after_saying_why(self):
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.master.protocol.dataReceived(struct.pack("!I", 1001) + b"{" * 10)
+        (error,) = self.master.received()
+        self.assertEqual(error["error"], "size_error")
+        self.assertIn("1001 bytes", error["reason"])
+        self.assertTrue(self.master.transport.disconnecting)
+        self.master.protocol.dataReceived(frame({"action": "submit", "id": "2", "type": "t", "body": None}))
+        self.assertEqual(self.master.received(), [])
+        self.assertNotIn("2", self.daemon.scheduler)
+
+    def test_size_limit_is_inclusive(self):
+        body = "x" * (1000 - len('{"action":"respond","body":""}'))
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.slave.received()
+        data = frame(b'{"action":"respond","body":"' + body.encode() + b'"}')
+        self.assertEqual(len(data), 1004)
+        self.slave.protocol.dataReceived(data)
+        self.assertEqual(self.slave.received(), [{"ok": True}])
+
+    def test_size_error_aborts_a_peer_that_will_not_read(self):
+        self.master.protocol.dataReceived(struct.pack("!I", 5000))
+        self.assertFalse(self.master.transport.disconnected)
+        self.daemon.clock.advance(ABORT_AFTER_ERROR)
+        self.assertTrue(self.master.transport.disconnected)
+
+    def test_bad_frames_leave_other_connections_alone(self):
+        other = self.daemon.master()
+        self.master.send(b"garbage", [1], {"action": "nope"})
+        self.master.protocol.dataReceived(struct.pack("!I", 10**6))
+        self.assertEqual(other.send({"action": "submit", "id": "1", "type": "t", "body": None}),
+                         [{"ok": True, "id": "1"}])
+        self.assertEqual(self.slave.received()[0]["id"], "1")
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_stop_sends_shutdown_for_each_unfinished_job(self):
+        daemon = Daemon()
+        daemon.scheduler.startService()
+        master = daemon.master()
+        slave = daemon.slave("t")
+        master.send({"action": "submit", "id": "run", "type": "t", "body": None},
+                    {"action": "submit", "id": "wait", "type": "t", "body": None})
+        slave.received()
+        daemon.scheduler.stopService()
+        errors = master.received()
+        self.assertEqual(sorted((e["error"], e["id"]) for e in errors), [("shutdown", "run"), ("shutdown", "wait")])
+        self.assertEqual(master.send({"action": "submit", "id": "n", "type": "t", "body": None})[0]["error"],
+                         "shutdown")
+        self.assertEqual(slave.send({"action": "respond", "body": None}), [{"ok": True}])
+        self.assertEqual(master.received(), [])

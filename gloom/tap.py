@@ -1,0 +1,201 @@
+"""``twistd gloom``: command-line options and the service they build.
+
+The twistd plugin and ``etc/gloom.tac`` both call `makeService`, so the two
+ways of running the daemon cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import gatherResults
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+import gloom
+from gloom import wire
+from gloom.master import MasterFactory
+from gloom.protocol import GloomFactory, address_name
+from gloom.scheduler import Scheduler
+from gloom.slave import SlaveFactory
+
+DEFAULT_MASTER = "tcp:9998:interface=127.0.0.1"
+DEFAULT_SLAVE = "tcp:9999:interface=127.0.0.1"
+DEFAULT_RETRIES = 3
+
+# How long stopping waits for clients to read their last frames.
+CLOSE_TIMEOUT = 5.0
+
+
+def _frame_size(value: str) -> int:
+    size = _whole_number(value, "--max-frame")
+    if not 1 <= size <= wire.FRAME_LIMIT:
+        raise ValueError(f"--max-frame must be between 1 and {wire.FRAME_LIMIT} bytes, not {size}")
+    return size
+
+
+def _retry_count(value: str) -> int:
+    count = _whole_number(value, "--retries")
+    if count < 0:
+        raise ValueError(f"--retries must not be negative, not {count}")
+    return count
+
+
+def _whole_number(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{option} takes a whole number, not {value!r}") from None
+
+
+# usage.Options reports a coercer's ValueError using this attribute.
+_frame_size.coerceDoc = "A number of bytes."
+_retry_count.coerceDoc = "A whole number, 0 or more."
+
+
+class Options(usage.Options):
+    """Options of ``twistd gloom``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Gloom job daemon: masters submit jobs on one endpoint, "
+        "slaves take them on another. Endpoints are Twisted endpoint strings, "
+        "e.g. tcp:9998:interface=0.0.0.0 to listen on every interface."
+    )
+    optParameters = [
+        ["master", None, DEFAULT_MASTER, "Endpoint where masters connect."],
+        ["slave", None, DEFAULT_SLAVE, "Endpoint where slaves connect."],
+        ["max-frame", None, wire.DEFAULT_MAX_FRAME,
+         "Largest frame a peer may send, in bytes.", _frame_size],
+        ["retries", None, DEFAULT_RETRIES,
+         "Times a job is queued again after its slave disconnects.", _retry_count],
+    ]
+
+    def postOptions(self) -> None:
+        from twisted.internet import reactor
+
+        for role in ("master", "slave"):
+            try:
+                endpoints.serverFromString(reactor, self[role])
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--{role}: {self[role]!r} is not a usable endpoint: {e}"
+                ) from None
+
+
+class ListenService(Service):
+    """Listens on one endpoint; a port that cannot be bound stops start-up
+    with one clear line instead of a daemon that silently serves nothing."""
+
+    log = Logger()
+
+    def __init__(self, role: str, description: str, endpoint, factory: GloomFactory):
+        self.name = role
+        self.role = role
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self._listening = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._listening = self.endpoint.listen(self.factory)
+        outcome = []
+        self._listening.addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            raise SystemExit(self._refusal(outcome[0]))
+        if outcome:
+            self._listened(outcome[0])
+        else:
+            self._listening.addCallbacks(self._listened, self._failed_later)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def _listened(self, port) -> None:
+        self.port = port
+        self.log.info("Listening for {role}s on {address} ({description})",
+                      role=self.role, address=address_name(port.getHost()),
+                      description=self.description)
+
+    def _failed_later(self, failure: Failure) -> None:
+        self.log.critical("{message}", message=self._refusal(failure))
+        from twisted.internet import reactor
+
+        reactor.stop()
+
+    def _refusal(self, failure: Failure) -> str:
+        error = failure.value
+        if isinstance(error, CannotListenError) and error.socketError is not None:
+            error = error.socketError
+        return f"gloom: cannot listen for {self.role}s on {self.description}: {error}"
+
+    def stopService(self):
+        Service.stopService(self)
+        self._listening = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class GloomService(MultiService):
+    """The whole daemon: a scheduler and its two listeners.
+
+    Stopping stops listening, fails every unfinished job (masters get a
+    ``shutdown`` frame for each), then closes every connection once its
+    last frames are written.
+    """
+
+    log = Logger()
+
+    name = "gloom"
+
+    def __init__(self, scheduler: Scheduler, factories, reactor):
+        MultiService.__init__(self)
+        self.scheduler = scheduler
+        self.factories = factories
+        self.reactor = reactor
+        scheduler.setServiceParent(self)
+
+    def stopService(self):
+        stopped = MultiService.stopService(self)
+        stopped.addCallback(lambda _: self._close_connections())
+        stopped.addCallback(self._stopped_cleanly)
+        return stopped
+
+    def privilegedStartService(self) -> None:
+        self.log.info("Gloom {version} starting", version=gloom.__version__)
+        MultiService.privilegedStartService(self)
+
+    def _close_connections(self):
+        return gatherResults([f.close_all(CLOSE_TIMEOUT) for f in self.factories])
+
+    def _stopped_cleanly(self, _) -> None:
+        """SIGTERM is the ordinary way to stop the daemon, and by now every
+        master has been told and every connection closed: exit with status
+        0 rather than twistd's default of dying by the signal again."""
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
+
+
+def makeService(config, reactor: Optional[object] = None) -> GloomService:
+    """Build the daemon from parsed `Options` (or any mapping with its keys)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    scheduler = Scheduler(max_retries=config["retries"])
+    masters = MasterFactory(scheduler, reactor, config["max-frame"])
+    slaves = SlaveFactory(scheduler, reactor, config["max-frame"])
+    root = GloomService(scheduler, (masters, slaves), reactor)
+    for role, factory in (("master", masters), ("slave", slaves)):
+        endpoint = endpoints.serverFromString(reactor, config[role])
+        ListenService(role, config[role], endpoint, factory).setServiceParent(root)
+    return root

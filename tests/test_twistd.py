@@ -1,0 +1,283 @@
+"""The installed package as users run it: the twistd plugin, ``twistd -n
+gloom`` in a subprocess, and ``etc/gloom.tac``."""
+
+import importlib.metadata
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.application.service import IService, loadApplication
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from gloom import tap
+from tests.support import frame
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAC = os.path.join(ROOT, "etc", "gloom.tac")
+LISTENING = re.compile(r"Listening for (master|slave)s on 127\.0\.0\.1:(\d+)")
+
+
+def twistd_command():
+    """The installed twistd, run by this test's own interpreter."""
+    script = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    if script:
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class BlockingClient:
+    """A plain-socket client, as a user without any library would write it."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def send(self, message):
+        self.sock.sendall(frame(message))
+
+    def _read(self, count):
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise EOFError("connection closed")
+            data += chunk
+        return data
+
+    def receive(self):
+        (length,) = __import__("struct").unpack("!I", self._read(4))
+        return json.loads(self._read(length))
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """``twistd`` in a subprocess, started from a scratch directory so that
+    only the installed package can be imported."""
+
+    def __init__(self, test, *arguments):
+        self.cwd = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, self.cwd, True)
+        self.process = subprocess.Popen(
+            twistd_command() + ["--pidfile=", *arguments],
+            cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        test.addCleanup(self.kill)
+        self.output = b""
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+    def read_until(self, predicate, timeout=30):
+        """Read output until ``predicate(output_so_far)`` holds; return the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output.decode(errors="replace")
+            if predicate(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError("twistd did not print what was expected:\n" + text)
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError("twistd exited:\n" + text)
+                self.output += chunk
+
+    def ports(self):
+        """The master and slave ports twistd reports listening on."""
+        text = self.read_until(lambda t: len(dict(LISTENING.findall(t))) == 2)
+        found = dict(LISTENING.findall(text))
+        return int(found["master"]), int(found["slave"])
+
+    def finish(self, timeout=30):
+        """Wait for exit; return the status and everything it printed."""
+        rest, _ = self.process.communicate(timeout=timeout)
+        self.output += rest
+        return self.process.returncode, self.output.decode(errors="replace")
+
+
+def run_a_job(test, master_port, slave_port):
+    slave = BlockingClient(slave_port)
+    master = BlockingClient(master_port)
+    try:
+        slave.send({"action": "join", "type": "reverse"})
+        test.assertEqual(slave.receive(), {"ok": True})
+        master.send({"action": "submit", "id": "r1", "type": "reverse", "body": "gloom"})
+        test.assertEqual(master.receive(), {"ok": True, "id": "r1"})
+        job = slave.receive()
+        test.assertEqual(job, {"action": "job", "id": "r1", "type": "reverse", "body": "gloom"})
+        slave.send({"action": "respond", "body": job["body"][::-1]})
+        test.assertEqual(slave.receive(), {"ok": True})
+        test.assertEqual(master.receive(), {"id": "r1", "body": "moolg"})
+    finally:
+        slave.close()
+        master.close()
+
+
+ANY_PORT = ["--master", "tcp:0:interface=127.0.0.1", "--slave", "tcp:0:interface=127.0.0.1"]
+
+
+class InstalledPluginTests(SynchronousTestCase):
+    def test_installed_distribution_ships_the_plugin(self):
+        files = [str(f) for f in importlib.metadata.files("gloom") or ()]
+        self.assertIn("twisted/plugins/gloom_plugin.py", files)
+        self.assertNotIn("twisted/plugins/__init__.py", files)
+        self.assertNotIn("twisted/__init__.py", files)
+        plugin = importlib.metadata.distribution("gloom").locate_file("twisted/plugins/gloom_plugin.py")
+        self.assertTrue(os.path.exists(plugin))
+
+    def test_plugin_is_found(self):
+        from twisted.application.service import IServiceMaker
+        from twisted import plugins
+
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker, plugins)}
+        self.assertIn("gloom", makers)
+        self.assertIs(makers["gloom"].options, tap.Options)
+
+    def test_twistd_help_lists_gloom(self):
+        cwd = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, cwd, True)
+        result = subprocess.run(twistd_command() + ["--help"], cwd=cwd, capture_output=True, text=True, timeout=60)
+        self.assertRegex(result.stdout, r"\n\s+gloom\s+A job-distribution daemon")
+
+
+class TwistdTests(SynchronousTestCase):
+    def test_runs_a_job_and_stops_cleanly_on_sigterm(self):
+        daemon = Daemon(self, "-n", "gloom", *ANY_PORT)
+        master_port, slave_port = daemon.ports()
+        run_a_job(self, master_port, slave_port)
+        waiting = BlockingClient(master_port)
+        self.addCleanup(waiting.close)
+        waiting.send({"action": "submit", "id": "never", "type": "no-slaves", "body": None})
+        self.assertEqual(waiting.receive(), {"ok": True, "id": "never"})
+        daemon.process.send_signal(signal.SIGTERM)
+        reply = waiting.receive()
+        self.assertEqual((reply["error"], reply["id"]), ("shutdown", "never"))
+        self.assertEqual(waiting.sock.recv(1), b"")
+        status, output = daemon.finish()
+        self.assertEqual(status, 0, output)
+        self.assertIn("Gloom ", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_port_in_use_exits_with_one_clear_line(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        daemon = Daemon(self, "-n", "gloom", "--master", f"tcp:{port}:interface=127.0.0.1",
+                        "--slave", "tcp:0:interface=127.0.0.1")
+        status, output = daemon.finish()
+        self.assertNotEqual(status, 0)
+        lines = [line for line in output.splitlines() if "cannot listen" in line]
+        self.assertEqual(len(lines), 1, output)
+        self.assertIn(f"gloom: cannot listen for masters on tcp:{port}:interface=127.0.0.1", lines[0])
+        self.assertIn("Address already in use", lines[0])
+        self.assertNotIn("Traceback", output)
+
+    def test_bad_options_are_refused_clearly(self):
+        from twisted import version
+
+        # twistd before 26.10 printed usage errors but exited with status 0.
+        status_reports_error = (version.major, version.minor) >= (26, 10)
+        for arguments, message in [
+            (["--retries", "-1"], "--retries must not be negative"),
+            (["--retries", "three"], "--retries takes a whole number"),
+            (["--max-frame", "0"], "--max-frame must be between 1 and"),
+            (["--master", "carrier-pigeon:9998"], "--master: 'carrier-pigeon:9998' is not a usable endpoint"),
+        ]:
+            status, output = Daemon(self, "-n", "gloom", *arguments).finish()
+            if status_reports_error:
+                self.assertNotEqual(status, 0, arguments)
+            self.assertIn(message, output)
+            self.assertNotIn("Traceback", output)
+
+
+class TacTests(SynchronousTestCase):
+    def test_tac_builds_the_default_daemon(self):
+        application = loadApplication(TAC, "python")
+        service = IService(application).getServiceNamed("gloom")
+        self.assertIsInstance(service, tap.GloomService)
+        self.assertEqual(service.getServiceNamed("master").description, tap.DEFAULT_MASTER)
+        self.assertEqual(service.getServiceNamed("slave").description, tap.DEFAULT_SLAVE)
+        self.assertEqual(service.scheduler.max_retries, tap.DEFAULT_RETRIES)
+
+    def test_twistd_runs_the_tac_file(self):
+        with open(TAC) as tac:
+            text = tac.read()
+        text, count = re.subn(r'(?m)^(MASTER|SLAVE) = "[^"]*"', r'\1 = "tcp:0:interface=127.0.0.1"', text)
+        self.assertEqual(count, 2)
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch, True)
+        path = os.path.join(scratch, "gloom.tac")
+        with open(path, "w") as tac:
+            tac.write(text)
+        daemon = Daemon(self, "-ny", path)
+        run_a_job(self, *daemon.ports())
+        daemon.process.send_signal(signal.SIGTERM)
+        status, output = daemon.finish()
+        self.assertEqual(status, 0, output)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual((options["master"], options["slave"], options["max-frame"], options["retries"]),
+                         ("tcp:9998:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1", 64 * 1024 * 1024, 3))
+
+    def test_refusals(self):
+        for arguments in (["--retries", "-2"], ["--max-frame", str(2**32)], ["--slave", "nonsense"]):
+            self.assertRaises(UsageError, tap.Options().parseOptions, arguments)
+
+
+class ReadmeExampleTests(SynchronousTestCase):
+    """The README's standard-library master and slave work as printed."""
+
+    def example_files(self):
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        section = text.split("Example: a master and a slave", 1)[1].split("\nDevelopment\n", 1)[0]
+        blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
+        self.assertEqual(len(blocks), 3)
+        return {name: "\n".join(line[4:] for line in block.splitlines()) + "\n"
+                for name, block in zip(("frames.py", "slave.py", "master.py"), blocks)}
+
+    def test_example_runs_against_twistd(self):
+        daemon = Daemon(self, "-n", "gloom", *ANY_PORT)
+        master_port, slave_port = daemon.ports()
+        files = self.example_files()
+        files["slave.py"] = files["slave.py"].replace("9999", str(slave_port))
+        files["master.py"] = files["master.py"].replace("9998", str(master_port))
+        for name, code in files.items():
+            with open(os.path.join(daemon.cwd, name), "w") as f:
+                f.write(code)
+        slave = subprocess.Popen([sys.executable, "slave.py"], cwd=daemon.cwd,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(slave.wait)
+        self.addCleanup(slave.kill)
+        daemon.read_until(lambda output: "slave connected" in output)
+        master = subprocess.run([sys.executable, "master.py"], cwd=daemon.cwd,
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(master.returncode, 0, master.stderr)
+        lines = sorted(master.stdout.splitlines())
+        self.assertEqual(lines, sorted([
+            "{'ok': True, 'id': 'greeting'}",
+            "{'ok': True, 'id': 'number'}",
+            "{'id': 'greeting', 'body': 'HELLO'}",
+            "{'error': 'job_failed', 'reason': \"'int' object has no attribute 'upper'\", 'id': 'number'}",
+        ]))

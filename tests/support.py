@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import struct
 
 from twisted.internet import defer, endpoints, protocol
@@ -124,3 +125,12 @@ def connect(port: int):
 
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     return endpoints.connectProtocol(endpoint, FrameClient())
+
+
+def occupied_port(test) -> int:
+    """A loopback port that something else is listening on for this test."""
+    taken = socket.socket()
+    test.addCleanup(taken.close)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    return taken.getsockname()[1]

@@ -8,7 +8,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from gloom.tap import makeService
-from tests.support import connect
+from tests.support import occupied_port, connect
 
 
 def wait_until(predicate, timeout=5.0):
@@ -211,11 +211,7 @@ class ErrorTests(DaemonTestCase):
         yield wait_until(lambda: len(self.service.factories[0].connections) == 1)
 
     def test_port_in_use_stops_start_up_with_one_line(self):
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
+        port = occupied_port(self)
         service = makeService({"master": f"tcp:{port}:interface=127.0.0.1",
                                "slave": "tcp:0:interface=127.0.0.1",
                                "max-frame": 100, "retries": 0}, reactor)

@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom import tap
-from tests.support import frame
+from tests.support import occupied_port, frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAC = os.path.join(ROOT, "etc", "gloom.tac")
@@ -54,7 +55,7 @@ class BlockingClient:
         return data
 
     def receive(self):
-        (length,) = __import__("struct").unpack("!I", self._read(4))
+        (length,) = struct.unpack("!I", self._read(4))
         return json.loads(self._read(length))
 
     def close(self):
@@ -174,11 +175,7 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotIn("Traceback", output)
 
     def test_port_in_use_exits_with_one_clear_line(self):
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
+        port = occupied_port(self)
         daemon = Daemon(self, "-n", "gloom", "--master", f"tcp:{port}:interface=127.0.0.1",
                         "--slave", "tcp:0:interface=127.0.0.1")
         status, output = daemon.finish()

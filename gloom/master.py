@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict
 
 from twisted.internet.defer import CancelledError, Deferred
 
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
 from gloom.scheduler import DuplicateJobId, JobFailed, ShuttingDown
+
+DEFAULT_MAX_QUEUED = 100_000
 
 
 class MasterProtocol(GloomProtocol):
@@ -28,9 +30,16 @@ class MasterProtocol(GloomProtocol):
         job_id = wire.required_string(message, "id")
         job_type = wire.required_string(message, "type", job_id)
         priority = wire.optional_priority(message, job_id)
+        timeout = wire.optional_timeout(message, job_id)
         body = wire.required_body(message, job_id)
+        if len(self._unfinished) >= self.factory.max_queued:
+            raise wire.MessageError(
+                wire.QUEUE_FULL,
+                f"this master already has {self.factory.max_queued} unfinished jobs",
+                job_id,
+            )
         try:
-            answer = self.factory.scheduler.submit(job_id, job_type, body, priority)
+            answer = self.factory.scheduler.submit(job_id, job_type, body, priority, timeout)
         except DuplicateJobId:
             raise wire.MessageError(
                 wire.ID_EXISTS, f"a job with id {job_id!r} is already queued or running", job_id
@@ -40,6 +49,21 @@ class MasterProtocol(GloomProtocol):
         self._unfinished[job_id] = answer
         self.sendString(wire.ack(job_id))
         answer.addCallbacks(self._answered, self._failed, (job_id,), None, (job_id,))
+
+    def do_cancel(self, message: dict) -> None:
+        """Withdraw one of this master's jobs: queued, it leaves the queue;
+        running, its answer will be dropped."""
+        job_id = wire.required_string(message, "id")
+        answer = self._unfinished.get(job_id)
+        if answer is None:
+            raise wire.MessageError(
+                wire.UNKNOWN_JOB, f"this master has no unfinished job {job_id!r}", job_id
+            )
+        answer.cancel()
+        self.sendString(wire.ack(job_id))
+
+    def do_stats(self, message: dict) -> None:
+        self.sendString(wire.stats(self.factory.stats()))
 
     def _answered(self, body: bytes, job_id: str) -> None:
         del self._unfinished[job_id]
@@ -66,4 +90,13 @@ class MasterProtocol(GloomProtocol):
 
 
 class MasterFactory(GloomFactory):
+    """Masters' connections.  ``stats`` supplies the figures for the stats
+    action; ``max_queued`` caps each master's unfinished jobs."""
+
     protocol = MasterProtocol
+
+    def __init__(self, *args, max_queued: int = DEFAULT_MAX_QUEUED,
+                 stats: Callable[[], dict] = dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_queued = max_queued
+        self.stats = stats

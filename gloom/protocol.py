@@ -3,20 +3,50 @@ the factory that tracks connections so the daemon can close them on stop."""
 
 from __future__ import annotations
 
+import socket
 from struct import unpack_from
 from typing import Set
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from gloom import wire
 from gloom.scheduler import Scheduler
 
 # How long a peer that sent an oversized frame gets to read its error frame.
 ABORT_AFTER_ERROR = 10.0
+
+# TCP keepalive: probe a silent peer after a minute, then every 10 s; after 6
+# unanswered probes (about two minutes in all) the connection is dropped, so
+# a slave whose host vanished has its job retried.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 6
+
+
+def tune_connection(transport) -> None:
+    """TCP_NODELAY (the protocol is many small frames; without it a round
+    trip waits on delayed ACKs) and keepalive, where the transport is TCP."""
+    for setting in ("setTcpNoDelay", "setTcpKeepAlive"):
+        setter = getattr(transport, setting, None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                return
+    try:
+        sock = transport.getHandle()
+        for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                              ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                              ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except (AttributeError, OSError):
+        pass
 
 
 def address_name(address) -> str:
@@ -27,12 +57,17 @@ def address_name(address) -> str:
     return str(address)
 
 
+@implementer(IHandshakeListener)
 class GloomProtocol(Int32StringReceiver):
     """A connection speaking Gloom frames; subclasses handle the actions.
 
     Frames are split out of a growing ``bytearray`` rather than Twisted's
     immutable buffer, which copies everything received so far on every read
     and would make one large frame cost quadratic time.
+
+    The protocol is its transport's streaming producer: while the peer does
+    not read what Gloom writes and the transport's buffer is full, Gloom
+    stops reading (and acting on) what the peer sends.
     """
 
     log = Logger()
@@ -52,15 +87,20 @@ class GloomProtocol(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.max_frame
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        tune_connection(self.transport)
+        self.transport.registerProducer(self, True)
         self.peer = address_name(self.transport.getPeer())
         self.factory.connections.add(self)
         self.log.info("{role} connected from {peer}", role=self.role, peer=self.peer)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (only then does any frame reach the protocol)."""
+        certificate = self.transport.getPeerCertificate()
+        who = "no client certificate"
+        if certificate is not None:
+            subject = certificate.to_cryptography().subject.rfc4514_string()
+            who = f"client certificate {subject!r}"
+        self.log.info("{role} {peer}: TLS established, {who}", role=self.role, peer=self.peer, who=who)
 
     def connectionLost(self, reason) -> None:
         self.factory.connections.discard(self)
@@ -106,10 +146,17 @@ class GloomProtocol(Int32StringReceiver):
         self.log.warn("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
                       code=wire.SIZE_ERROR, reason=reason)
         self.sendString(wire.error(wire.SIZE_ERROR, reason))
-        self.transport.loseConnection()
+        self.close()
         self._abort_call = self.factory.clock.callLater(
             ABORT_AFTER_ERROR, self.transport.abortConnection
         )
+
+    def close(self) -> None:
+        """Close once pending frames are written.  The protocol stops being
+        the transport's producer first: a TLS transport would otherwise wait
+        for it before closing."""
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def stringReceived(self, frame: bytes) -> None:
         try:
@@ -147,7 +194,7 @@ class GloomFactory(Factory):
         abort those still open after ``timeout`` seconds."""
         connections = list(self.connections)
         for connection in connections:
-            connection.transport.loseConnection()
+            connection.close()
         done = DeferredList([c.closed for c in connections])
         if connections:
             abort = self.clock.callLater(timeout, self._abort, connections)

@@ -1,26 +1,28 @@
 """Matching jobs to idle slaves.
 
-The scheduler knows jobs, types, priorities and retries; it knows nothing
-about sockets or JSON (a job's body is an opaque value it carries).  A
-submitted job is a Deferred that fires with the answer body, or fails with
+The scheduler knows jobs, types, priorities, retries and timeouts; it knows
+nothing about sockets or JSON (a job's body is an opaque value it carries).
+A submitted job is a Deferred that fires with the answer body, or fails with
 `JobFailed` or `ShuttingDown`.  An idle slave is a Deferred waiting for a
 `Job`.  Cancelling either Deferred is how its owner goes away.
 
 Every operation is O(log n) in queued jobs and O(1) in idle slaves: each
 type has its own heap, cancelled queued jobs are deleted lazily (the heap is
-compacted once they are the majority), and idle slaves wait in an
-insertion-ordered dict per type.
+compacted once they are the majority), idle slaves wait in an
+insertion-ordered dict per type, and every count the stats report is kept
+up to date rather than counted on demand.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 QUEUED = "queued"
@@ -29,6 +31,8 @@ ENDED = "ended"
 
 # Compact a heap only when dead entries outnumber live ones and are this many.
 _COMPACT_MINIMUM = 64
+
+TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out")
 
 
 class DuplicateJobId(Exception):
@@ -47,8 +51,17 @@ class JobFailed(Exception):
         self.reason = reason
 
 
+class AttemptGivenUp(Exception):
+    """A slave answered an attempt that had already run past its timeout."""
+
+
 class Job:
-    """One submitted job and where it is in its life."""
+    """One submitted job and where it is in its life.
+
+    ``attempt`` counts the times the job was handed to a slave; a slave
+    answers for the attempt it was given, so an answer to an attempt that
+    was given up is recognised as late.
+    """
 
     __slots__ = (
         "id",
@@ -56,19 +69,28 @@ class Job:
         "body",
         "priority",
         "sequence",
+        "timeout",
+        "submitted_at",
         "retries",
+        "attempt",
         "state",
+        "timer",
         "deferred",
     )
 
-    def __init__(self, job_id: str, job_type: str, body: Any, priority: int, sequence: int):
+    def __init__(self, job_id: str, job_type: str, body: Any, priority: int,
+                 sequence: int, timeout: Optional[float], submitted_at: float):
         self.id = job_id
         self.type = job_type
         self.body = body
         self.priority = priority
         self.sequence = sequence
+        self.timeout = timeout
+        self.submitted_at = submitted_at
         self.retries = 0
+        self.attempt = 0
         self.state = QUEUED
+        self.timer = None
         self.deferred: Optional[Deferred] = None
 
     def __repr__(self) -> str:
@@ -109,36 +131,56 @@ class _JobQueue:
 
 
 class Scheduler(Service):
-    """Queues jobs per type by priority and hands them to idle slaves."""
+    """Queues jobs per type by priority and hands them to idle slaves.
+
+    ``clock`` times attempts and answers; ``default_timeout`` (seconds, or
+    None) applies to jobs submitted without a timeout of their own.
+    ``on_answer``, when set, is called with a job's type and the seconds
+    from its submission to its answer.
+    """
 
     name = "scheduler"
     log = Logger()
 
-    def __init__(self, max_retries: int = 3):
+    def __init__(self, max_retries: int = 3, clock: Optional[IReactorTime] = None,
+                 default_timeout: Optional[float] = None):
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.max_retries = max_retries
+        self.clock = clock
+        self.default_timeout = default_timeout
+        self.on_answer: Optional[Callable[[str, float], None]] = None
+        self.totals = dict.fromkeys(TOTALS, 0)
         self._jobs: Dict[str, Job] = {}
         self._queues: Dict[str, _JobQueue] = {}
         self._idle: Dict[str, OrderedDict] = {}
+        self._running: Counter = Counter()
+        self._busy: Counter = Counter()
         self._sequence = itertools.count()
         self._stopping = False
 
     # --- masters ----------------------------------------------------------
 
-    def submit(self, job_id: str, job_type: str, body: Any, priority: int = 0) -> Deferred:
+    def submit(self, job_id: str, job_type: str, body: Any, priority: int = 0,
+               timeout: Optional[float] = None) -> Deferred:
         """Queue a job; the Deferred fires with its answer body.
 
         Raises `DuplicateJobId` when the id is queued or running, and
         `ShuttingDown` once the scheduler is stopping.  Cancelling the
-        Deferred withdraws a queued job; a running job then finishes and its
-        answer is dropped.
+        Deferred withdraws a queued job; a running job then finishes (or
+        times out) and its answer is dropped.
         """
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
         if job_id in self._jobs:
             raise DuplicateJobId(job_id)
-        job = Job(job_id, job_type, body, priority, next(self._sequence))
+        if timeout is None:
+            timeout = self.default_timeout
+        job = Job(job_id, job_type, body, priority, next(self._sequence), timeout,
+                  self.clock.seconds())
         job.deferred = Deferred(lambda d: self._withdraw(job))
         self._jobs[job_id] = job
+        self.totals["submitted"] += 1
         self._dispatch(job)
         return job.deferred
 
@@ -148,7 +190,7 @@ class Scheduler(Service):
             slave, _ = waiters.popitem(last=False)
             if not waiters:
                 del self._idle[job.type]
-            job.state = RUNNING
+            self._start(job)
             slave.callback(job)
             return
         job.state = QUEUED
@@ -157,10 +199,20 @@ class Scheduler(Service):
             queue = self._queues[job.type] = _JobQueue()
         queue.push(job)
 
+    def _start(self, job: Job) -> None:
+        """Hand a job to a slave: a new attempt, timed if the job has a timeout."""
+        job.state = RUNNING
+        job.attempt += 1
+        self._running[job.type] += 1
+        self._busy[job.type] += 1
+        if job.timeout is not None:
+            job.timer = self.clock.callLater(job.timeout, self._timed_out, job)
+
     def _withdraw(self, job: Job) -> None:
         """The master went away: drop a queued job, let a running one finish."""
         if job.state is QUEUED:
             self._end(job)
+            self.totals["cancelled"] += 1
             queue = self._queues[job.type]
             queue.discard()
             if not queue:
@@ -172,14 +224,15 @@ class Scheduler(Service):
         """A Deferred that fires with the next job of this type for a slave.
 
         Idle slaves are served first come, first served.  Cancelling the
-        Deferred takes the slave out of the idle set.
+        Deferred takes the slave out of the idle set.  The slave holds the
+        job until it calls `complete`, `fail` or `release`.
         """
         queue = self._queues.get(job_type)
         if queue:
             job = queue.pop()
             if not queue:
                 del self._queues[job_type]
-            job.state = RUNNING
+            self._start(job)
             slave = Deferred()
             slave.callback(job)
             return slave
@@ -195,30 +248,95 @@ class Scheduler(Service):
             if not waiters:
                 del self._idle[job_type]
 
-    def complete(self, job: Job, body: Any) -> None:
-        """The slave answered: deliver the body to the master, if still there."""
-        self._end(job)
-        if not job.deferred.called:
-            job.deferred.callback(body)
+    def complete(self, job: Job, attempt: int, body: Any) -> None:
+        """The slave answered: deliver the body to the master, if still there.
 
-    def fail(self, job: Job, reason: str) -> None:
-        """The slave ran the job and it failed: tell the master, no retry."""
+        Raises `AttemptGivenUp` when that attempt already timed out; the
+        answer is then dropped and the slave is free all the same.
+        """
+        if not self._slave_done(job, attempt):
+            return
+        self._end_attempt(job)
         self._end(job)
-        self.log.warn("Job {id!r} ({type}) failed: {reason}", id=job.id, type=job.type, reason=reason)
-        if not job.deferred.called:
-            job.deferred.errback(JobFailed(reason))
+        if job.deferred.called:
+            self.totals["cancelled"] += 1
+            return
+        self.totals["completed"] += 1
+        if self.on_answer is not None:
+            self.on_answer(job.type, self.clock.seconds() - job.submitted_at)
+        job.deferred.callback(body)
 
-    def release(self, job: Job) -> None:
+    def fail(self, job: Job, attempt: int, reason: str) -> None:
+        """The slave ran the job and it failed: tell the master, no retry.
+
+        Raises `AttemptGivenUp` like `complete`.
+        """
+        if not self._slave_done(job, attempt):
+            return
+        self._end_attempt(job)
+        self._give_up(job, reason)
+
+    def release(self, job: Job, attempt: int) -> None:
         """The slave holding this job went away: queue it again or give up."""
-        job.retries += 1
-        if job.deferred.called or self._stopping:
+        try:
+            current = self._slave_done(job, attempt)
+        except AttemptGivenUp:
+            return
+        if current:
+            self._end_attempt(job)
+            self._retry(job, "slave disconnected during the job")
+
+    def _slave_done(self, job: Job, attempt: int) -> bool:
+        """A slave stopped holding a job.  Raises `AttemptGivenUp` if its
+        attempt timed out; False if the job ended with the scheduler."""
+        self._busy[job.type] -= 1
+        if not self._busy[job.type]:
+            del self._busy[job.type]
+        if attempt != job.attempt:
+            raise AttemptGivenUp(job.id)
+        return job.state is RUNNING
+
+    def _end_attempt(self, job: Job) -> None:
+        if job.state is not RUNNING:
+            return
+        self._running[job.type] -= 1
+        if not self._running[job.type]:
+            del self._running[job.type]
+        if job.timer is not None:
+            if job.timer.active():
+                job.timer.cancel()
+            job.timer = None
+
+    def _timed_out(self, job: Job) -> None:
+        """An attempt ran too long: give it up (its slave stays busy until it
+        answers) and retry the job elsewhere."""
+        job.timer = None
+        self._end_attempt(job)
+        job.attempt += 1
+        self.totals["timed_out"] += 1
+        self._retry(job, f"timeout: no answer within {job.timeout:g} s")
+
+    def _retry(self, job: Job, why: str) -> None:
+        """An attempt was lost: queue the job again, or fail it for good."""
+        if job.deferred.called:
             self._end(job)
+            self.totals["cancelled"] += 1
             return
-        if job.retries > self.max_retries:
-            attempts = job.retries
-            self.fail(job, f"slave disconnected during the job; gave up after {attempts} attempts")
+        if job.retries >= self.max_retries:
+            self._give_up(job, f"{why}; gave up after {job.retries + 1} attempts")
             return
+        job.retries += 1
+        self.totals["retried"] += 1
         self._dispatch(job)
+
+    def _give_up(self, job: Job, reason: str) -> None:
+        self._end(job)
+        if job.deferred.called:
+            self.totals["cancelled"] += 1
+            return
+        self.totals["failed"] += 1
+        self.log.warn("Job {id!r} ({type}) failed: {reason}", id=job.id, type=job.type, reason=reason)
+        job.deferred.errback(JobFailed(reason))
 
     def _end(self, job: Job) -> None:
         job.state = ENDED
@@ -239,6 +357,23 @@ class Scheduler(Service):
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._jobs
 
+    def __len__(self) -> int:
+        """How many jobs are queued or running."""
+        return len(self._jobs)
+
+    def types(self) -> Dict[str, Dict[str, int]]:
+        """Per type with any jobs or slaves: queued and running jobs, idle and busy slaves."""
+        names = set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
+        return {
+            name: {
+                "queued": self.queued(name),
+                "running": self._running.get(name, 0),
+                "idle_slaves": self.idle_slaves(name),
+                "busy_slaves": self._busy.get(name, 0),
+            }
+            for name in sorted(names)
+        }
+
     def stopService(self):
         """Fail every unfinished job with `ShuttingDown` and refuse new ones."""
         self._stopping = True
@@ -246,6 +381,7 @@ class Scheduler(Service):
         self._jobs.clear()
         self._queues.clear()
         for job in jobs:
+            self._end_attempt(job)
             job.state = ENDED
             if not job.deferred.called:
                 job.deferred.errback(ShuttingDown("the daemon is shutting down"))

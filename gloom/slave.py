@@ -8,7 +8,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import Job
+from gloom.scheduler import AttemptGivenUp, Job
 
 
 class SlaveProtocol(GloomProtocol):
@@ -24,6 +24,7 @@ class SlaveProtocol(GloomProtocol):
         super().__init__()
         self.job_type: Optional[str] = None
         self.job: Optional[Job] = None
+        self.attempt = 0
         self._waiting: Optional[Deferred] = None
 
     def do_join(self, message: dict) -> None:
@@ -42,17 +43,28 @@ class SlaveProtocol(GloomProtocol):
     def do_respond(self, message: dict) -> None:
         job = self._held_job("respond")
         body = wire.required_body(message, job.id)
-        self.job = None
-        self.sendString(wire.OK)
-        self.factory.scheduler.complete(job, body)
-        self._ask()
+        self._finish(self.factory.scheduler.complete, body)
 
     def do_fail(self, message: dict) -> None:
         job = self._held_job("fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
-        self.job = None
-        self.sendString(wire.OK)
-        self.factory.scheduler.fail(job, reason)
+        self._finish(self.factory.scheduler.fail, reason)
+
+    def _finish(self, report, outcome) -> None:
+        """Hand the held job's outcome to the scheduler, then take new work.
+        An attempt that already timed out is refused with ``timed_out``."""
+        job, self.job = self.job, None
+        try:
+            report(job, self.attempt, outcome)
+        except AttemptGivenUp:
+            self.sendString(wire.error(
+                wire.TIMED_OUT,
+                f"job {job.id!r} ran past its timeout of {job.timeout:g} s and was given up; "
+                "this answer was discarded",
+                job.id,
+            ))
+        else:
+            self.sendString(wire.OK)
         self._ask()
 
     def _held_job(self, action: str) -> Job:
@@ -67,6 +79,7 @@ class SlaveProtocol(GloomProtocol):
     def _assigned(self, job: Job) -> None:
         self._waiting = None
         self.job = job
+        self.attempt = job.attempt
         self.sendString(wire.job(job.id, job.type, job.body))
 
     def _stopped_waiting(self, failure) -> None:
@@ -78,7 +91,7 @@ class SlaveProtocol(GloomProtocol):
             self._waiting.cancel()
         if self.job is not None:
             job, self.job = self.job, None
-            self.factory.scheduler.release(job)
+            self.factory.scheduler.release(job, self.attempt)
         super().connectionLost(reason)
 
 

@@ -32,6 +32,9 @@ ID_EXISTS = "id_exists"
 NOT_PROCESSING = "not_processing"
 JOB_FAILED = "job_failed"
 SHUTDOWN = "shutdown"
+UNKNOWN_JOB = "unknown_job"
+QUEUE_FULL = "queue_full"
+TIMED_OUT = "timed_out"
 
 ERROR_CODES = (
     SIZE_ERROR,
@@ -43,9 +46,12 @@ ERROR_CODES = (
     NOT_PROCESSING,
     JOB_FAILED,
     SHUTDOWN,
+    UNKNOWN_JOB,
+    QUEUE_FULL,
+    TIMED_OUT,
 )
 
-MASTER_ACTIONS = frozenset({"submit"})
+MASTER_ACTIONS = frozenset({"submit", "cancel", "stats"})
 SLAVE_ACTIONS = frozenset({"join", "respond", "fail"})
 
 # Longest digit string converted to a Python int; longer ones stay text.
@@ -219,14 +225,31 @@ def optional_priority(message: dict, job_id: Optional[str] = None) -> int:
     return priority
 
 
+def optional_timeout(message: dict, job_id: Optional[str] = None) -> Optional[float]:
+    """The message's "timeout": seconds, a positive JSON number, or None if absent."""
+    if "timeout" not in message:
+        return None
+    timeout = message["timeout"]
+    if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
+        raise MessageError(
+            INVALID_MESSAGE, "field 'timeout' must be a positive number of seconds", job_id
+        )
+    return timeout
+
+
 # --- writing frames -------------------------------------------------------
 
 OK = b'{"ok":true}'
 
 
 def ack(job_id: str) -> bytes:
-    """Accepted a submit."""
+    """Accepted a submit or a cancel."""
     return b'{"ok":true,"id":' + encode_value(job_id) + b"}"
+
+
+def stats(figures: dict) -> bytes:
+    """The daemon's figures, for the stats action."""
+    return encode_value({"ok": True, "stats": figures})
 
 
 def job(job_id: str, job_type: str, body: bytes) -> bytes:

@@ -66,10 +66,11 @@ def _ipv4(host, port):
 class Daemon:
     """A scheduler with both factories, in memory."""
 
-    def __init__(self, max_retries=3, max_frame=1024 * 1024):
+    def __init__(self, max_retries=3, max_frame=1024 * 1024, max_queued=1000, default_timeout=None):
         self.clock = Clock()
-        self.scheduler = Scheduler(max_retries=max_retries)
-        self.masters = MasterFactory(self.scheduler, self.clock, max_frame)
+        self.scheduler = Scheduler(max_retries=max_retries, clock=self.clock,
+                                   default_timeout=default_timeout)
+        self.masters = MasterFactory(self.scheduler, self.clock, max_frame, max_queued=max_queued)
         self.slaves = SlaveFactory(self.scheduler, self.clock, max_frame)
 
     def master(self) -> Peer:
@@ -85,12 +86,12 @@ class Daemon:
         return peer
 
 
-class FrameClient(protocol.Protocol):
-    """A real TCP client: frames arrive in a DeferredQueue."""
+class Framed(protocol.Protocol):
+    """A real TCP peer speaking length-prefixed JSON; subclasses take each
+    frame in ``frameReceived``.  ``lost`` fires when the connection ends."""
 
     def __init__(self):
         self.buffer = b""
-        self.frames = defer.DeferredQueue()
         self.lost = defer.Deferred()
 
     def dataReceived(self, data):
@@ -99,14 +100,29 @@ class FrameClient(protocol.Protocol):
             (length,) = struct.unpack("!I", self.buffer[:4])
             if len(self.buffer) < 4 + length:
                 break
-            self.frames.put(json.loads(self.buffer[4 : 4 + length]))
+            message = json.loads(self.buffer[4 : 4 + length])
             self.buffer = self.buffer[4 + length :]
+            self.frameReceived(message)
+
+    def frameReceived(self, message):
+        raise NotImplementedError
 
     def connectionLost(self, reason):
         self.lost.callback(None)
 
     def send(self, *messages):
         self.transport.write(b"".join(frame(m) for m in messages))
+
+
+class FrameClient(Framed):
+    """A test client: frames arrive in a DeferredQueue."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = defer.DeferredQueue()
+
+    def frameReceived(self, message):
+        self.frames.put(message)
 
     def next(self):
         """A Deferred for the next frame (fails the test after 5 s)."""

@@ -352,3 +352,155 @@ class ShutdownTests(SynchronousTestCase):
                          "shutdown")
         self.assertEqual(slave.send({"action": "respond", "body": None}), [{"ok": True}])
         self.assertEqual(master.received(), [])
+
+
+class CancelTests(SynchronousTestCase):
+    def setUp(self):
+        self.daemon = Daemon()
+        self.master = self.daemon.master()
+
+    def test_cancel_queued_job(self):
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        self.assertEqual(self.master.send({"action": "cancel", "id": "1"}), [{"ok": True, "id": "1"}])
+        self.assertEqual(self.daemon.scheduler.queued("t"), 0)
+        self.assertNotIn("1", self.daemon.scheduler)
+        self.assertEqual(self.daemon.slave("t").received(), [])
+        self.assertEqual(self.master.received(), [])
+
+    def test_cancel_running_job_drops_its_answer(self):
+        slave = self.daemon.slave("t")
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        slave.received()
+        self.assertEqual(self.master.send({"action": "cancel", "id": "1"}), [{"ok": True, "id": "1"}])
+        self.assertIn("1", self.daemon.scheduler)
+        self.assertEqual(slave.send({"action": "respond", "body": "late"}), [{"ok": True}])
+        self.assertEqual(self.master.received(), [])
+        self.assertNotIn("1", self.daemon.scheduler)
+        self.assertEqual(self.daemon.scheduler.totals["cancelled"], 1)
+
+    def test_cancel_unknown_or_anothers_job(self):
+        other = self.daemon.master()
+        other.send({"action": "submit", "id": "theirs", "type": "t", "body": None})
+        for job_id in ("theirs", "never"):
+            (reply,) = self.master.send({"action": "cancel", "id": job_id})
+            self.assertEqual((reply["error"], reply["id"]), ("unknown_job", job_id))
+        self.assertEqual(self.daemon.scheduler.queued("t"), 1)
+
+    def test_cancel_after_the_answer(self):
+        slave = self.daemon.slave("t")
+        self.master.send({"action": "submit", "id": "1", "type": "t", "body": None})
+        slave.received()
+        slave.send({"action": "respond", "body": 1})
+        self.master.received()
+        self.assertEqual(self.master.send({"action": "cancel", "id": "1"})[0]["error"], "unknown_job")
+
+    def test_cancel_needs_an_id(self):
+        (reply,) = self.master.send({"action": "cancel"})
+        self.assertEqual(reply["error"], "invalid_message")
+        self.assertIn("'id'", reply["reason"])
+
+
+class LimitTests(SynchronousTestCase):
+    def test_queue_full(self):
+        daemon = Daemon(max_queued=2)
+        master = daemon.master()
+        replies = master.send(*({"action": "submit", "id": str(i), "type": "t", "body": None} for i in range(3)))
+        self.assertEqual(replies[:2], [{"ok": True, "id": "0"}, {"ok": True, "id": "1"}])
+        self.assertEqual((replies[2]["error"], replies[2]["id"]), ("queue_full", "2"))
+        self.assertEqual(daemon.master().send({"action": "submit", "id": "x", "type": "t", "body": None}),
+                         [{"ok": True, "id": "x"}])
+        master.send({"action": "cancel", "id": "0"})
+        self.assertEqual(master.send({"action": "submit", "id": "2", "type": "t", "body": None}),
+                         [{"ok": True, "id": "2"}])
+
+    def test_timeout_field(self):
+        master = Daemon().master()
+        for bad in (0, -1, True, "5", None, [1]):
+            (reply,) = master.send({"action": "submit", "id": "1", "type": "t", "body": None, "timeout": bad})
+            self.assertEqual((reply["error"], reply["id"]), ("invalid_message", "1"))
+            self.assertIn("'timeout'", reply["reason"])
+        (reply,) = master.send(b'{"action":"submit","id":"1","type":"t","body":null,"timeout":1e400}')
+        self.assertEqual(reply["error"], "invalid_message")
+        self.assertEqual(master.send({"action": "submit", "id": "1", "type": "t", "body": None, "timeout": 0.5}),
+                         [{"ok": True, "id": "1"}])
+
+
+class TimeoutTests(SynchronousTestCase):
+    def test_slow_slave_is_told_and_gets_new_work(self):
+        daemon = Daemon(max_retries=1)
+        master = daemon.master()
+        slow, fast = daemon.slave("t"), daemon.slave("t")
+        master.send({"action": "submit", "id": "1", "type": "t", "body": "x", "timeout": 2})
+        self.assertEqual(slow.received()[0]["id"], "1")
+        daemon.clock.advance(2)
+        self.assertEqual(fast.received()[0]["id"], "1")
+        master.send({"action": "submit", "id": "2", "type": "t", "body": "y"})
+        refusal, next_job = slow.send({"action": "respond", "body": "late"})
+        self.assertEqual((refusal["error"], refusal["id"]), ("timed_out", "1"))
+        self.assertIn("discarded", refusal["reason"])
+        self.assertEqual(next_job["id"], "2")
+        master.received()
+        self.assertEqual(fast.send({"action": "respond", "body": "on time"}), [{"ok": True}])
+        self.assertEqual(master.received(), [{"id": "1", "body": "on time"}])
+        self.assertEqual(daemon.scheduler.idle_slaves("t"), 1)
+
+    def test_slow_slave_idle_again_after_late_answer(self):
+        daemon = Daemon(max_retries=0)
+        master = daemon.master()
+        slave = daemon.slave("t")
+        master.send({"action": "submit", "id": "1", "type": "t", "body": None, "timeout": 1})
+        slave.received()
+        daemon.clock.advance(1)
+        (failure,) = master.received()
+        self.assertEqual((failure["error"], failure["id"]), ("job_failed", "1"))
+        self.assertTrue(failure["reason"].startswith("timeout"))
+        self.assertEqual(slave.send({"action": "fail", "reason": "late"})[0]["error"], "timed_out")
+        master.send({"action": "submit", "id": "1", "type": "t", "body": "again"})
+        self.assertEqual(slave.received()[0]["body"], "again")
+
+
+class StatsTests(SynchronousTestCase):
+    def test_stats_action_reports_the_factory_figures(self):
+        daemon = Daemon()
+        daemon.masters.stats = lambda: {"masters": 1, "big": 2**70}
+        self.assertEqual(daemon.master().send({"action": "stats"}),
+                         [{"ok": True, "stats": {"masters": 1, "big": 2**70}}])
+
+    def test_stats_is_master_only(self):
+        (reply,) = Daemon().slave().send({"action": "stats"})
+        self.assertEqual(reply["error"], "wrong_port")
+
+
+class BackpressureTests(SynchronousTestCase):
+    def test_protocol_is_its_transports_streaming_producer(self):
+        daemon = Daemon()
+        for peer in (daemon.master(), daemon.slave()):
+            self.assertIs(peer.transport.producer, peer.protocol)
+            self.assertTrue(peer.transport.streaming)
+
+    def test_full_outgoing_buffer_stops_reading_submissions(self):
+        daemon = Daemon()
+        master = daemon.master()
+        master.protocol.pauseProducing()
+        self.assertEqual(master.transport.producerState, "paused")
+        master.protocol.dataReceived(b"".join(
+            frame({"action": "submit", "id": str(i), "type": "t", "body": None}) for i in range(3)))
+        self.assertEqual(len(daemon.scheduler), 0)
+        master.protocol.resumeProducing()
+        self.assertEqual(master.transport.producerState, "producing")
+        self.assertEqual(len(daemon.scheduler), 3)
+        self.assertEqual([r["id"] for r in master.received()], ["0", "1", "2"])
+
+    def test_keepalive_is_set(self):
+        class Transport(StringTransport):
+            settings = {}
+
+            def setTcpNoDelay(self, enabled):
+                self.settings["nodelay"] = enabled
+
+            def setTcpKeepAlive(self, enabled):
+                self.settings["keepalive"] = enabled
+
+        transport = Transport()
+        Daemon().slaves.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(transport.settings, {"nodelay": True, "keepalive": True})

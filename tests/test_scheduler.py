@@ -1,10 +1,12 @@
 """The scheduler alone: no reactor, no sockets, no JSON."""
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.scheduler import (
     ENDED,
+    AttemptGivenUp,
     QUEUED,
     RUNNING,
     DuplicateJobId,
@@ -40,7 +42,7 @@ def take(scheduler, job_type):
 
 class QueueOrderTests(SynchronousTestCase):
     def setUp(self):
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(clock=Clock())
 
     def drain(self, job_type):
         ids = []
@@ -111,13 +113,13 @@ class QueueOrderTests(SynchronousTestCase):
 
 class JobLifeTests(SynchronousTestCase):
     def setUp(self):
-        self.scheduler = Scheduler(max_retries=2)
+        self.scheduler = Scheduler(max_retries=2, clock=Clock())
 
     def test_answer_reaches_the_master_and_frees_the_id(self):
         answer = Outcome(self.scheduler.submit("a", "t", "in"))
         job = take(self.scheduler, "t")
         self.assertIn("a", self.scheduler)
-        self.scheduler.complete(job, "out")
+        self.scheduler.complete(job, job.attempt, "out")
         self.assertEqual(answer.results, ["out"])
         self.assertNotIn("a", self.scheduler)
         self.assertEqual(job.state, ENDED)
@@ -127,13 +129,14 @@ class JobLifeTests(SynchronousTestCase):
         self.assertRaises(DuplicateJobId, self.scheduler.submit, "a", "other", None)
         job = take(self.scheduler, "t")
         self.assertRaises(DuplicateJobId, self.scheduler.submit, "a", "t", None)
-        self.scheduler.complete(job, None)
+        self.scheduler.complete(job, job.attempt, None)
         self.scheduler.submit("a", "t", None)
         self.assertEqual(self.scheduler.queued("t"), 1)
 
     def test_failed_job_errbacks_without_retry(self):
         answer = Outcome(self.scheduler.submit("a", "t", None))
-        self.scheduler.fail(take(self.scheduler, "t"), "boom")
+        job = take(self.scheduler, "t")
+        self.scheduler.fail(job, job.attempt, "boom")
         (failure,) = answer.failures
         self.assertIsInstance(failure.value, JobFailed)
         self.assertEqual(failure.value.reason, "boom")
@@ -157,7 +160,7 @@ class JobLifeTests(SynchronousTestCase):
         self.assertTrue(failures[0].check(CancelledError))
         self.assertIn("a", self.scheduler)
         self.assertRaises(DuplicateJobId, self.scheduler.submit, "a", "t", None)
-        self.scheduler.complete(job, "late")
+        self.scheduler.complete(job, job.attempt, "late")
         self.assertNotIn("a", self.scheduler)
 
     def test_released_job_goes_ahead_of_later_jobs_of_its_priority(self):
@@ -165,7 +168,7 @@ class JobLifeTests(SynchronousTestCase):
         job = take(self.scheduler, "t")
         self.scheduler.submit("b", "t", None)
         self.scheduler.submit("c", "t", None, 1)
-        self.scheduler.release(job)
+        self.scheduler.release(job, job.attempt)
         self.assertEqual(job.state, QUEUED)
         self.assertEqual(job.retries, 1)
         self.assertEqual([take(self.scheduler, "t").id for _ in range(3)], ["c", "a", "b"])
@@ -174,7 +177,7 @@ class JobLifeTests(SynchronousTestCase):
         self.scheduler.submit("a", "t", None)
         job = take(self.scheduler, "t")
         other = Outcome(self.scheduler.next_job("t"))
-        self.scheduler.release(job)
+        self.scheduler.release(job, job.attempt)
         self.assertIs(other.results[0], job)
 
     def test_retries_run_out(self):
@@ -183,7 +186,7 @@ class JobLifeTests(SynchronousTestCase):
         while not answer.fired:
             job = take(self.scheduler, "t")
             attempts += 1
-            self.scheduler.release(job)
+            self.scheduler.release(job, job.attempt)
         self.assertEqual(attempts, 3)
         failure = answer.failures[0]
         self.assertIsInstance(failure.value, JobFailed)
@@ -192,9 +195,10 @@ class JobLifeTests(SynchronousTestCase):
         self.assertIsNone(take(self.scheduler, "t"))
 
     def test_no_retries(self):
-        scheduler = Scheduler(max_retries=0)
+        scheduler = Scheduler(max_retries=0, clock=Clock())
         answer = Outcome(scheduler.submit("a", "t", None))
-        scheduler.release(take(scheduler, "t"))
+        job = take(scheduler, "t")
+        scheduler.release(job, job.attempt)
         self.assertIsInstance(answer.failures[0].value, JobFailed)
 
     def test_released_job_of_a_departed_master_ends(self):
@@ -202,14 +206,14 @@ class JobLifeTests(SynchronousTestCase):
         answer.addErrback(lambda f: f.trap(CancelledError))
         job = take(self.scheduler, "t")
         answer.cancel()
-        self.scheduler.release(job)
+        self.scheduler.release(job, job.attempt)
         self.assertNotIn("a", self.scheduler)
         self.assertEqual(self.scheduler.queued("t"), 0)
 
 
 class StopTests(SynchronousTestCase):
     def test_stop_fails_every_unfinished_job(self):
-        scheduler = Scheduler()
+        scheduler = Scheduler(clock=Clock())
         scheduler.startService()
         queued = Outcome(scheduler.submit("q", "t", None))
         running = Outcome(scheduler.submit("r", "u", None))
@@ -220,6 +224,117 @@ class StopTests(SynchronousTestCase):
             self.assertIsInstance(outcome.failures[0].value, ShuttingDown)
         self.assertTrue(idle.failures[0].check(CancelledError))
         self.assertRaises(ShuttingDown, scheduler.submit, "n", "t", None)
-        scheduler.complete(job, "late")
-        scheduler.release(job)
+        scheduler.complete(job, job.attempt, "late")
         self.assertNotIn("r", scheduler)
+        self.assertEqual(scheduler.types(), {})
+
+
+class TimeoutTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.scheduler = Scheduler(max_retries=1, clock=self.clock)
+
+    def test_attempt_past_its_timeout_is_retried_elsewhere(self):
+        answer = Outcome(self.scheduler.submit("a", "t", "in", timeout=2.5))
+        slow = take(self.scheduler, "t")
+        slow_attempt = slow.attempt
+        self.clock.advance(2.4)
+        self.assertEqual(self.scheduler.queued("t"), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.scheduler.queued("t"), 1)
+        self.assertEqual(self.scheduler.totals["timed_out"], 1)
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 0, "idle_slaves": 0, "busy_slaves": 1})
+        fast = take(self.scheduler, "t")
+        self.assertIs(fast, slow)
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, slow, slow_attempt, "late")
+        self.assertFalse(answer.fired)
+        self.scheduler.complete(fast, fast.attempt, "on time")
+        self.assertEqual(answer.results, ["on time"])
+        self.assertEqual(self.scheduler.types(), {})
+
+    def test_last_attempt_timing_out_fails_the_job(self):
+        answer = Outcome(self.scheduler.submit("a", "t", None, timeout=1))
+        for _ in range(2):
+            take(self.scheduler, "t")
+            self.clock.advance(1)
+        failure = answer.failures[0].value
+        self.assertIsInstance(failure, JobFailed)
+        self.assertTrue(failure.reason.startswith("timeout"), failure.reason)
+        self.assertIn("2 attempts", failure.reason)
+        self.assertNotIn("a", self.scheduler)
+        self.assertEqual(self.scheduler.totals["timed_out"], 2)
+        self.assertEqual(self.scheduler.totals["failed"], 1)
+
+    def test_answer_in_time_cancels_the_timer(self):
+        answer = Outcome(self.scheduler.submit("a", "t", None, timeout=1))
+        job = take(self.scheduler, "t")
+        self.scheduler.complete(job, job.attempt, "done")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(answer.results, ["done"])
+
+    def test_queued_time_does_not_count(self):
+        answer = Outcome(self.scheduler.submit("a", "t", None, timeout=1))
+        self.clock.advance(100)
+        job = take(self.scheduler, "t")
+        self.clock.advance(0.9)
+        self.scheduler.complete(job, job.attempt, "done")
+        self.assertEqual(answer.results, ["done"])
+
+    def test_default_timeout_and_its_override(self):
+        scheduler = Scheduler(max_retries=0, clock=self.clock, default_timeout=5)
+        defaulted = Outcome(scheduler.submit("d", "t", None))
+        own = Outcome(scheduler.submit("o", "t", None, timeout=50))
+        take(scheduler, "t")
+        take(scheduler, "t")
+        self.clock.advance(5)
+        self.assertTrue(defaulted.fired)
+        self.assertFalse(own.fired)
+
+    def test_late_failure_and_late_departure(self):
+        Outcome(self.scheduler.submit("a", "t", None, timeout=1))
+        job = take(self.scheduler, "t")
+        first = job.attempt
+        self.clock.advance(1)
+        self.assertRaises(AttemptGivenUp, self.scheduler.fail, job, first, "too late")
+        second = take(self.scheduler, "t")
+        self.scheduler.release(second, first)
+        self.assertEqual(job.state, RUNNING)
+        self.assertEqual(self.scheduler.totals["retried"], 1)
+
+    def test_withdrawn_running_job_frees_its_id_at_timeout(self):
+        answer = self.scheduler.submit("a", "t", None, timeout=1)
+        answer.addErrback(lambda f: f.trap(CancelledError))
+        job = take(self.scheduler, "t")
+        answer.cancel()
+        self.clock.advance(1)
+        self.assertNotIn("a", self.scheduler)
+        self.assertEqual(self.scheduler.queued("t"), 0)
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, job, 1, "late")
+
+
+class FigureTests(SynchronousTestCase):
+    def test_totals_add_up(self):
+        clock = Clock()
+        scheduler = Scheduler(max_retries=1, clock=clock)
+        answered = []
+        scheduler.on_answer = lambda job_type, seconds: answered.append((job_type, seconds))
+        for i in range(6):
+            Outcome(scheduler.submit(str(i), "t", None))
+        clock.advance(3)
+        job = take(scheduler, "t")
+        scheduler.complete(job, job.attempt, "ok")
+        job = take(scheduler, "t")
+        scheduler.fail(job, job.attempt, "no")
+        job = take(scheduler, "t")
+        scheduler.release(job, job.attempt)
+        job = take(scheduler, "t")
+        scheduler.release(job, job.attempt)
+        queued = scheduler.submit("q", "t", None)
+        queued.addErrback(lambda f: f.trap(CancelledError))
+        queued.cancel()
+        take(scheduler, "t")
+        self.assertEqual(scheduler.totals, {"submitted": 7, "completed": 1, "failed": 2, "cancelled": 1,
+                                            "retried": 1, "timed_out": 0})
+        self.assertEqual(answered, [("t", 3.0)])
+        self.assertEqual(scheduler.types(), {"t": {"queued": 2, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
+        self.assertEqual(len(scheduler), 3)

@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 
 import gloom
 from gloom import wire
-from gloom.master import MasterFactory
-from gloom.protocol import GloomFactory, address_name
+from gloom.master import DEFAULT_MAX_QUEUED, MasterFactory
+from gloom.protocol import address_name
 from gloom.scheduler import Scheduler
 from gloom.slave import SlaveFactory
 
@@ -46,6 +46,23 @@ def _retry_count(value: str) -> int:
     return count
 
 
+def _queue_limit(value: str) -> int:
+    limit = _whole_number(value, "--max-queued")
+    if limit < 1:
+        raise ValueError(f"--max-queued must be at least 1, not {limit}")
+    return limit
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"--job-timeout takes a number of seconds, not {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"--job-timeout must be a positive number of seconds, not {value}")
+    return seconds
+
+
 def _whole_number(value: str, option: str) -> int:
     try:
         return int(value)
@@ -56,6 +73,8 @@ def _whole_number(value: str, option: str) -> int:
 # usage.Options reports a coercer's ValueError using this attribute.
 _frame_size.coerceDoc = "A number of bytes."
 _retry_count.coerceDoc = "A whole number, 0 or more."
+_queue_limit.coerceDoc = "A whole number, 1 or more."
+_seconds.coerceDoc = "Seconds, a positive number."
 
 
 class Options(usage.Options):
@@ -73,13 +92,24 @@ class Options(usage.Options):
         ["max-frame", None, wire.DEFAULT_MAX_FRAME,
          "Largest frame a peer may send, in bytes.", _frame_size],
         ["retries", None, DEFAULT_RETRIES,
-         "Times a job is queued again after its slave disconnects.", _retry_count],
+         "Times a job is queued again after its slave disconnects or it times out.",
+         _retry_count],
+        ["job-timeout", None, None,
+         "Seconds one attempt of a job may run when its submit names no timeout "
+         "[default: no limit].", _seconds],
+        ["max-queued", None, DEFAULT_MAX_QUEUED,
+         "Unfinished jobs one master may have at once.", _queue_limit],
+        ["http", None, None,
+         "Endpoint serving /status (JSON) and /metrics (Prometheus) [default: off], "
+         "e.g. tcp:9997:interface=127.0.0.1."],
     ]
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        for role in ("master", "slave"):
+        for role in ("master", "slave", "http"):
+            if self[role] is None:
+                continue
             try:
                 endpoints.serverFromString(reactor, self[role])
             except Exception as e:
@@ -94,9 +124,9 @@ class ListenService(Service):
 
     log = Logger()
 
-    def __init__(self, role: str, description: str, endpoint, factory: GloomFactory):
+    def __init__(self, role: str, description: str, endpoint, factory):
         self.name = role
-        self.role = role
+        self.audience = {"master": "masters", "slave": "slaves"}.get(role, role.upper())
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
@@ -122,8 +152,8 @@ class ListenService(Service):
 
     def _listened(self, port) -> None:
         self.port = port
-        self.log.info("Listening for {role}s on {address} ({description})",
-                      role=self.role, address=address_name(port.getHost()),
+        self.log.info("Listening for {audience} on {address} ({description})",
+                      audience=self.audience, address=address_name(port.getHost()),
                       description=self.description)
 
     def _failed_later(self, failure: Failure) -> None:
@@ -136,7 +166,7 @@ class ListenService(Service):
         error = failure.value
         if isinstance(error, CannotListenError) and error.socketError is not None:
             error = error.socketError
-        return f"gloom: cannot listen for {self.role}s on {self.description}: {error}"
+        return f"gloom: cannot listen for {self.audience} on {self.description}: {error}"
 
     def stopService(self):
         Service.stopService(self)
@@ -164,6 +194,7 @@ class GloomService(MultiService):
         self.scheduler = scheduler
         self.factories = factories
         self.reactor = reactor
+        self.started_at = reactor.seconds()
         scheduler.setServiceParent(self)
 
     def stopService(self):
@@ -174,7 +205,20 @@ class GloomService(MultiService):
 
     def privilegedStartService(self) -> None:
         self.log.info("Gloom {version} starting", version=gloom.__version__)
+        self.started_at = self.reactor.seconds()
         MultiService.privilegedStartService(self)
+
+    def stats(self) -> dict:
+        """What the stats action and /status report."""
+        masters, slaves = self.factories
+        return {
+            "version": gloom.__version__,
+            "uptime": round(self.reactor.seconds() - self.started_at, 3),
+            "masters": len(masters.connections),
+            "slaves": len(slaves.connections),
+            "types": self.scheduler.types(),
+            "totals": dict(self.scheduler.totals),
+        }
 
     def _close_connections(self):
         return gatherResults([f.close_all(CLOSE_TIMEOUT) for f in self.factories])
@@ -188,14 +232,29 @@ class GloomService(MultiService):
 
 
 def makeService(config, reactor: Optional[object] = None) -> GloomService:
-    """Build the daemon from parsed `Options` (or any mapping with its keys)."""
+    """Build the daemon from parsed `Options` (or any mapping with its keys;
+    the keys added after the first release are optional)."""
     if reactor is None:
         from twisted.internet import reactor
-    scheduler = Scheduler(max_retries=config["retries"])
-    masters = MasterFactory(scheduler, reactor, config["max-frame"])
-    slaves = SlaveFactory(scheduler, reactor, config["max-frame"])
+    scheduler = Scheduler(max_retries=config["retries"], clock=reactor,
+                          default_timeout=config.get("job-timeout"))
+    max_frame = config["max-frame"]
+    masters = MasterFactory(scheduler, reactor, max_frame,
+                            max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED)
+    slaves = SlaveFactory(scheduler, reactor, max_frame)
     root = GloomService(scheduler, (masters, slaves), reactor)
-    for role, factory in (("master", masters), ("slave", slaves)):
+    masters.stats = root.stats
+    listeners = [("master", masters), ("slave", slaves)]
+    if config.get("http"):
+        from prometheus_client import CollectorRegistry
+
+        from gloom.http import LatencyHistogram, make_site
+
+        registry = CollectorRegistry()
+        latency = LatencyHistogram(registry)
+        scheduler.on_answer = latency.observe
+        listeners.append(("http", make_site(root.stats, latency, registry)))
+    for role, factory in listeners:
         endpoint = endpoints.serverFromString(reactor, config[role])
         ListenService(role, config[role], endpoint, factory).setServiceParent(root)
     return root

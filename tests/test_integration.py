@@ -26,17 +26,20 @@ def wait_until(predicate, timeout=5.0):
 
 
 class DaemonTestCase(TestCase):
+    """A daemon from makeService on loopback ports; ``options`` adds settings."""
+
     max_frame = 64 * 1024
     retries = 3
+    options: dict = {}
 
     def setUp(self):
         self.service = makeService(
-            {
+            dict({
                 "master": "tcp:0:interface=127.0.0.1",
                 "slave": "tcp:0:interface=127.0.0.1",
                 "max-frame": self.max_frame,
                 "retries": self.retries,
-            },
+            }, **self.options),
             reactor,
         )
         self.service.startService()

@@ -1,0 +1,124 @@
+"""``--http``: the daemon's figures as JSON (/status) and in Prometheus text
+format (/metrics), served from the reactor thread so a scrape reads a
+consistent snapshot without locks."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Set
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from gloom.scheduler import TOTALS
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+_TOTAL_HELP = {
+    "submitted": "Jobs accepted from masters.",
+    "completed": "Jobs answered by a slave, the answer delivered to their master.",
+    "failed": "Jobs that ended in a job_failed error (slave fail, or retries used up).",
+    "cancelled": "Jobs withdrawn by cancel or by their master disconnecting.",
+    "retried": "Times a job was queued again after losing its slave or timing out.",
+    "timed_out": "Attempts given up for running past their timeout.",
+}
+
+
+class StatsCollector:
+    """Counters and gauges read from the daemon's stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        figures = self.stats()
+        for name in TOTALS:
+            counter = CounterMetricFamily(f"gloom_jobs_{name}", _TOTAL_HELP[name])
+            counter.add_metric([], figures["totals"][name])
+            yield counter
+        per_type = {
+            "queued": GaugeMetricFamily("gloom_jobs_queued", "Jobs waiting for a slave.", labels=["type"]),
+            "running": GaugeMetricFamily("gloom_jobs_running", "Jobs held by a slave.", labels=["type"]),
+            "idle_slaves": GaugeMetricFamily("gloom_slaves_idle", "Slaves waiting for a job.", labels=["type"]),
+            "busy_slaves": GaugeMetricFamily("gloom_slaves_busy", "Slaves holding a job.", labels=["type"]),
+        }
+        for job_type, counts in figures["types"].items():
+            for key, gauge in per_type.items():
+                gauge.add_metric([job_type], counts[key])
+        yield from per_type.values()
+        for role in ("masters", "slaves"):
+            gauge = GaugeMetricFamily(f"gloom_{role}_connected", f"Connected {role}.")
+            gauge.add_metric([], figures[role])
+            yield gauge
+        uptime = GaugeMetricFamily("gloom_uptime_seconds", "Seconds since the daemon started.")
+        uptime.add_metric([], figures["uptime"])
+        yield uptime
+
+
+class LatencyHistogram:
+    """Seconds from submit to answer, per type.  A type's series is dropped
+    once the type has no jobs and no slaves, so short-lived type names do
+    not accumulate for ever."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.histogram = Histogram("gloom_job_latency_seconds", "Seconds from submit to answer.",
+                                   ["type"], registry=registry, buckets=LATENCY_BUCKETS)
+        self._types: Set[str] = set()
+
+    def observe(self, job_type: str, seconds: float) -> None:
+        self.histogram.labels(job_type).observe(seconds)
+        self._types.add(job_type)
+
+    def keep_only(self, live_types) -> None:
+        for job_type in self._types - set(live_types):
+            self.histogram.remove(job_type)
+            self._types.discard(job_type)
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, content_type: str, render: Callable[[], bytes]):
+        super().__init__()
+        self.content_type = content_type
+        self.render_body = render
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", self.content_type.encode())
+        return self.render_body()
+
+
+class _Root(Resource):
+    def getChild(self, path, request):
+        return notFound()
+
+
+class _QuietSite(Site):
+    """No access log line per request: scrapes come every few seconds."""
+
+    def log(self, request):
+        pass
+
+
+def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
+              registry: CollectorRegistry) -> Site:
+    """The HTTP site: /status (JSON) and /metrics (Prometheus)."""
+
+    def status() -> bytes:
+        return json.dumps(stats(), indent=2).encode() + b"\n"
+
+    def metrics() -> bytes:
+        latency.keep_only(stats()["types"])
+        return generate_latest(registry)
+
+    registry.register(StatsCollector(stats))
+    root = _Root()
+    root.putChild(b"status", _Page("application/json", status))
+    root.putChild(b"metrics", _Page(CONTENT_TYPE_LATEST, metrics))
+    site = _QuietSite(root)
+    site.noisy = False
+    return site

@@ -18,7 +18,7 @@ import time
 from twisted.application.service import IService, loadApplication
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gloom import tap
 from tests.support import occupied_port, frame
@@ -136,6 +136,7 @@ class InstalledPluginTests(SynchronousTestCase):
     def test_installed_distribution_ships_the_plugin(self):
         files = [str(f) for f in importlib.metadata.files("gloom") or ()]
         self.assertIn("twisted/plugins/gloom_plugin.py", files)
+        self.assertIn("twisted/plugins/gloom_endpoints.py", files)
         self.assertNotIn("twisted/plugins/__init__.py", files)
         self.assertNotIn("twisted/__init__.py", files)
         plugin = importlib.metadata.distribution("gloom").locate_file("twisted/plugins/gloom_plugin.py")
@@ -238,8 +239,18 @@ class OptionsTests(SynchronousTestCase):
                          ("tcp:9998:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1", 64 * 1024 * 1024, 3))
 
     def test_refusals(self):
-        for arguments in (["--retries", "-2"], ["--max-frame", str(2**32)], ["--slave", "nonsense"]):
-            self.assertRaises(UsageError, tap.Options().parseOptions, arguments)
+        for arguments in (["--retries", "-2"], ["--max-frame", str(2**32)], ["--slave", "nonsense"],
+                          ["--job-timeout", "0"], ["--job-timeout", "soon"], ["--max-queued", "0"],
+                          ["--http", "nonsense:1"],
+                          ["--slave", "mtls:0:privateKey=/nonexistent.key:caCerts=/nonexistent.crt"],
+                          ["--slave", f"mtls:0:privateKey={TAC}"]):
+            error = self.assertRaises(UsageError, tap.Options().parseOptions, arguments)
+            self.assertNotIn("\n", str(error))
+
+    def test_new_options(self):
+        options = tap.Options()
+        options.parseOptions(["--job-timeout", "2.5", "--max-queued", "7", "--http", "tcp:0"])
+        self.assertEqual((options["job-timeout"], options["max-queued"], options["http"]), (2.5, 7, "tcp:0"))
 
 
 class ReadmeExampleTests(SynchronousTestCase):
@@ -278,3 +289,86 @@ class ReadmeExampleTests(SynchronousTestCase):
             "{'id': 'greeting', 'body': 'HELLO'}",
             "{'error': 'job_failed', 'reason': \"'int' object has no attribute 'upper'\", 'id': 'number'}",
         ]))
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    """etc/gloom.service runs ``twistd -n gloom`` unprivileged, restarts it on
+    failure and stops it with SIGTERM."""
+
+    def unit(self):
+        with open(os.path.join(ROOT, "etc", "gloom.service")) as f:
+            return f.read()
+
+    def settings(self):
+        found = {}
+        for line in self.unit().splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                found[key.strip()] = value.strip()
+        return found
+
+    def test_settings(self):
+        settings = self.settings()
+        command = settings["ExecStart"].split()
+        self.assertTrue(command[0].endswith("/twistd"))
+        self.assertIn("--nodaemon", command)
+        self.assertEqual(command[command.index("gloom") + 1:], ["$GLOOM_OPTIONS"])
+        self.assertNotIn(settings.get("User", "root"), ("root", "0"))
+        self.assertEqual(settings["Restart"], "on-failure")
+        self.assertEqual(settings["KillSignal"], "SIGTERM")
+
+    def test_systemd_accepts_it(self):
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise SkipTest("systemd-analyze is not installed")
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch, True)
+        path = os.path.join(scratch, "gloom.service")
+        with open(path, "w") as f:
+            f.write(self.unit().replace("/opt/gloom/bin/twistd", twistd_command()[0]))
+        result = subprocess.run([analyze, "verify", path], capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr.strip()), (0, ""))
+
+
+class ReadmeTLSRecipeTests(SynchronousTestCase):
+    """The README's openssl recipe and TLS slave snippet work as printed."""
+
+    def section(self):
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        return text.split("Making the certificates with ``openssl``", 1)[1].split("\nLimits and backpressure\n")[0]
+
+    def block(self, language):
+        (block,) = re.findall(rf"\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)", self.section())
+        return "\n".join(line[4:] for line in block.splitlines()) + "\n"
+
+    def test_recipe_certificates_pass_mutual_tls(self):
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is not installed")
+        certs = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, certs, True)
+        made = subprocess.run(["bash", "-e", "-c", self.block("sh")], cwd=certs, capture_output=True,
+                              text=True, timeout=120)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        key, cert, ca = (os.path.join(certs, name) for name in ("server.key", "server.crt", "ca.crt"))
+        daemon = Daemon(self, "-n", "gloom", "--master", "tcp:0:interface=127.0.0.1", "--slave",
+                        f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCerts={ca}")
+        _, slave_port = daemon.ports()
+        connect = self.block("python").replace('("gloom.example.com", 9999)', f'("127.0.0.1", {slave_port})')
+        join = (
+            "import json, struct\n"
+            "data = json.dumps({'action': 'join', 'type': 't'}).encode()\n"
+            "sock.sendall(struct.pack('!I', len(data)) + data)\n"
+            "print(sock.recv(100)[4:].decode())\n"
+        )
+        joined = subprocess.run([sys.executable, "-c", connect + join], cwd=certs, capture_output=True,
+                                text=True, timeout=30)
+        self.assertEqual(joined.returncode, 0, joined.stderr)
+        self.assertEqual(json.loads(joined.stdout), {"ok": True})
+        self.assertIn("client certificate 'CN=worker-1'", daemon.read_until(lambda out: "CN=worker-1" in out))
+
+        anonymous = connect.replace('context.load_cert_chain("worker-1.crt", "worker-1.key")\n', "")
+        refused = subprocess.run([sys.executable, "-c", anonymous + join], cwd=certs, capture_output=True,
+                                 text=True, timeout=30)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertNotIn('"ok"', refused.stdout)

@@ -57,13 +57,49 @@ def address_name(address) -> str:
     return str(address)
 
 
-@implementer(IHandshakeListener)
-class GloomProtocol(Int32StringReceiver):
-    """A connection speaking Gloom frames; subclasses handle the actions.
+class FrameReceiver(Int32StringReceiver):
+    """Int32StringReceiver with a ``bytearray`` buffer: Twisted's own copies
+    everything received so far on every read, which makes one large frame
+    cost quadratic time.  Parsing stops while the protocol is paused."""
 
-    Frames are split out of a growing ``bytearray`` rather than Twisted's
-    immutable buffer, which copies everything received so far on every read
-    and would make one large frame cost quadratic time.
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._parsing = False
+        self._refusing = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        buffer = self._buffer
+        buffer += data
+        if self._parsing:
+            return
+        self._parsing = True
+        offset = 0
+        try:
+            while not self.paused and len(buffer) - offset >= 4:
+                (length,) = unpack_from("!I", buffer, offset)
+                if length > self.MAX_LENGTH:
+                    self._refusing = True
+                    del buffer[:]
+                    offset = 0
+                    self.lengthLimitExceeded(length)
+                    return
+                end = offset + 4 + length
+                if len(buffer) < end:
+                    break
+                frame = bytes(buffer[offset + 4 : end])
+                offset = end
+                self.stringReceived(frame)
+        finally:
+            if offset:
+                del buffer[:offset]
+            self._parsing = False
+
+
+@implementer(IHandshakeListener)
+class GloomProtocol(FrameReceiver):
+    """A connection speaking Gloom frames; subclasses handle the actions.
 
     The protocol is its transport's streaming producer: while the peer does
     not read what Gloom writes and the transport's buffer is full, Gloom
@@ -77,9 +113,7 @@ class GloomProtocol(Int32StringReceiver):
     other_actions: frozenset = frozenset()
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._parsing = False
-        self._refusing = False
+        super().__init__()
         self._abort_call = None
         self.closed: Deferred = Deferred()
 
@@ -110,35 +144,6 @@ class GloomProtocol(Int32StringReceiver):
         self.closed.callback(None)
 
     # --- framing ----------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._refusing:
-            return
-        buffer = self._buffer
-        buffer += data
-        if self._parsing:
-            return
-        self._parsing = True
-        offset = 0
-        try:
-            while not self.paused and len(buffer) - offset >= 4:
-                (length,) = unpack_from("!I", buffer, offset)
-                if length > self.MAX_LENGTH:
-                    self._refusing = True
-                    del buffer[:]
-                    offset = 0
-                    self.lengthLimitExceeded(length)
-                    return
-                end = offset + 4 + length
-                if len(buffer) < end:
-                    break
-                frame = bytes(buffer[offset + 4 : end])
-                offset = end
-                self.stringReceived(frame)
-        finally:
-            if offset:
-                del buffer[:offset]
-            self._parsing = False
 
     def lengthLimitExceeded(self, length: int) -> None:
         """Say why, then close: the rest of the stream cannot be framed."""

@@ -1,0 +1,129 @@
+"""The Twisted client against a real daemon in the same reactor."""
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import inlineCallbacks
+
+from gloom.client import ServerError, TransportError
+from gloom.tap import makeService
+from gloom.txclient import MasterClient, Worker, client_endpoint, work
+from tests.test_integration import DaemonTestCase, wait_until
+
+FAST_RETRY = lambda attempt: 0.02  # noqa: E731  (reconnect at once in tests)
+
+
+class TxClientTestCase(DaemonTestCase):
+    def master(self, **kwargs):
+        client = MasterClient(f"127.0.0.1:{self.port('master')}", reactor, retry_policy=FAST_RETRY, **kwargs)
+        client.start()
+        self.addCleanup(client.stop)
+        return client
+
+    def worker(self, job_type, handler, concurrency=1):
+        worker = Worker(job_type, handler, concurrency, f"127.0.0.1:{self.port('slave')}", reactor,
+                        retry_policy=FAST_RETRY)
+        worker.start()
+        self.addCleanup(worker.stop)
+        return worker
+
+
+class MasterClientTests(TxClientTestCase):
+    @inlineCallbacks
+    def test_answers_values_deferreds_and_failures(self):
+        def handler(job):
+            if job.body == "later":
+                return task.deferLater(reactor, 0.01, lambda: "deferred answer")
+            if job.body == "boom":
+                raise KeyError("no such thing")
+            return {"echo": job.body, "type": job.type}
+
+        self.worker("t", handler, concurrency=3)
+        master = self.master()
+        answers = yield defer.gatherResults([master.submit("t", 1), master.submit("t", "later"),
+                                             master.submit("t", [2**70], priority=5)])
+        self.assertEqual(answers, [{"echo": 1, "type": "t"}, "deferred answer", {"echo": [2**70], "type": "t"}])
+        failure = yield self.assertFailure(master.submit("t", "boom"), ServerError)
+        self.assertEqual((failure.error, failure.reason), ("job_failed", "'no such thing'"))
+        yield wait_until(lambda: self.scheduler.types()["t"]["idle_slaves"] == 3)
+
+    @inlineCallbacks
+    def test_refusals_cancel_and_stats(self):
+        master = self.master()
+        first = master.submit("nobody", 1, id="same")
+        refused = yield self.assertFailure(master.submit("nobody", 2, id="other", timeout=-1), ServerError)
+        self.assertEqual((refused.error, refused.id), ("invalid_message", "other"))
+        stats = yield master.stats()
+        self.assertEqual(stats["types"]["nobody"]["queued"], 1)
+        self.assertRaises(ValueError, master.submit, "nobody", 3, id="same")
+        first.cancel()
+        yield self.assertFailure(first, defer.CancelledError)
+        yield wait_until(lambda: "same" not in self.scheduler)
+        self.assertEqual(self.scheduler.totals["cancelled"], 1)
+
+    @inlineCallbacks
+    def test_jobs_in_flight_fail_when_the_daemon_goes(self):
+        master = self.master()
+        pending = master.submit("nobody", 1)
+        yield wait_until(lambda: len(self.scheduler) == 1)
+        yield self.service.stopService()
+        error = yield self.assertFailure(pending, ServerError, TransportError)
+        self.assertIn(getattr(error, "error", "transport"), ("shutdown", "transport"))
+
+    @inlineCallbacks
+    def test_unreachable_daemon(self):
+        port = self.port("master")
+        yield self.service.stopService()
+        master = MasterClient(f"127.0.0.1:{port}", reactor, fail_after=1)
+        master.start()
+        self.addCleanup(master.stop)
+        error = yield self.assertFailure(master.submit("t", 1), TransportError)
+        self.assertIn(f"cannot connect to 127.0.0.1:{port}", str(error))
+
+    def test_addresses(self):
+        self.assertEqual(client_endpoint(reactor, "example.com:9998")._hostBytes, b"example.com")
+        self.assertEqual(client_endpoint(reactor, ":9998")._hostBytes, b"127.0.0.1")
+        self.assertEqual(client_endpoint(reactor, "[::1]:9998")._hostBytes, b"::1")
+        self.assertEqual(client_endpoint(reactor, "tcp:host=h:port=1")._host, "h")
+        self.assertRaises(ValueError, client_endpoint, reactor, "no-port-here")
+
+
+class WorkerTests(TxClientTestCase):
+    @inlineCallbacks
+    def test_reconnects_when_the_daemon_restarts(self):
+        master_port, slave_port = self.port("master"), self.port("slave")
+        self.worker("t", lambda job: job.body + 1)
+        master = self.master()
+        self.assertEqual((yield master.submit("t", 1)), 2)
+        yield self.service.stopService()
+        yield wait_until(lambda: not master.connected)
+        self.service = makeService({"master": f"tcp:{master_port}:interface=127.0.0.1",
+                                    "slave": f"tcp:{slave_port}:interface=127.0.0.1",
+                                    "max-frame": 1 << 20, "retries": 3}, reactor)
+        self.service.startService()
+        self.assertEqual((yield master.submit("t", 41)), 42)
+
+    @inlineCallbacks
+    def test_stop_finishes_the_job_in_hand(self):
+        started, release = defer.Deferred(), defer.Deferred()
+
+        def handler(job):
+            started.callback(None)
+            return release.addCallback(lambda _: "finished")
+
+        worker = self.worker("t", handler, concurrency=2)
+        master = self.master()
+        answer = master.submit("t", None)
+        yield started
+        self.assertEqual(worker.busy, 1)
+        stopping = worker.stop()
+        yield wait_until(lambda: self.scheduler.types()["t"]["idle_slaves"] == 0)
+        self.assertFalse(stopping.called)
+        release.callback(None)
+        self.assertEqual((yield answer), "finished")
+        yield stopping
+        yield wait_until(lambda: "t" not in self.scheduler.types())
+
+    def test_work_starts_a_worker(self):
+        worker = work("t", lambda job: None, concurrency=2, address=f"127.0.0.1:{self.port('slave')}")
+        self.addCleanup(worker.stop)
+        self.assertEqual(len(worker.slots), 2)
+        return wait_until(lambda: self.scheduler.idle_slaves("t") == 2)

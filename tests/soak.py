@@ -309,6 +309,8 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=0.05,
                         help="seconds given to the jobs that carry a timeout")
+    parser.add_argument("--walk-away", type=float, default=0.0001,
+                        help="chance, per acknowledged job, that its master disconnects")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--master-port", type=int, help="soak a running daemon instead of starting one")
     parser.add_argument("--slave-port", type=int)
@@ -327,7 +329,8 @@ def main(argv=None):
         master_port = service.getServiceNamed("master").port.getHost().port
         slave_port = service.getServiceNamed("slave").port.getHost().port
     soak = Soak(reactor, master_port, slave_port, jobs=args.jobs, masters=args.masters,
-                slaves=args.slaves, window=args.window, seed=args.seed, timeout=args.timeout)
+                slaves=args.slaves, window=args.window, seed=args.seed, timeout=args.timeout,
+                walk_away=args.walk_away)
     report = {}
 
     @defer.inlineCallbacks

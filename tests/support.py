@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import select
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.task import Clock
@@ -150,3 +158,92 @@ def occupied_port(test) -> int:
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     return taken.getsockname()[1]
+
+
+LISTENING = re.compile(r"Listening for (master|slave)s on 127\.0\.0\.1:(\d+)")
+ANY_PORT = ["--master", "tcp:0:interface=127.0.0.1", "--slave", "tcp:0:interface=127.0.0.1"]
+
+
+def twistd_command():
+    """The installed twistd, run by this test's own interpreter."""
+    script = shutil.which("twistd", path=os.path.dirname(sys.executable))
+    if script:
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class BlockingClient:
+    """A plain-socket client, as a user without any library would write it."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def send(self, message):
+        self.sock.sendall(frame(message))
+
+    def _read(self, count):
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise EOFError("connection closed")
+            data += chunk
+        return data
+
+    def receive(self):
+        (length,) = struct.unpack("!I", self._read(4))
+        return json.loads(self._read(length))
+
+    def close(self):
+        self.sock.close()
+
+
+class TwistdDaemon:
+    """``twistd`` in a subprocess, started from a scratch directory so that
+    only the installed package can be imported."""
+
+    def __init__(self, test, *arguments):
+        self.cwd = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, self.cwd, True)
+        self.process = subprocess.Popen(
+            twistd_command() + ["--pidfile=", *arguments],
+            cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        test.addCleanup(self.kill)
+        self.output = b""
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+    def read_until(self, predicate, timeout=30):
+        """Read output until ``predicate(output_so_far)`` holds; return the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output.decode(errors="replace")
+            if predicate(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError("twistd did not print what was expected:\n" + text)
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError("twistd exited:\n" + text)
+                self.output += chunk
+
+    def ports(self):
+        """The master and slave ports twistd reports listening on."""
+        text = self.read_until(lambda t: len(dict(LISTENING.findall(t))) == 2)
+        found = dict(LISTENING.findall(text))
+        return int(found["master"]), int(found["slave"])
+
+    def finish(self, timeout=30):
+        """Wait for exit; return the status and everything it printed."""
+        rest, _ = self.process.communicate(timeout=timeout)
+        self.output += rest
+        return self.process.returncode, self.output.decode(errors="replace")
+
+

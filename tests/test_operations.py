@@ -2,7 +2,6 @@
 metrics, TLS and mutual TLS, backpressure, limits and keepalive."""
 
 import json
-import os
 import socket
 import tempfile
 import shutil

@@ -5,9 +5,8 @@ import struct
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from gloom import wire
 from gloom.protocol import ABORT_AFTER_ERROR
-from tests.support import Daemon, frame, unframe
+from tests.support import Daemon, frame
 
 
 class RoundTripTests(SynchronousTestCase):

@@ -5,15 +5,11 @@ import importlib.metadata
 import json
 import os
 import re
-import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import time
 
 from twisted.application.service import IService, loadApplication
 from twisted.plugin import getPlugins
@@ -21,94 +17,10 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gloom import tap
-from tests.support import occupied_port, frame
+from tests.support import ANY_PORT, BlockingClient, TwistdDaemon, occupied_port, twistd_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAC = os.path.join(ROOT, "etc", "gloom.tac")
-LISTENING = re.compile(r"Listening for (master|slave)s on 127\.0\.0\.1:(\d+)")
-
-
-def twistd_command():
-    """The installed twistd, run by this test's own interpreter."""
-    script = shutil.which("twistd", path=os.path.dirname(sys.executable))
-    if script:
-        return [script]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class BlockingClient:
-    """A plain-socket client, as a user without any library would write it."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-
-    def send(self, message):
-        self.sock.sendall(frame(message))
-
-    def _read(self, count):
-        data = b""
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError("connection closed")
-            data += chunk
-        return data
-
-    def receive(self):
-        (length,) = struct.unpack("!I", self._read(4))
-        return json.loads(self._read(length))
-
-    def close(self):
-        self.sock.close()
-
-
-class Daemon:
-    """``twistd`` in a subprocess, started from a scratch directory so that
-    only the installed package can be imported."""
-
-    def __init__(self, test, *arguments):
-        self.cwd = tempfile.mkdtemp()
-        test.addCleanup(shutil.rmtree, self.cwd, True)
-        self.process = subprocess.Popen(
-            twistd_command() + ["--pidfile=", *arguments],
-            cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        test.addCleanup(self.kill)
-        self.output = b""
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdout.close()
-
-    def read_until(self, predicate, timeout=30):
-        """Read output until ``predicate(output_so_far)`` holds; return the output."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.output.decode(errors="replace")
-            if predicate(text):
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError("twistd did not print what was expected:\n" + text)
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
-            if ready:
-                chunk = os.read(self.process.stdout.fileno(), 65536)
-                if not chunk:
-                    raise AssertionError("twistd exited:\n" + text)
-                self.output += chunk
-
-    def ports(self):
-        """The master and slave ports twistd reports listening on."""
-        text = self.read_until(lambda t: len(dict(LISTENING.findall(t))) == 2)
-        found = dict(LISTENING.findall(text))
-        return int(found["master"]), int(found["slave"])
-
-    def finish(self, timeout=30):
-        """Wait for exit; return the status and everything it printed."""
-        rest, _ = self.process.communicate(timeout=timeout)
-        self.output += rest
-        return self.process.returncode, self.output.decode(errors="replace")
 
 
 def run_a_job(test, master_port, slave_port):
@@ -127,9 +39,6 @@ def run_a_job(test, master_port, slave_port):
     finally:
         slave.close()
         master.close()
-
-
-ANY_PORT = ["--master", "tcp:0:interface=127.0.0.1", "--slave", "tcp:0:interface=127.0.0.1"]
 
 
 class InstalledPluginTests(SynchronousTestCase):
@@ -159,7 +68,7 @@ class InstalledPluginTests(SynchronousTestCase):
 
 class TwistdTests(SynchronousTestCase):
     def test_runs_a_job_and_stops_cleanly_on_sigterm(self):
-        daemon = Daemon(self, "-n", "gloom", *ANY_PORT)
+        daemon = TwistdDaemon(self, "-n", "gloom", *ANY_PORT)
         master_port, slave_port = daemon.ports()
         run_a_job(self, master_port, slave_port)
         waiting = BlockingClient(master_port)
@@ -177,7 +86,7 @@ class TwistdTests(SynchronousTestCase):
 
     def test_port_in_use_exits_with_one_clear_line(self):
         port = occupied_port(self)
-        daemon = Daemon(self, "-n", "gloom", "--master", f"tcp:{port}:interface=127.0.0.1",
+        daemon = TwistdDaemon(self, "-n", "gloom", "--master", f"tcp:{port}:interface=127.0.0.1",
                         "--slave", "tcp:0:interface=127.0.0.1")
         status, output = daemon.finish()
         self.assertNotEqual(status, 0)
@@ -198,7 +107,7 @@ class TwistdTests(SynchronousTestCase):
             (["--max-frame", "0"], "--max-frame must be between 1 and"),
             (["--master", "carrier-pigeon:9998"], "--master: 'carrier-pigeon:9998' is not a usable endpoint"),
         ]:
-            status, output = Daemon(self, "-n", "gloom", *arguments).finish()
+            status, output = TwistdDaemon(self, "-n", "gloom", *arguments).finish()
             if status_reports_error:
                 self.assertNotEqual(status, 0, arguments)
             self.assertIn(message, output)
@@ -224,7 +133,7 @@ class TacTests(SynchronousTestCase):
         path = os.path.join(scratch, "gloom.tac")
         with open(path, "w") as tac:
             tac.write(text)
-        daemon = Daemon(self, "-ny", path)
+        daemon = TwistdDaemon(self, "-ny", path)
         run_a_job(self, *daemon.ports())
         daemon.process.send_signal(signal.SIGTERM)
         status, output = daemon.finish()
@@ -266,7 +175,7 @@ class ReadmeExampleTests(SynchronousTestCase):
                 for name, block in zip(("frames.py", "slave.py", "master.py"), blocks)}
 
     def test_example_runs_against_twistd(self):
-        daemon = Daemon(self, "-n", "gloom", *ANY_PORT)
+        daemon = TwistdDaemon(self, "-n", "gloom", *ANY_PORT)
         master_port, slave_port = daemon.ports()
         files = self.example_files()
         files["slave.py"] = files["slave.py"].replace("9999", str(slave_port))
@@ -351,7 +260,7 @@ class ReadmeTLSRecipeTests(SynchronousTestCase):
                               text=True, timeout=120)
         self.assertEqual(made.returncode, 0, made.stderr)
         key, cert, ca = (os.path.join(certs, name) for name in ("server.key", "server.crt", "ca.crt"))
-        daemon = Daemon(self, "-n", "gloom", "--master", "tcp:0:interface=127.0.0.1", "--slave",
+        daemon = TwistdDaemon(self, "-n", "gloom", "--master", "tcp:0:interface=127.0.0.1", "--slave",
                         f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCerts={ca}")
         _, slave_port = daemon.ports()
         connect = self.block("python").replace('("gloom.example.com", 9999)', f'("127.0.0.1", {slave_port})')

@@ -1,0 +1,179 @@
+"""``gloom bench``: drive a running daemon with masters that keep a window
+of jobs in flight and slaves that echo them, then report throughput and
+latency percentiles."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import List, Optional
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from gloom.client import TransportError
+from gloom.txclient import _Connection, client_endpoint, describe_failure
+
+
+class _EchoSlave(_Connection):
+    def connectionMade(self):
+        super().connectionMade()
+        self.send({"action": "join", "type": self.factory.bench.job_type})
+
+    def frameReceived(self, frame):
+        if frame.get("action") == "job":
+            self.send({"action": "respond", "body": frame["body"]})
+        elif "error" in frame:
+            self.factory.bench.errors.append(frame)
+
+
+class _LoadMaster(_Connection):
+    def connectionMade(self):
+        super().connectionMade()
+        self.bench = self.factory.bench
+        self.sent_at = {}
+        self.sequence = 0
+        self.prefix = f"bench-{random.randrange(1 << 40):x}-{len(self.bench.masters)}"
+        self.bench.masters.append(self)
+
+    def fill(self):
+        bench = self.bench
+        while len(self.sent_at) < bench.window and bench.unsent > 0:
+            bench.unsent -= 1
+            self.sequence += 1
+            job_id = f"{self.prefix}-{self.sequence}"
+            self.sent_at[job_id] = time.perf_counter()
+            self.send({"action": "submit", "id": job_id, "type": bench.job_type, "body": bench.body})
+
+    def frameReceived(self, frame):
+        bench = self.bench
+        job_id = frame.get("id")
+        if frame.get("ok"):
+            return
+        started = self.sent_at.pop(job_id, None)
+        if "error" in frame:
+            bench.errors.append(frame)
+        elif started is not None:
+            bench.latencies.append(time.perf_counter() - started)
+        bench.done += 1
+        if bench.done >= bench.jobs:
+            if not bench.finished.called:
+                bench.finished.callback(None)
+        else:
+            self.fill()
+
+    def connectionLost(self, reason):
+        if not self.bench.finished.called:
+            self.bench.finished.errback(TransportError("the daemon closed a master connection"))
+
+
+def percentile(values: List[float], fraction: float) -> float:
+    """The value below which ``fraction`` of the (sorted) values fall."""
+    return values[min(len(values) - 1, int(fraction * len(values)))]
+
+
+class BenchResult:
+    def __init__(self, jobs: int, seconds: float, latencies: List[float], errors: list, settings: dict):
+        self.jobs = jobs
+        self.seconds = seconds
+        self.latencies = sorted(latencies)
+        self.errors = errors
+        self.settings = settings
+
+    @property
+    def jobs_per_second(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+    def figures(self) -> dict:
+        lat = self.latencies
+        ms = (lambda f: round(percentile(lat, f) * 1000, 3)) if lat else (lambda f: None)
+        return {"jobs": self.jobs, "seconds": round(self.seconds, 3),
+                "jobs_per_s": round(self.jobs_per_second, 1), "p50_ms": ms(0.5), "p90_ms": ms(0.9),
+                "p99_ms": ms(0.99), "max_ms": round(lat[-1] * 1000, 3) if lat else None,
+                "errors": len(self.errors), **self.settings}
+
+    def table(self) -> str:
+        f = self.figures()
+        lines = [
+            f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s",
+            f"latency ms: p50 {f['p50_ms']}  p90 {f['p90_ms']}  p99 {f['p99_ms']}  max {f['max_ms']}",
+            f"({f['masters']} masters x {f['window']} in flight, {f['slaves']} slaves, "
+            f"{f['body_size']}-byte bodies; {f['errors']} errors)",
+        ]
+        if self.errors:
+            lines.append(f"first error: {json.dumps(self.errors[0])}")
+        return "\n".join(lines)
+
+
+class Bench:
+    """One benchmark run against a daemon at ``master``/``slave`` addresses."""
+
+    def __init__(self, reactor, master, slave, masters=4, slaves=8, window=64, body_size=64,
+                 jobs=20000, progress=None):
+        self.reactor = reactor
+        self.master_endpoint = client_endpoint(reactor, master)
+        self.slave_endpoint = client_endpoint(reactor, slave)
+        self.addresses = (master, slave)
+        self.master_count, self.slave_count = masters, slaves
+        self.window, self.jobs = window, jobs
+        self.body = "x" * body_size
+        self.settings = {"masters": masters, "slaves": slaves, "window": window, "body_size": body_size}
+        self.job_type = f"gloom-bench-{random.randrange(1 << 40):x}"
+        self.progress = progress
+        self.unsent = jobs
+        self.done = 0
+        self.latencies: List[float] = []
+        self.errors: list = []
+        self.masters: List[_LoadMaster] = []
+        self.finished = defer.Deferred()
+
+    @defer.inlineCallbacks
+    def _connect(self, endpoint, protocol_class, address):
+        factory = Factory.forProtocol(protocol_class)
+        factory.bench = self
+        try:
+            connection = yield endpoint.connect(factory)
+        except Exception as e:
+            raise TransportError(f"cannot connect to {address}: {describe_failure(Failure(e))}")
+        return connection
+
+    def _draw(self, started: float) -> None:
+        width = 30
+        filled = int(width * self.done / self.jobs)
+        elapsed = time.perf_counter() - started
+        rate = self.done / elapsed if elapsed else 0
+        self.progress.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.jobs} "
+                            f"{rate:,.0f} jobs/s ")
+        self.progress.flush()
+
+    @defer.inlineCallbacks
+    def run(self):
+        connections = []
+        try:
+            for _ in range(self.slave_count):
+                connections.append((yield self._connect(self.slave_endpoint, _EchoSlave, self.addresses[1])))
+            for _ in range(self.master_count):
+                connections.append((yield self._connect(self.master_endpoint, _LoadMaster,
+                                                        self.addresses[0])))
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+            started = time.perf_counter()
+            drawing: Optional[task.LoopingCall] = None
+            if self.progress is not None:
+                drawing = task.LoopingCall(self._draw, started)
+                drawing.start(0.2)
+            for master in self.masters:
+                master.fill()
+            try:
+                yield self.finished
+            finally:
+                if drawing is not None:
+                    drawing.stop()
+                    self._draw(started)
+                    self.progress.write("\n")
+            seconds = time.perf_counter() - started
+        finally:
+            for connection in connections:
+                connection.transport.loseConnection()
+        return BenchResult(self.done, seconds, self.latencies, self.errors, self.settings)

@@ -1,0 +1,259 @@
+"""The ``gloom`` command line, run as a real process against a real daemon
+(served in this process's reactor, so the commands run asynchronously)."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.defer import inlineCallbacks
+
+from gloom.tap import makeService
+from tests.test_integration import DaemonTestCase, wait_until
+
+
+def gloom_command():
+    script = shutil.which("gloom", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "gloom.cli"]
+
+
+class _Run(protocol.ProcessProtocol):
+    def __init__(self, stdin: bytes):
+        self.stdin = stdin
+        self.out, self.err = [], []
+        self.ended = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.out.append(data)
+
+    def errReceived(self, data):
+        self.err.append(data)
+
+    def processEnded(self, reason):
+        self.ended.callback((b"".join(self.out).decode(), b"".join(self.err).decode(), reason.value.exitCode))
+
+
+class CLITestCase(DaemonTestCase):
+    def start(self, *args, stdin=b""):
+        """Start ``gloom ARGS``; its ProcessProtocol, whose ``ended`` fires with (out, err, status)."""
+        run = _Run(stdin)
+        argv = gloom_command() + list(args)
+        self.processes = getattr(self, "processes", [])
+        self.processes.append(reactor.spawnProcess(run, argv[0], argv, env=os.environ))
+        self.addCleanup(self._reap, run)
+        return run
+
+    def _reap(self, run):
+        if not run.ended.called:
+            run.transport.signalProcess("KILL")
+        return run.ended
+
+    def gloom(self, *args, stdin=b""):
+        """Run ``gloom ARGS`` to the end: a Deferred of (stdout, stderr, status)."""
+        return self.start(*args, stdin=stdin).ended
+
+    def master_arg(self):
+        return ["--master", f"127.0.0.1:{self.port('master')}"]
+
+    def slave_arg(self):
+        return ["--slave", f"127.0.0.1:{self.port('slave')}"]
+
+    @inlineCallbacks
+    def worker(self, job_type, *command, options=(), count=1):
+        run = self.start("worker", job_type, *options, *self.slave_arg(), "--", *command)
+        yield wait_until(lambda: self.scheduler.idle_slaves(job_type) == count, timeout=20)
+        return run
+
+
+class SubmitTests(CLITestCase):
+    @inlineCallbacks
+    def test_submit_one_job_to_a_command_worker(self):
+        yield self.worker("upper", "tr", "a-z", "A-Z")
+        out, err, status = yield self.gloom("submit", "upper", '"hello"', *self.master_arg())
+        self.assertEqual((out, status), ('"HELLO"\n', 0), err)
+        out, err, status = yield self.gloom("submit", "upper", "-", *self.master_arg(), stdin=b'{"k": "v"}')
+        self.assertEqual((json.loads(out), status), ({"K": "V"}, 0), err)
+
+    @inlineCallbacks
+    def test_lines_stream_in_input_order(self):
+        yield self.worker("maybe", "sh", "-c", 'read b; case "$b" in 3) echo no >&2; exit 4;; esac;'
+                          ' sleep 0.0$((5 - b)); echo "[$b]"', options=["-c", "3"], count=3)
+        lines = b"1\n2\n\n3\n4\n"
+        out, err, status = yield self.gloom("submit", "maybe", "--lines", "--window", "3",
+                                            *self.master_arg(), stdin=lines)
+        self.assertEqual(status, 1)
+        self.assertEqual([json.loads(line) for line in out.splitlines()],
+                         [[1], [2], {"error": "job_failed", "reason": "exit status 4: no"}, [4]])
+        self.assertIn("gloom: job_failed: exit status 4: no", err)
+
+    @inlineCallbacks
+    def test_priority_and_timeout_are_sent(self):
+        job = yield self.gloom("submit", "nobody", "1", "--timeout", "0", *self.master_arg())
+        self.assertEqual(job[2], 2)
+        running = self.start("submit", "nobody", "7", "--priority", "9", "--timeout", "30", *self.master_arg())
+        yield wait_until(lambda: len(self.scheduler) == 1)
+        (queued,) = self.scheduler._queues["nobody"].heap
+        self.assertEqual((queued[2].priority, queued[2].timeout), (9, 30.0))
+        running.transport.signalProcess("KILL")
+
+    @inlineCallbacks
+    def test_clear_errors_without_tracebacks(self):
+        port = self.port("master")
+        cases = [
+            (["submit", "upper", "not json", *self.master_arg()], 2, "BODY is not valid JSON"),
+            (["submit", "upper", "1", "--master", "nonsense"], 2, "neither host:port nor"),
+            (["submit", "upper", "1", "--lines", *self.master_arg()], 2, "give no BODY"),
+            (["worker", "upper", *self.slave_arg()], 2, "give the command to run after --"),
+            (["bench", "--jobs", "0", *self.master_arg()], 2, "--jobs must be positive"),
+            (["submit"], 2, "the following arguments are required: type"),
+        ]
+        for args, expected_status, message in cases:
+            out, err, status = yield self.gloom(*args)
+            self.assertEqual(status, expected_status, (args, err))
+            self.assertIn(message, err)
+            self.assertNotIn("Traceback", err)
+        yield self.service.stopService()
+        for command in (["submit", "upper", "1"], ["status"]):
+            out, err, status = yield self.gloom(*command, "--master", f"127.0.0.1:{port}")
+            self.assertEqual(status, 3, err)
+            self.assertEqual(err, f"gloom: cannot connect to 127.0.0.1:{port}: Connection refused\n")
+
+    @inlineCallbacks
+    def test_help_has_examples(self):
+        for command in ("submit", "worker", "status", "bench"):
+            out, err, status = yield self.gloom(command, "--help")
+            self.assertEqual(status, 0)
+            self.assertIn("examples:", out)
+            self.assertIn("--master" if command != "worker" else "--slave", out)
+
+
+class WorkerTests(CLITestCase):
+    @inlineCallbacks
+    def test_raw_bodies_env_and_plain_text_answers(self):
+        yield self.worker("env", "sh", "-c", 'cat; echo " $GLOOM_JOB_TYPE"', options=["--raw"])
+        out, err, status = yield self.gloom("submit", "env", '"plain text"', *self.master_arg())
+        self.assertEqual(json.loads(out), "plain text env")
+
+    @inlineCallbacks
+    def test_failures_and_kill_after(self):
+        self.scheduler.max_retries = 0
+        yield self.worker("bad", "sh", "-c", "cat > /dev/null; echo 'disk on fire' >&2; exit 3")
+        out, err, status = yield self.gloom("submit", "bad", "1", *self.master_arg())
+        self.assertEqual((out, status), ("", 1))
+        self.assertEqual(err, "gloom: job_failed: exit status 3: disk on fire\n")
+        yield self.worker("slow", "sleep", "30", options=["--kill-after", "0.2"])
+        out, err, status = yield self.gloom("submit", "slow", "1", *self.master_arg())
+        self.assertEqual(err, "gloom: job_failed: killed after 0.2 s\n")
+        yield self.worker("missing", "/nonexistent/program")
+        out, err, status = yield self.gloom("submit", "missing", "1", *self.master_arg())
+        self.assertIn("gloom: job_failed: ", err)
+        self.assertEqual(status, 1)
+
+    @inlineCallbacks
+    def test_sigterm_finishes_the_job_in_hand(self):
+        worker = yield self.worker("slow", "sh", "-c", "sleep 0.5; cat")
+        answer = self.gloom("submit", "slow", '{"a": 1}', *self.master_arg())
+        yield wait_until(lambda: self.scheduler.types()["slow"]["running"] == 1)
+        worker.transport.signalProcess("TERM")
+        out, err, status = yield answer
+        self.assertEqual((json.loads(out), status), ({"a": 1}, 0), err)
+        _, worker_err, worker_status = yield worker.ended
+        self.assertEqual(worker_status, 0, worker_err)
+        self.assertNotIn("slow", self.scheduler.types())
+
+    @inlineCallbacks
+    def test_reconnects_when_the_daemon_restarts(self):
+        master_port, slave_port = self.port("master"), self.port("slave")
+        yield self.worker("upper", "tr", "a-z", "A-Z")
+        yield self.service.stopService()
+        self.service = makeService({"master": f"tcp:{master_port}:interface=127.0.0.1",
+                                    "slave": f"tcp:{slave_port}:interface=127.0.0.1",
+                                    "max-frame": 1 << 20, "retries": 3}, reactor)
+        self.service.startService()
+        self.scheduler = self.service.scheduler
+        yield wait_until(lambda: self.scheduler.idle_slaves("upper") == 1, timeout=20)
+        out, err, status = yield self.gloom("submit", "upper", '"again"', *self.master_arg())
+        self.assertEqual(out, '"AGAIN"\n', err)
+
+
+class StatusAndBenchTests(CLITestCase):
+    @inlineCallbacks
+    def test_status_table_and_json(self):
+        submitter = self.start("submit", "queued-type", "1", *self.master_arg())
+        yield wait_until(lambda: len(self.scheduler) == 1)
+        out, err, status = yield self.gloom("status", *self.master_arg())
+        self.assertEqual(status, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["TYPE", "QUEUED", "RUNNING", "IDLE", "SLAVES", "BUSY", "SLAVES"])
+        self.assertEqual(lines[1].split(), ["queued-type", "1", "0", "0", "0"])
+        self.assertIn("masters 2", out)
+        self.assertIn("submitted 1", out)
+        out, err, status = yield self.gloom("status", "--json", *self.master_arg())
+        self.assertEqual(json.loads(out)["types"]["queued-type"]["queued"], 1)
+        submitter.transport.signalProcess("KILL")
+
+    @inlineCallbacks
+    def test_status_watch_refreshes(self):
+        watcher = self.start("status", "--watch", "0.1", *self.master_arg())
+        yield wait_until(lambda: b"".join(watcher.out).count(b"TYPE") >= 3)
+        watcher.transport.signalProcess(signal.SIGINT)
+        out, err, status = yield watcher.ended
+        self.assertNotIn("Traceback", err)
+
+    @inlineCallbacks
+    def test_bench(self):
+        out, err, status = yield self.gloom("bench", "--jobs", "600", "--masters", "2", "--slaves", "2",
+                                            "--window", "8", "--body-size", "10", "--progress",
+                                            *self.master_arg(), *self.slave_arg())
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"^600 jobs in [0-9.]+ s: [0-9,]+ jobs/s\n")
+        self.assertRegex(out, r"latency ms: p50 [0-9.]+  p90 [0-9.]+  p99 [0-9.]+  max [0-9.]+")
+        self.assertIn("2 masters x 8 in flight, 2 slaves, 10-byte bodies; 0 errors", out)
+        self.assertIn("600/600", err)
+        self.assertEqual(self.scheduler.totals["completed"], 600)
+
+
+class TLSTests(CLITestCase):
+    def setUp(self):
+        import tempfile
+
+        from tests.certs import Authority
+
+        self.certs = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.certs, True)
+        self.trust = os.path.join(self.certs, "trust")
+        os.mkdir(self.trust)
+        self.ca = Authority(self.certs)
+        shutil.copy(self.ca.path, os.path.join(self.trust, "ca.pem"))
+        key, cert = self.ca.issue("localhost", server=True)
+        self.client_key, self.client_cert = self.ca.issue("worker-1", server=False)
+        self.options = {
+            "master": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            "slave": f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCerts={self.ca.path}",
+        }
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_worker_and_submit_over_tls_endpoint_strings(self):
+        slave = (f"tls:localhost:{self.port('slave')}:trustRoots={self.trust}:"
+                 f"certificate={self.client_cert}:privateKey={self.client_key}")
+        self.start("worker", "upper", "--slave", slave, "--", "tr", "a-z", "A-Z")
+        yield wait_until(lambda: self.scheduler.idle_slaves("upper") == 1, timeout=20)
+        master = f"tls:localhost:{self.port('master')}:trustRoots={self.trust}"
+        out, err, status = yield self.gloom("submit", "upper", '"secret"', "--master", master)
+        self.assertEqual((out, status), ('"SECRET"\n', 0), err)
+
+    @inlineCallbacks
+    def test_worker_reports_a_refused_handshake(self):
+        untrusted = self.ca.issue("localhost-elsewhere", server=True)[1]
+        shutil.copy(untrusted, os.path.join(self.trust, "ca.pem"))
+        slave = f"tls:localhost:{self.port('slave')}:trustRoots={self.trust}"
+        worker = self.start("worker", "upper", "--slave", slave, "--", "cat")
+        yield wait_until(lambda: b"certificate verify failed" in b"".join(worker.err), timeout=20)
+        self.assertIn(b"; reconnecting", b"".join(worker.err))

@@ -26,7 +26,9 @@ class MasterProtocol(GloomProtocol):
         super().__init__()
         self._unfinished: Dict[str, Deferred] = {}
 
-    def do_submit(self, message: dict) -> None:
+    def do_submit(self, message: wire.Message) -> None:
+        """Queue a job.  The frame its slave will get is built here, once,
+        and carried by the scheduler as the job's opaque payload."""
         job_id = wire.required_string(message, "id")
         job_type = wire.required_string(message, "type", job_id)
         priority = wire.optional_priority(message, job_id)
@@ -38,8 +40,10 @@ class MasterProtocol(GloomProtocol):
                 f"this master already has {self.factory.max_queued} unfinished jobs",
                 job_id,
             )
+        id_json = wire.encode_id(job_id)
+        job_frame = wire.job(id_json, wire.encode_id(job_type), body)
         try:
-            answer = self.factory.scheduler.submit(job_id, job_type, body, priority, timeout)
+            answer = self.factory.scheduler.submit(job_id, job_type, job_frame, priority, timeout)
         except DuplicateJobId:
             raise wire.MessageError(
                 wire.ID_EXISTS, f"a job with id {job_id!r} is already queued or running", job_id
@@ -47,10 +51,10 @@ class MasterProtocol(GloomProtocol):
         except ShuttingDown as e:
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         self._unfinished[job_id] = answer
-        self.sendString(wire.ack(job_id))
-        answer.addCallbacks(self._answered, self._failed, (job_id,), None, (job_id,))
+        self.sendString(wire.ack(id_json))
+        answer.addCallbacks(self._answered, self._failed, (job_id, id_json), None, (job_id,))
 
-    def do_cancel(self, message: dict) -> None:
+    def do_cancel(self, message: wire.Message) -> None:
         """Withdraw one of this master's jobs: queued, it leaves the queue;
         running, its answer will be dropped."""
         job_id = wire.required_string(message, "id")
@@ -60,14 +64,14 @@ class MasterProtocol(GloomProtocol):
                 wire.UNKNOWN_JOB, f"this master has no unfinished job {job_id!r}", job_id
             )
         answer.cancel()
-        self.sendString(wire.ack(job_id))
+        self.sendString(wire.ack(wire.encode_id(job_id)))
 
-    def do_stats(self, message: dict) -> None:
+    def do_stats(self, message: wire.Message) -> None:
         self.sendString(wire.stats(self.factory.stats()))
 
-    def _answered(self, body: bytes, job_id: str) -> None:
+    def _answered(self, body: bytes, job_id: str, id_json: bytes) -> None:
         del self._unfinished[job_id]
-        self.sendString(wire.answer(job_id, body))
+        self.sendString(wire.answer(id_json, body))
 
     def _failed(self, failure, job_id: str) -> None:
         del self._unfinished[job_id]

@@ -163,11 +163,17 @@ class GloomProtocol(FrameReceiver):
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._handlers = {action: getattr(cls, "do_" + action) for action in cls.actions}
+
     def stringReceived(self, frame: bytes) -> None:
         try:
             message = wire.decode(frame)
-            action = wire.action_of(message)
-            if action not in self.actions:
+            action = message.action
+            handler = self._handlers.get(action) if type(action) is str else None
+            if handler is None:
+                action = wire.action_of(message)
                 if action in self.other_actions:
                     raise wire.MessageError(
                         wire.WRONG_PORT,
@@ -175,7 +181,7 @@ class GloomProtocol(FrameReceiver):
                         f"not the {self.role} port",
                     )
                 raise wire.MessageError(wire.UNKNOWN_ACTION, f"unknown action {action!r}")
-            getattr(self, "do_" + action)(message)
+            handler(self, message)
         except wire.MessageError as e:
             self.log.info("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
                           code=e.code, reason=e.reason)

@@ -27,7 +27,7 @@ class SlaveProtocol(GloomProtocol):
         self.attempt = 0
         self._waiting: Optional[Deferred] = None
 
-    def do_join(self, message: dict) -> None:
+    def do_join(self, message: wire.Message) -> None:
         """Serve a type.  While a job is held the switch waits for its answer."""
         job_type = wire.required_string(message, "type")
         if self._waiting is not None and job_type == self.job_type:
@@ -40,12 +40,12 @@ class SlaveProtocol(GloomProtocol):
         if self.job is None:
             self._ask()
 
-    def do_respond(self, message: dict) -> None:
+    def do_respond(self, message: wire.Message) -> None:
         job = self._held_job("respond")
         body = wire.required_body(message, job.id)
         self._finish(self.factory.scheduler.complete, body)
 
-    def do_fail(self, message: dict) -> None:
+    def do_fail(self, message: wire.Message) -> None:
         job = self._held_job("fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
         self._finish(self.factory.scheduler.fail, reason)
@@ -80,7 +80,7 @@ class SlaveProtocol(GloomProtocol):
         self._waiting = None
         self.job = job
         self.attempt = job.attempt
-        self.sendString(wire.job(job.id, job.type, job.body))
+        self.sendString(job.body)
 
     def _stopped_waiting(self, failure) -> None:
         failure.trap(CancelledError)

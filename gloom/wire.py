@@ -9,6 +9,13 @@ refused when it arrives rather than when it is delivered.
 Numbers are carried exactly: integers too long for Python's safe
 string-to-int conversion and floats beyond the range of a double are kept as
 their original text (`RawNumber`) instead of being rounded or refused.
+
+Where msgspec is installed (CPython) a frame is first decoded by it, with the
+body kept as raw JSON text that is never turned into Python objects.  Any
+frame msgspec refuses, or that is not plain ASCII, goes through the standard
+library's decoder instead, which alone decides what is an error and says
+why; so both paths accept and refuse exactly the same frames.  PyPy, which
+has no msgspec, always uses the standard library.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from __future__ import annotations
 import json
 import math
 from typing import Any, Iterator, Optional
+
+try:
+    import msgspec
+except ImportError:  # PyPy: the standard library does all the work
+    msgspec = None
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 """Largest frame (in bytes, without its 4-byte prefix) a peer may send."""
@@ -114,8 +126,66 @@ _fast_dumps = json.JSONEncoder(
 ).encode
 
 
-def decode(frame: bytes) -> dict:
-    """Parse one frame into a JSON object, or raise `MessageError`."""
+MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason")
+
+if msgspec is not None:
+    MISSING = msgspec.UNSET
+
+    class Message(msgspec.Struct):
+        """A request's fields; ``MISSING`` where the request has none.  The
+        body is its encoded JSON (bytes-like), ready to be carried."""
+
+        action: Any = msgspec.UNSET
+        id: Any = msgspec.UNSET
+        type: Any = msgspec.UNSET
+        body: msgspec.Raw = msgspec.UNSET
+        priority: Any = msgspec.UNSET
+        timeout: Any = msgspec.UNSET
+        reason: Any = msgspec.UNSET
+
+    _fast_decode = msgspec.json.Decoder(Message).decode
+    _fast_encode = msgspec.json.encode
+else:
+
+    class _Missing:
+        def __repr__(self) -> str:
+            return "MISSING"
+
+    MISSING = _Missing()
+
+    class Message:
+        """A request's fields; ``MISSING`` where the request has none.  The
+        body is its encoded JSON (bytes), ready to be carried."""
+
+        __slots__ = MESSAGE_FIELDS
+
+        def __init__(self, **fields):
+            for name in MESSAGE_FIELDS:
+                setattr(self, name, fields.get(name, MISSING))
+
+    _fast_decode = None
+    _fast_encode = None
+
+
+def message(**fields) -> "Message":
+    """A Message from decoded field values (a body is encoded here)."""
+    if "body" in fields:
+        fields["body"] = encode_body(fields["body"], fields.get("id") if type(fields.get("id")) is str else None)
+    return Message(**{name: value for name, value in fields.items() if name in MESSAGE_FIELDS})
+
+
+def decode(frame: bytes) -> "Message":
+    """Parse one frame into a `Message`, or raise `MessageError`."""
+    if _fast_decode is not None and frame.isascii():
+        try:
+            return _fast_decode(frame)
+        except (msgspec.MsgspecError, RecursionError):
+            pass
+    return message(**_decode_object(frame))
+
+
+def _decode_object(frame: bytes) -> dict:
+    """The standard library's reading of a frame: a JSON object, or the reason why not."""
     try:
         text = frame.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -123,14 +193,14 @@ def decode(frame: bytes) -> dict:
             INVALID_JSON, f"frame is not valid UTF-8 (bad byte at offset {e.start})"
         ) from None
     try:
-        message = _loads(text)
+        decoded = _loads(text)
     except RecursionError:
         raise MessageError(INVALID_JSON, "frame nests too deeply") from None
     except ValueError as e:
         raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
-    if type(message) is not dict:
+    if type(decoded) is not dict:
         raise MessageError(INVALID_MESSAGE, "message must be a JSON object")
-    return message
+    return decoded
 
 
 def _slow_parts(value: Any) -> Iterator[str]:
@@ -159,6 +229,13 @@ def _slow_parts(value: Any) -> Iterator[str]:
         yield _fast_dumps(value)
 
 
+def encode_id(job_id: str) -> bytes:
+    """A job id (or type) as ASCII JSON, to be spliced into frames."""
+    if _fast_encode is not None and job_id.isascii():
+        return _fast_encode(job_id)
+    return _fast_dumps(job_id).encode("ascii")
+
+
 def encode_value(value: Any) -> bytes:
     """Encode a decoded JSON value back to compact ASCII JSON."""
     try:
@@ -180,41 +257,45 @@ def encode_body(value: Any, job_id: Optional[str] = None) -> bytes:
 # --- reading fields -------------------------------------------------------
 
 
-def action_of(message: dict) -> str:
+def action_of(message: "Message") -> str:
     """The message's "action", which must be a string."""
-    if "action" not in message:
+    action = message.action
+    if action is MISSING:
         raise MessageError(INVALID_MESSAGE, "missing field 'action'")
-    action = message["action"]
     if type(action) is not str:
         raise MessageError(INVALID_MESSAGE, "field 'action' must be a string")
     return action
 
 
 def required_string(
-    message: dict, field: str, job_id: Optional[str] = None, allow_empty: bool = False
+    message: "Message", field: str, job_id: Optional[str] = None, allow_empty: bool = False
 ) -> str:
     """A field that must be present and a string, non-empty unless allowed."""
-    if field not in message:
-        raise MessageError(INVALID_MESSAGE, f"missing field {field!r}", job_id)
-    value = message[field]
-    if type(value) is not str:
-        raise MessageError(INVALID_MESSAGE, f"field {field!r} must be a string", job_id)
-    if not value and not allow_empty:
-        raise MessageError(INVALID_MESSAGE, f"field {field!r} must not be empty", job_id)
+    value = getattr(message, field)
+    if type(value) is not str or not value:
+        if value is MISSING:
+            raise MessageError(INVALID_MESSAGE, f"missing field {field!r}", job_id)
+        if type(value) is not str:
+            raise MessageError(INVALID_MESSAGE, f"field {field!r} must be a string", job_id)
+        if not allow_empty:
+            raise MessageError(INVALID_MESSAGE, f"field {field!r} must not be empty", job_id)
     return value
 
 
-def required_body(message: dict, job_id: Optional[str] = None) -> bytes:
-    """The message's "body" (any JSON value, null included), encoded."""
-    if "body" not in message:
+def required_body(message: "Message", job_id: Optional[str] = None):
+    """The message's "body" (any JSON value, null included) as encoded JSON."""
+    body = message.body
+    if body is MISSING:
         raise MessageError(INVALID_MESSAGE, "missing field 'body'", job_id)
-    return encode_body(message["body"], job_id)
+    return body
 
 
-def optional_priority(message: dict, job_id: Optional[str] = None) -> int:
+def optional_priority(message: "Message", job_id: Optional[str] = None) -> int:
     """The message's "priority": a JSON integer (not a bool or float), default 0."""
-    priority = message.get("priority", 0)
+    priority = message.priority
     if type(priority) is not int:
+        if priority is MISSING:
+            return 0
         if type(priority) is RawNumber and priority.text.lstrip("-").isdigit():
             raise MessageError(
                 INVALID_MESSAGE, "field 'priority' is out of range", job_id
@@ -225,11 +306,11 @@ def optional_priority(message: dict, job_id: Optional[str] = None) -> int:
     return priority
 
 
-def optional_timeout(message: dict, job_id: Optional[str] = None) -> Optional[float]:
+def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Optional[float]:
     """The message's "timeout": seconds, a positive JSON number, or None if absent."""
-    if "timeout" not in message:
+    timeout = message.timeout
+    if timeout is MISSING:
         return None
-    timeout = message["timeout"]
     if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
         raise MessageError(
             INVALID_MESSAGE, "field 'timeout' must be a positive number of seconds", job_id
@@ -242,9 +323,9 @@ def optional_timeout(message: dict, job_id: Optional[str] = None) -> Optional[fl
 OK = b'{"ok":true}'
 
 
-def ack(job_id: str) -> bytes:
-    """Accepted a submit or a cancel."""
-    return b'{"ok":true,"id":' + encode_value(job_id) + b"}"
+def ack(id_json: bytes) -> bytes:
+    """Accepted a submit or a cancel (``id_json`` from `encode_id`)."""
+    return b'{"ok":true,"id":' + id_json + b"}"
 
 
 def stats(figures: dict) -> bytes:
@@ -252,22 +333,14 @@ def stats(figures: dict) -> bytes:
     return encode_value({"ok": True, "stats": figures})
 
 
-def job(job_id: str, job_type: str, body: bytes) -> bytes:
+def job(id_json: bytes, type_json: bytes, body) -> bytes:
     """Hand a job to a slave."""
-    return (
-        b'{"action":"job","id":'
-        + encode_value(job_id)
-        + b',"type":'
-        + encode_value(job_type)
-        + b',"body":'
-        + body
-        + b"}"
-    )
+    return b'{"action":"job","id":' + id_json + b',"type":' + type_json + b',"body":' + body + b"}"
 
 
-def answer(job_id: str, body: bytes) -> bytes:
+def answer(id_json: bytes, body) -> bytes:
     """Deliver a slave's answer to the master."""
-    return b'{"id":' + encode_value(job_id) + b',"body":' + body + b"}"
+    return b'{"id":' + id_json + b',"body":' + body + b"}"
 
 
 def error(code: str, reason: str, job_id: Optional[str] = None) -> bytes:

@@ -220,6 +220,17 @@ class Scheduler(Service):
 
     # --- slaves -----------------------------------------------------------
 
+    def take(self, job_type: str) -> Optional[Job]:
+        """The next queued job of this type for a slave, or None if none waits."""
+        queue = self._queues.get(job_type)
+        if not queue:
+            return None
+        job = queue.pop()
+        if not queue:
+            del self._queues[job_type]
+        self._start(job)
+        return job
+
     def next_job(self, job_type: str) -> Deferred:
         """A Deferred that fires with the next job of this type for a slave.
 
@@ -227,12 +238,8 @@ class Scheduler(Service):
         Deferred takes the slave out of the idle set.  The slave holds the
         job until it calls `complete`, `fail` or `release`.
         """
-        queue = self._queues.get(job_type)
-        if queue:
-            job = queue.pop()
-            if not queue:
-                del self._queues[job_type]
-            self._start(job)
+        job = self.take(job_type)
+        if job is not None:
             slave = Deferred()
             slave.callback(job)
             return slave

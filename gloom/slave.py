@@ -73,7 +73,13 @@ class SlaveProtocol(GloomProtocol):
         return self.job
 
     def _ask(self) -> None:
-        self._waiting = waiting = self.factory.scheduler.next_job(self.job_type)
+        """Take a queued job at once, or wait for one on a Deferred."""
+        scheduler = self.factory.scheduler
+        job = scheduler.take(self.job_type)
+        if job is not None:
+            self._assigned(job)
+            return
+        self._waiting = waiting = scheduler.next_job(self.job_type)
         waiting.addCallbacks(self._assigned, self._stopped_waiting)
 
     def _assigned(self, job: Job) -> None:

@@ -64,6 +64,15 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued("y"), 1)
         self.assertEqual(self.drain("y"), ["y1"])
 
+    def test_take_hands_over_a_queued_job_without_waiting(self):
+        self.assertIsNone(self.scheduler.take("t"))
+        self.scheduler.submit("a", "t", None, 1)
+        self.scheduler.submit("b", "t", None, 2)
+        job = self.scheduler.take("t")
+        self.assertEqual((job.id, job.state, job.attempt), ("b", RUNNING, 1))
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
+        self.assertEqual(self.scheduler.idle_slaves("t"), 0)
+
     def test_submit_reaches_a_waiting_slave_at_once(self):
         got = Outcome(self.scheduler.next_job("t"))
         self.assertFalse(got.fired)

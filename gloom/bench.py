@@ -1,6 +1,8 @@
 """``gloom bench``: drive a running daemon with masters that keep a window
 of jobs in flight and slaves that echo them, then report throughput and
-latency percentiles."""
+latency percentiles.  In drain mode one master first queues every job (at
+random priorities) with no slave present, then the slaves drain the queue:
+the cost of the priority queue at depth."""
 
 from __future__ import annotations
 
@@ -17,7 +19,21 @@ from gloom.client import TransportError
 from gloom.txclient import _Connection, client_endpoint, describe_failure
 
 
-class _EchoSlave(_Connection):
+try:
+    from msgspec.json import encode as _encode
+except ImportError:  # PyPy
+    _encode = None
+
+
+class _BenchConnection(_Connection):
+    """Sends its own plain frames with the fastest encoder at hand."""
+
+    if _encode is not None:
+        def send(self, message: dict) -> None:
+            self.sendString(_encode(message))
+
+
+class _EchoSlave(_BenchConnection):
     def connectionMade(self):
         super().connectionMade()
         self.send({"action": "join", "type": self.factory.bench.job_type})
@@ -29,7 +45,7 @@ class _EchoSlave(_Connection):
             self.factory.bench.errors.append(frame)
 
 
-class _LoadMaster(_Connection):
+class _LoadMaster(_BenchConnection):
     def connectionMade(self):
         super().connectionMade()
         self.bench = self.factory.bench
@@ -40,17 +56,24 @@ class _LoadMaster(_Connection):
 
     def fill(self):
         bench = self.bench
+        priority = random.Random(1).randrange if bench.drain else None
         while len(self.sent_at) < bench.window and bench.unsent > 0:
             bench.unsent -= 1
             self.sequence += 1
             job_id = f"{self.prefix}-{self.sequence}"
             self.sent_at[job_id] = time.perf_counter()
-            self.send({"action": "submit", "id": job_id, "type": bench.job_type, "body": bench.body})
+            message = {"action": "submit", "id": job_id, "type": bench.job_type, "body": bench.body}
+            if priority is not None:
+                message["priority"] = priority(-1000, 1000)
+            self.send(message)
 
     def frameReceived(self, frame):
         bench = self.bench
         job_id = frame.get("id")
         if frame.get("ok"):
+            bench.acks += 1
+            if bench.acks == bench.jobs and not bench.queued.called:
+                bench.queued.callback(None)
             return
         started = self.sent_at.pop(job_id, None)
         if "error" in frame:
@@ -75,8 +98,10 @@ def percentile(values: List[float], fraction: float) -> float:
 
 
 class BenchResult:
-    def __init__(self, jobs: int, seconds: float, latencies: List[float], errors: list, settings: dict):
+    def __init__(self, jobs: int, seconds: float, latencies: List[float], errors: list, settings: dict,
+                 queue_seconds: Optional[float] = None):
         self.jobs = jobs
+        self.queue_seconds = queue_seconds
         self.seconds = seconds
         self.latencies = sorted(latencies)
         self.errors = errors
@@ -92,16 +117,23 @@ class BenchResult:
         return {"jobs": self.jobs, "seconds": round(self.seconds, 3),
                 "jobs_per_s": round(self.jobs_per_second, 1), "p50_ms": ms(0.5), "p90_ms": ms(0.9),
                 "p99_ms": ms(0.99), "max_ms": round(lat[-1] * 1000, 3) if lat else None,
-                "errors": len(self.errors), **self.settings}
+                "errors": len(self.errors), **self.settings,
+                **({"queue_seconds": round(self.queue_seconds, 3),
+                    "queue_per_s": round(self.jobs / self.queue_seconds, 1)}
+                   if self.queue_seconds else {})}
 
     def table(self) -> str:
         f = self.figures()
         lines = [
-            f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s",
+            f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s"
+            + (" drained" if self.queue_seconds else ""),
             f"latency ms: p50 {f['p50_ms']}  p90 {f['p90_ms']}  p99 {f['p99_ms']}  max {f['max_ms']}",
             f"({f['masters']} masters x {f['window']} in flight, {f['slaves']} slaves, "
             f"{f['body_size']}-byte bodies; {f['errors']} errors)",
         ]
+        if self.queue_seconds:
+            lines.insert(1, f"queued first in {f['queue_seconds']} s: {f['queue_per_s']:,.0f} jobs/s")
+            lines[-1] = f"(1 master queued them all, then {f['slaves']} slaves drained them; {f['errors']} errors)"
         if self.errors:
             lines.append(f"first error: {json.dumps(self.errors[0])}")
         return "\n".join(lines)
@@ -111,13 +143,16 @@ class Bench:
     """One benchmark run against a daemon at ``master``/``slave`` addresses."""
 
     def __init__(self, reactor, master, slave, masters=4, slaves=8, window=64, body_size=64,
-                 jobs=20000, progress=None):
+                 jobs=20000, progress=None, drain=False):
         self.reactor = reactor
         self.master_endpoint = client_endpoint(reactor, master)
         self.slave_endpoint = client_endpoint(reactor, slave)
         self.addresses = (master, slave)
-        self.master_count, self.slave_count = masters, slaves
-        self.window, self.jobs = window, jobs
+        self.drain = drain
+        self.master_count, self.slave_count = (1 if drain else masters), slaves
+        self.window, self.jobs = (jobs if drain else window), jobs
+        self.acks = 0
+        self.queued = defer.Deferred()
         self.body = "x" * body_size
         self.settings = {"masters": masters, "slaves": slaves, "window": window, "body_size": body_size}
         self.job_type = f"gloom-bench-{random.randrange(1 << 40):x}"
@@ -149,31 +184,41 @@ class Bench:
         self.progress.flush()
 
     @defer.inlineCallbacks
+    def _connect_all(self, count, endpoint, protocol_class, address, connections):
+        for _ in range(count):
+            connections.append((yield self._connect(endpoint, protocol_class, address)))
+
+    @defer.inlineCallbacks
     def run(self):
         connections = []
+        queue_seconds = None
+        drawing: Optional[task.LoopingCall] = None
         try:
-            for _ in range(self.slave_count):
-                connections.append((yield self._connect(self.slave_endpoint, _EchoSlave, self.addresses[1])))
-            for _ in range(self.master_count):
-                connections.append((yield self._connect(self.master_endpoint, _LoadMaster,
-                                                        self.addresses[0])))
+            if not self.drain:
+                yield self._connect_all(self.slave_count, self.slave_endpoint, _EchoSlave,
+                                        self.addresses[1], connections)
+            yield self._connect_all(self.master_count, self.master_endpoint, _LoadMaster,
+                                    self.addresses[0], connections)
             yield task.deferLater(self.reactor, 0.05, lambda: None)
             started = time.perf_counter()
-            drawing: Optional[task.LoopingCall] = None
             if self.progress is not None:
                 drawing = task.LoopingCall(self._draw, started)
                 drawing.start(0.2)
             for master in self.masters:
                 master.fill()
-            try:
-                yield self.finished
-            finally:
-                if drawing is not None:
-                    drawing.stop()
-                    self._draw(started)
-                    self.progress.write("\n")
+            if self.drain:
+                yield self.queued
+                queue_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                yield self._connect_all(self.slave_count, self.slave_endpoint, _EchoSlave,
+                                        self.addresses[1], connections)
+            yield self.finished
             seconds = time.perf_counter() - started
         finally:
+            if drawing is not None:
+                drawing.stop()
+                self._draw(started)
+                self.progress.write("\n")
             for connection in connections:
                 connection.transport.loseConnection()
-        return BenchResult(self.done, seconds, self.latencies, self.errors, self.settings)
+        return BenchResult(self.done, seconds, self.latencies, self.errors, self.settings, queue_seconds)

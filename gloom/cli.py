@@ -50,6 +50,7 @@ standard error. SIGTERM lets the jobs in hand finish before exiting.
     "bench": """examples:
   gloom bench                                  4 masters x 64 in flight, 8 slaves
   gloom bench --jobs 100000 --body-size 1024 --slaves 16
+  gloom bench --drain --jobs 100000            queue them all, then drain
 """,
 }
 
@@ -116,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--window", type=int, default=64, help="jobs in flight per master (default 64)")
     bench.add_argument("--body-size", type=int, default=64, help="bytes of body per job (default 64)")
     bench.add_argument("--jobs", type=int, default=20000, help="jobs in all (default 20000)")
+    bench.add_argument("--drain", action="store_true",
+                       help="queue every job first (random priorities), then let the slaves drain them")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="show a progress bar (default: when standard error is a terminal)")
     master_option(bench)
@@ -381,9 +385,9 @@ def _bench(reactor, args):
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     bench = Bench(reactor, args.master, args.slave, masters=args.masters, slaves=args.slaves,
                   window=args.window, body_size=args.body_size, jobs=args.jobs,
-                  progress=sys.stderr if progress else None)
+                  progress=sys.stderr if progress else None, drain=args.drain)
     result = yield bench.run()
-    print(result.table())
+    print(json.dumps(result.figures()) if args.json else result.table())
     return 0 if not result.errors else EXIT_FAILED
 
 

@@ -26,6 +26,24 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
+try:
+    from msgspec import MsgspecError
+    from msgspec.json import decode as _fast_loads
+except ImportError:  # PyPy
+    _fast_loads = None
+
+
+def loads(data: bytes) -> Any:
+    """Decode JSON, with msgspec where it is installed (it refuses a few
+    numbers the standard library reads, such as 1e400; those fall back)."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(data)
+        except MsgspecError:
+            pass
+    return json.loads(data)
+
+
 Address = Tuple[str, int]
 TLS = Union[None, bool, ssl.SSLContext]
 
@@ -131,7 +149,7 @@ class _Connection:
                     data = bytes(self.buffer[4:4 + length])
                     del self.buffer[:4 + length]
                     try:
-                        frame = json.loads(data)
+                        frame = loads(data)
                     except ValueError as e:
                         raise ProtocolError(f"{self.name} sent invalid JSON: {e}") from None
                     if not isinstance(frame, dict):

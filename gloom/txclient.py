@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gloom import wire
-from gloom.client import Job, ProtocolError, ServerError, TransportError
+from gloom.client import Job, ProtocolError, ServerError, TransportError, loads
 from gloom.protocol import FrameReceiver, tune_connection
 
 _ENDPOINT_STRING = re.compile(r"^[a-zA-Z0-9]+:.*=|^(tcp|tcp6|tls|ssl|unix):")
@@ -78,7 +78,7 @@ class _Connection(FrameReceiver):
 
     def stringReceived(self, data: bytes) -> None:
         try:
-            frame = json.loads(data)
+            frame = loads(data)
         except ValueError:
             self.log.error("The daemon sent a frame that is not JSON; closing the connection")
             self.transport.abortConnection()

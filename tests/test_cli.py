@@ -257,3 +257,16 @@ class TLSTests(CLITestCase):
         worker = self.start("worker", "upper", "--slave", slave, "--", "cat")
         yield wait_until(lambda: b"certificate verify failed" in b"".join(worker.err), timeout=20)
         self.assertIn(b"; reconnecting", b"".join(worker.err))
+
+
+class BenchDrainTests(CLITestCase):
+    @inlineCallbacks
+    def test_drain_mode_as_json(self):
+        out, err, status = yield self.gloom("bench", "--drain", "--jobs", "400", "--slaves", "3", "--json",
+                                            *self.master_arg(), *self.slave_arg())
+        self.assertEqual(status, 0, err)
+        figures = json.loads(out)
+        self.assertEqual((figures["jobs"], figures["errors"], figures["slaves"]), (400, 0, 3))
+        self.assertGreater(figures["queue_per_s"], 0)
+        self.assertGreater(figures["jobs_per_s"], 0)
+        self.assertEqual(self.scheduler.totals["completed"], 400)

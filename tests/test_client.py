@@ -248,6 +248,12 @@ class FramingTests(SynchronousTestCase):
         with Master(server.address) as master:
             self.assertRaises(TransportError, master.submit, "x", "t", None)
 
+    def test_numbers_any_decoder_refuses_still_arrive(self):
+        from gloom.client import loads
+
+        self.assertEqual(loads(b'{"big": 1e400, "n": ' + b"9" * 50 + b"}"), {"big": float("inf"), "n": 10**50 - 1})
+        self.assertRaises(ValueError, loads, b"{nope")
+
     def test_job_properties(self):
         job = Job(id="1", type="t", body=[1])
         self.assertEqual((job.id, job.type, job.body, job.error), ("1", "t", [1], None))

@@ -4,8 +4,8 @@ the factory that tracks connections so the daemon can close them on stop."""
 from __future__ import annotations
 
 import socket
-from struct import unpack_from
-from typing import Set
+from struct import Struct, unpack_from
+from typing import List, Optional, Set
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
@@ -47,6 +47,9 @@ def tune_connection(transport) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     except (AttributeError, OSError):
         pass
+
+
+_HEADER = Struct("!I")
 
 
 def address_name(address) -> str:
@@ -115,7 +118,30 @@ class GloomProtocol(FrameReceiver):
     def __init__(self) -> None:
         super().__init__()
         self._abort_call = None
+        self._replies: Optional[List[bytes]] = None
         self.closed: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Frames this connection's own requests produce while its data is
+        handled (acks for a run of submits; a slave's ok and its next job)
+        go out in one write at the end, instead of one write each."""
+        if self._replies is not None:
+            return super().dataReceived(data)
+        self._replies = replies = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._replies = None
+            if replies:
+                self.transport.writeSequence(replies)
+
+    def sendString(self, frame: bytes) -> None:
+        replies = self._replies
+        if replies is None:
+            self.transport.write(_HEADER.pack(len(frame)) + frame)
+        else:
+            replies.append(_HEADER.pack(len(frame)))
+            replies.append(frame)
 
     # --- connection -------------------------------------------------------
 
@@ -160,6 +186,9 @@ class GloomProtocol(FrameReceiver):
         """Close once pending frames are written.  The protocol stops being
         the transport's producer first: a TLS transport would otherwise wait
         for it before closing."""
+        if self._replies:
+            self.transport.writeSequence(self._replies)
+            self._replies.clear()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 

@@ -60,7 +60,8 @@ class Daemon:
         self.master, self.slave = free_port(), free_port()
         command = [os.path.join(venv, "bin", "twistd"), "--pidfile=", "-n", "gloom",
                    "--master", f"tcp:{self.master}:interface=127.0.0.1",
-                   "--slave", f"tcp:{self.slave}:interface=127.0.0.1"]
+                   "--slave", f"tcp:{self.slave}:interface=127.0.0.1",
+                   "--max-queued", "2000000"]  # one master queues a million jobs
         self.process = subprocess.Popen(pinned(command, 0), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.time() + 30

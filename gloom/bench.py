@@ -50,6 +50,7 @@ class _LoadMaster(_BenchConnection):
         super().connectionMade()
         self.bench = self.factory.bench
         self.sent_at = {}
+        self.acked = set()
         self.sequence = 0
         self.prefix = f"bench-{random.randrange(1 << 40):x}-{len(self.bench.masters)}"
         self.bench.masters.append(self)
@@ -71,11 +72,18 @@ class _LoadMaster(_BenchConnection):
         bench = self.bench
         job_id = frame.get("id")
         if frame.get("ok"):
+            self.acked.add(job_id)
             bench.acks += 1
             if bench.acks == bench.jobs and not bench.queued.called:
                 bench.queued.callback(None)
             return
         started = self.sent_at.pop(job_id, None)
+        if job_id in self.acked:
+            self.acked.discard(job_id)
+        elif "error" in frame:
+            bench.acks += 1  # a refused submit is settled too: it will not be drained
+            if bench.acks == bench.jobs and not bench.queued.called:
+                bench.queued.callback(None)
         if "error" in frame:
             bench.errors.append(frame)
         elif started is not None:

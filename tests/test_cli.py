@@ -270,3 +270,14 @@ class BenchDrainTests(CLITestCase):
         self.assertGreater(figures["queue_per_s"], 0)
         self.assertGreater(figures["jobs_per_s"], 0)
         self.assertEqual(self.scheduler.totals["completed"], 400)
+
+
+class BenchRefusedTests(CLITestCase):
+    options = {"max-queued": 50}
+
+    @inlineCallbacks
+    def test_drain_beyond_the_queue_limit_reports_the_refusals(self):
+        out, err, status = yield self.gloom("bench", "--drain", "--jobs", "80", "--slaves", "2", "--json",
+                                            *self.master_arg(), *self.slave_arg())
+        figures = json.loads(out)
+        self.assertEqual((status, figures["jobs"], figures["errors"]), (1, 80, 30))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -25,12 +26,15 @@ class MasterProtocol(GloomProtocol):
     def __init__(self) -> None:
         super().__init__()
         self._unfinished: Dict[str, Deferred] = {}
+        # One bound method each, shared by every job's callbacks.
+        self._on_answer = self._answered
+        self._on_failure = self._failed
 
     def do_submit(self, message: wire.Message) -> None:
         """Queue a job.  The frame its slave will get is built here, once,
         and carried by the scheduler as the job's opaque payload."""
         job_id = wire.required_string(message, "id")
-        job_type = wire.required_string(message, "type", job_id)
+        job_type = sys.intern(wire.required_string(message, "type", job_id))
         priority = wire.optional_priority(message, job_id)
         timeout = wire.optional_timeout(message, job_id)
         body = wire.required_body(message, job_id)
@@ -52,7 +56,8 @@ class MasterProtocol(GloomProtocol):
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         self._unfinished[job_id] = answer
         self.sendString(wire.ack(id_json))
-        answer.addCallbacks(self._answered, self._failed, (job_id, id_json), None, (job_id,))
+        arguments = (job_id,)
+        answer.addCallbacks(self._on_answer, self._on_failure, arguments, None, arguments)
 
     def do_cancel(self, message: wire.Message) -> None:
         """Withdraw one of this master's jobs: queued, it leaves the queue;
@@ -69,9 +74,9 @@ class MasterProtocol(GloomProtocol):
     def do_stats(self, message: wire.Message) -> None:
         self.sendString(wire.stats(self.factory.stats()))
 
-    def _answered(self, body: bytes, job_id: str, id_json: bytes) -> None:
+    def _answered(self, body: bytes, job_id: str) -> None:
         del self._unfinished[job_id]
-        self.sendString(wire.answer(id_json, body))
+        self.sendString(wire.answer(wire.encode_id(job_id), body))
 
     def _failed(self, failure, job_id: str) -> None:
         del self._unfinished[job_id]

@@ -60,10 +60,13 @@ class Job:
 
     ``attempt`` counts the times the job was handed to a slave; a slave
     answers for the attempt it was given, so an answer to an attempt that
-    was given up is recognised as late.
+    was given up is recognised as late.  The job is its own Deferred's
+    canceller (cancelling the Deferred withdraws the job), which spares a
+    closure per queued job.
     """
 
     __slots__ = (
+        "scheduler",
         "id",
         "type",
         "body",
@@ -78,8 +81,9 @@ class Job:
         "deferred",
     )
 
-    def __init__(self, job_id: str, job_type: str, body: Any, priority: int,
+    def __init__(self, scheduler: "Scheduler", job_id: str, job_type: str, body: Any, priority: int,
                  sequence: int, timeout: Optional[float], submitted_at: float):
+        self.scheduler = scheduler
         self.id = job_id
         self.type = job_type
         self.body = body
@@ -96,26 +100,36 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
 
+    def __call__(self, deferred: Deferred) -> None:
+        """Cancel: the master went away or withdrew the job."""
+        self.scheduler._withdraw(self)
+
+
+# Sequence numbers stay below this, so one integer orders by priority, then age.
+_SEQUENCE_SPAN = 2**64
+
 
 class _JobQueue:
-    """A max-priority, oldest-first heap of one type's queued jobs."""
+    """A max-priority, oldest-first heap of one type's queued jobs, keyed by
+    one integer (higher priority first, then lower sequence): smaller
+    entries and cheaper comparisons than (priority, sequence) tuples."""
 
     __slots__ = ("heap", "dead")
 
     def __init__(self) -> None:
-        self.heap: List[Tuple[int, int, Job]] = []
+        self.heap: List[Tuple[int, Job]] = []
         self.dead = 0
 
     def __len__(self) -> int:
         return len(self.heap) - self.dead
 
     def push(self, job: Job) -> None:
-        heapq.heappush(self.heap, (-job.priority, job.sequence, job))
+        heapq.heappush(self.heap, (job.sequence - job.priority * _SEQUENCE_SPAN, job))
 
     def pop(self) -> Optional[Job]:
         heap = self.heap
         while heap:
-            job = heapq.heappop(heap)[2]
+            job = heapq.heappop(heap)[1]
             if job.state is QUEUED:
                 return job
             self.dead -= 1
@@ -125,7 +139,7 @@ class _JobQueue:
         """Note that one queued job left; compact once most entries are dead."""
         self.dead += 1
         if self.dead >= _COMPACT_MINIMUM and self.dead * 2 > len(self.heap):
-            self.heap = [entry for entry in self.heap if entry[2].state is QUEUED]
+            self.heap = [entry for entry in self.heap if entry[1].state is QUEUED]
             heapq.heapify(self.heap)
             self.dead = 0
 
@@ -176,9 +190,9 @@ class Scheduler(Service):
             raise DuplicateJobId(job_id)
         if timeout is None:
             timeout = self.default_timeout
-        job = Job(job_id, job_type, body, priority, next(self._sequence), timeout,
+        job = Job(self, job_id, job_type, body, priority, next(self._sequence), timeout,
                   self.clock.seconds())
-        job.deferred = Deferred(lambda d: self._withdraw(job))
+        job.deferred = Deferred(job)
         self._jobs[job_id] = job
         self.totals["submitted"] += 1
         self._dispatch(job)

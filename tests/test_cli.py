@@ -99,7 +99,7 @@ class SubmitTests(CLITestCase):
         running = self.start("submit", "nobody", "7", "--priority", "9", "--timeout", "30", *self.master_arg())
         yield wait_until(lambda: len(self.scheduler) == 1)
         (queued,) = self.scheduler._queues["nobody"].heap
-        self.assertEqual((queued[2].priority, queued[2].timeout), (9, 30.0))
+        self.assertEqual((queued[1].priority, queued[1].timeout), (9, 30.0))
         running.transport.signalProcess("KILL")
 
     @inlineCallbacks

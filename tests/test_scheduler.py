@@ -53,9 +53,10 @@ class QueueOrderTests(SynchronousTestCase):
             ids.append(job.id)
 
     def test_higher_priority_first_then_oldest(self):
-        for job_id, priority in [("a", 0), ("b", 5), ("c", 0), ("d", -3), ("e", 5), ("f", 10**20)]:
+        for job_id, priority in [("a", 0), ("b", 5), ("c", 0), ("d", -3), ("e", 5), ("f", 10**20),
+                                 ("g", -10**30), ("h", -1)]:
             self.scheduler.submit(job_id, "t", None, priority)
-        self.assertEqual(self.drain("t"), ["f", "b", "e", "a", "c", "d"])
+        self.assertEqual(self.drain("t"), ["f", "b", "e", "a", "c", "h", "d", "g"])
 
     def test_types_are_separate(self):
         self.scheduler.submit("x1", "x", None)

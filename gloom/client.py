@@ -186,8 +186,6 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 
 
 class _Client:
-    default_port = 0
-
     def __init__(self, addr: Address, *, tls: TLS = None, server_hostname: Optional[str] = None,
                  connect_timeout: Optional[float] = 10.0):
         self._connection = _Connection(addr, tls, server_hostname, connect_timeout)

@@ -156,6 +156,17 @@ class FieldTests(SynchronousTestCase):
         self.assertIn("must be an integer", self.refused(wire.optional_priority, beyond_double).reason)
 
 
+class DocumentationTests(SynchronousTestCase):
+    def test_readme_lists_every_error_code(self):
+        import os
+        import re
+
+        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+        with open(readme) as f:
+            table = f.read().split("code                   when", 1)[1].split("\n\n", 1)[0]
+        self.assertEqual(sorted(re.findall(r"^``([a-z_]+)``", table, re.MULTILINE)), sorted(wire.ERROR_CODES))
+
+
 class FrameTests(SynchronousTestCase):
     def test_ack(self):
         self.assertEqual(json.loads(wire.ack(wire.encode_id("j\u00e9"))), {"ok": True, "id": "j\u00e9"})

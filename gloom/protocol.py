@@ -127,13 +127,17 @@ class GloomProtocol(FrameReceiver):
         go out in one write at the end, instead of one write each."""
         if self._replies is not None:
             return super().dataReceived(data)
-        self._replies = replies = []
+        self._replies = []
         try:
             super().dataReceived(data)
         finally:
+            self._write_replies()
             self._replies = None
-            if replies:
-                self.transport.writeSequence(replies)
+
+    def _write_replies(self) -> None:
+        if self._replies:
+            self.transport.writeSequence(self._replies)
+            self._replies.clear()
 
     def sendString(self, frame: bytes) -> None:
         replies = self._replies
@@ -186,9 +190,7 @@ class GloomProtocol(FrameReceiver):
         """Close once pending frames are written.  The protocol stops being
         the transport's producer first: a TLS transport would otherwise wait
         for it before closing."""
-        if self._replies:
-            self.transport.writeSequence(self._replies)
-            self._replies.clear()
+        self._write_replies()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 

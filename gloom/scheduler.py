@@ -144,6 +144,13 @@ class _JobQueue:
             self.dead = 0
 
 
+def _decrement(counter: Counter, key: str) -> None:
+    """Count one down, forgetting the key at zero so old types do not pile up."""
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
+
+
 class Scheduler(Service):
     """Queues jobs per type by priority and hands them to idle slaves.
 
@@ -310,9 +317,7 @@ class Scheduler(Service):
     def _slave_done(self, job: Job, attempt: int) -> bool:
         """A slave stopped holding a job.  Raises `AttemptGivenUp` if its
         attempt timed out; False if the job ended with the scheduler."""
-        self._busy[job.type] -= 1
-        if not self._busy[job.type]:
-            del self._busy[job.type]
+        _decrement(self._busy, job.type)
         if attempt != job.attempt:
             raise AttemptGivenUp(job.id)
         return job.state is RUNNING
@@ -320,9 +325,7 @@ class Scheduler(Service):
     def _end_attempt(self, job: Job) -> None:
         if job.state is not RUNNING:
             return
-        self._running[job.type] -= 1
-        if not self._running[job.type]:
-            del self._running[job.type]
+        _decrement(self._running, job.type)
         if job.timer is not None:
             if job.timer.active():
                 job.timer.cancel()

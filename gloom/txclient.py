@@ -248,8 +248,6 @@ class MasterClient:
 class _SlaveConnection(_Connection):
     """Joins the worker's type, runs each job through the handler, answers."""
 
-    log = Logger()
-
     def connectionMade(self) -> None:
         super().connectionMade()
         self.slot = self.factory.slot

@@ -157,9 +157,15 @@ class WorkerTests(CLITestCase):
 
     @inlineCallbacks
     def test_sigterm_finishes_the_job_in_hand(self):
-        worker = yield self.worker("slow", "sh", "-c", "sleep 0.5; cat")
+        import tempfile
+
+        started = os.path.join(tempfile.mkdtemp(), "started")
+        self.addCleanup(shutil.rmtree, os.path.dirname(started), True)
+        worker = yield self.worker("slow", "sh", "-c", f"touch {started}; sleep 0.5; cat")
         answer = self.gloom("submit", "slow", '{"a": 1}', *self.master_arg())
-        yield wait_until(lambda: self.scheduler.types()["slow"]["running"] == 1)
+        # Only once its command runs does the worker hold the job: a SIGTERM
+        # before that rightly leaves the job to the daemon to queue again.
+        yield wait_until(lambda: os.path.exists(started))
         worker.transport.signalProcess("TERM")
         out, err, status = yield answer
         self.assertEqual((json.loads(out), status), ({"a": 1}, 0), err)

@@ -2,23 +2,27 @@
 
 The scheduler knows jobs, types, priorities, retries and timeouts; it knows
 nothing about sockets or JSON (a job's body is an opaque value it carries).
-A submitted job is a Deferred that fires with the answer body, or fails with
-`JobFailed` or `ShuttingDown`.  An idle slave is a Deferred waiting for a
-`Job`.  Cancelling either Deferred is how its owner goes away.
+An idle slave is a Deferred waiting for a `Job`; cancelling it takes the
+slave out of the idle set.  A submitted job reports its end to its owner (a
+`JobOwner`: the master's connection) with one method call, and the owner
+withdraws it with `Scheduler.cancel`.  A queued job costs a few hundred
+bytes, which is why it carries no Deferred and callback chain of its own.
 
-Every operation is O(log n) in queued jobs and O(1) in idle slaves: each
-type has its own heap, cancelled queued jobs are deleted lazily (the heap is
-compacted once they are the majority), idle slaves wait in an
-insertion-ordered dict per type, and every count the stats report is kept
-up to date rather than counted on demand.
+No operation grows with the number of queued jobs beyond O(log p), p being
+the number of distinct priorities queued for the type: each type keeps a
+first-in, first-out queue per priority and a heap of those priorities;
+cancelled queued jobs are deleted lazily (the queues are compacted once they
+are the majority); idle slaves wait in an insertion-ordered dict per type;
+and every count the stats report is kept up to date rather than counted on
+demand.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter, OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import Counter, OrderedDict, deque
+from typing import Any, Callable, Dict, List, Optional, Protocol, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -60,13 +64,12 @@ class Job:
 
     ``attempt`` counts the times the job was handed to a slave; a slave
     answers for the attempt it was given, so an answer to an attempt that
-    was given up is recognised as late.  The job is its own Deferred's
-    canceller (cancelling the Deferred withdraws the job), which spares a
-    closure per queued job.
+    was given up is recognised as late.  ``owner`` is told how the job
+    ended; it is None once the job ended or was withdrawn.
     """
 
     __slots__ = (
-        "scheduler",
+        "owner",
         "id",
         "type",
         "body",
@@ -78,12 +81,11 @@ class Job:
         "attempt",
         "state",
         "timer",
-        "deferred",
     )
 
-    def __init__(self, scheduler: "Scheduler", job_id: str, job_type: str, body: Any, priority: int,
-                 sequence: int, timeout: Optional[float], submitted_at: float):
-        self.scheduler = scheduler
+    def __init__(self, owner: Optional["JobOwner"], job_id: str, job_type: str, body: Any,
+                 priority: int, sequence: int, timeout: Optional[float], submitted_at: float):
+        self.owner = owner
         self.id = job_id
         self.type = job_type
         self.body = body
@@ -95,41 +97,78 @@ class Job:
         self.attempt = 0
         self.state = QUEUED
         self.timer = None
-        self.deferred: Optional[Deferred] = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
 
-    def __call__(self, deferred: Deferred) -> None:
-        """Cancel: the master went away or withdrew the job."""
-        self.scheduler._withdraw(self)
 
+class JobOwner(Protocol):
+    """Who submitted a job and hears how it ended: exactly one of these is
+    called, once, unless the owner withdrew the job first.  They must not
+    raise: they run inside the slave's report or the scheduler's timer."""
 
-# Sequence numbers stay below this, so one integer orders by priority, then age.
-_SEQUENCE_SPAN = 2**64
+    def job_answered(self, job: Job, body: Any) -> None:
+        """A slave answered the job with ``body``."""
+
+    def job_failed(self, job: Job, error: Exception) -> None:
+        """The job ended without an answer: `JobFailed` or `ShuttingDown`."""
 
 
 class _JobQueue:
-    """A max-priority, oldest-first heap of one type's queued jobs, keyed by
-    one integer (higher priority first, then lower sequence): smaller
-    entries and cheaper comparisons than (priority, sequence) tuples."""
+    """One type's queued jobs: higher priority first, then oldest first.
 
-    __slots__ = ("heap", "dead")
+    Each priority in use has its own queue in submission order (a lone job
+    is kept as itself, a deque once there are more), and a heap holds the
+    negated priorities in use.  A job costs one deque slot in the common
+    case of few priorities, and taking one is O(1) until its priority's
+    queue runs dry.  Withdrawn jobs stay as dead entries until taken, or
+    until they are the majority and the queue is compacted.
+    """
+
+    __slots__ = ("levels", "keys", "entries", "dead")
 
     def __init__(self) -> None:
-        self.heap: List[Tuple[int, Job]] = []
+        self.levels: Dict[int, Union[Job, deque]] = {}
+        self.keys: List[int] = []
+        self.entries = 0
         self.dead = 0
 
     def __len__(self) -> int:
-        return len(self.heap) - self.dead
+        return self.entries - self.dead
 
     def push(self, job: Job) -> None:
-        heapq.heappush(self.heap, (job.sequence - job.priority * _SEQUENCE_SPAN, job))
+        """Queue a job behind the older jobs of its priority.  A job coming
+        back after a lost attempt is older than most and goes ahead of
+        the jobs submitted after it."""
+        self.entries += 1
+        key = -job.priority
+        level = self.levels.get(key)
+        if level is None:
+            self.levels[key] = job
+            heapq.heappush(self.keys, key)
+        elif type(level) is deque:
+            if level[-1].sequence < job.sequence:
+                level.append(job)
+            else:
+                level.insert(_position(level, job.sequence), job)
+        else:
+            self.levels[key] = deque((level, job) if level.sequence < job.sequence else (job, level))
 
     def pop(self) -> Optional[Job]:
-        heap = self.heap
-        while heap:
-            job = heapq.heappop(heap)[1]
+        levels, keys = self.levels, self.keys
+        while keys:
+            key = keys[0]
+            level = levels[key]
+            if type(level) is deque:
+                job = level.popleft()
+                if not level:
+                    del levels[key]
+                    heapq.heappop(keys)
+            else:
+                job = level
+                del levels[key]
+                heapq.heappop(keys)
+            self.entries -= 1
             if job.state is QUEUED:
                 return job
             self.dead -= 1
@@ -138,10 +177,32 @@ class _JobQueue:
     def discard(self) -> None:
         """Note that one queued job left; compact once most entries are dead."""
         self.dead += 1
-        if self.dead >= _COMPACT_MINIMUM and self.dead * 2 > len(self.heap):
-            self.heap = [entry for entry in self.heap if entry[1].state is QUEUED]
-            heapq.heapify(self.heap)
-            self.dead = 0
+        if self.dead >= _COMPACT_MINIMUM and self.dead * 2 > self.entries:
+            self._compact()
+
+    def _compact(self) -> None:
+        levels: Dict[int, Union[Job, deque]] = {}
+        for key, level in self.levels.items():
+            live = [job for job in (level if type(level) is deque else (level,))
+                    if job.state is QUEUED]
+            if live:
+                levels[key] = live[0] if len(live) == 1 else deque(live)
+        self.levels = levels
+        self.keys = list(levels)
+        heapq.heapify(self.keys)
+        self.entries -= self.dead
+        self.dead = 0
+
+
+def _position(level: deque, sequence: int) -> int:
+    """Where a job of this sequence number goes in an age-ordered deque;
+    counted from the front, where the old jobs that come back land."""
+    position = 0
+    for job in level:
+        if job.sequence > sequence:
+            break
+        position += 1
+    return position
 
 
 def _decrement(counter: Counter, key: str) -> None:
@@ -182,14 +243,13 @@ class Scheduler(Service):
 
     # --- masters ----------------------------------------------------------
 
-    def submit(self, job_id: str, job_type: str, body: Any, priority: int = 0,
-               timeout: Optional[float] = None) -> Deferred:
-        """Queue a job; the Deferred fires with its answer body.
+    def submit(self, owner: JobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
+               timeout: Optional[float] = None) -> Job:
+        """Queue a job, or hand it to an idle slave at once; ``owner`` will
+        hear how it ends.
 
         Raises `DuplicateJobId` when the id is queued or running, and
-        `ShuttingDown` once the scheduler is stopping.  Cancelling the
-        Deferred withdraws a queued job; a running job then finishes (or
-        times out) and its answer is dropped.
+        `ShuttingDown` once the scheduler is stopping.
         """
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
@@ -197,13 +257,25 @@ class Scheduler(Service):
             raise DuplicateJobId(job_id)
         if timeout is None:
             timeout = self.default_timeout
-        job = Job(self, job_id, job_type, body, priority, next(self._sequence), timeout,
+        job = Job(owner, job_id, job_type, body, priority, next(self._sequence), timeout,
                   self.clock.seconds())
-        job.deferred = Deferred(job)
         self._jobs[job_id] = job
         self.totals["submitted"] += 1
         self._dispatch(job)
-        return job.deferred
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The owner withdraws the job (or went away): a queued job leaves
+        the queue at once; a running one finishes or times out, and how it
+        ended is dropped.  The owner hears nothing more about it."""
+        job.owner = None
+        if job.state is QUEUED:
+            self._end(job)
+            self.totals["cancelled"] += 1
+            queue = self._queues[job.type]
+            queue.discard()
+            if not queue:
+                del self._queues[job.type]
 
     def _dispatch(self, job: Job) -> None:
         waiters = self._idle.get(job.type)
@@ -228,16 +300,6 @@ class Scheduler(Service):
         self._busy[job.type] += 1
         if job.timeout is not None:
             job.timer = self.clock.callLater(job.timeout, self._timed_out, job)
-
-    def _withdraw(self, job: Job) -> None:
-        """The master went away: drop a queued job, let a running one finish."""
-        if job.state is QUEUED:
-            self._end(job)
-            self.totals["cancelled"] += 1
-            queue = self._queues[job.type]
-            queue.discard()
-            if not queue:
-                del self._queues[job.type]
 
     # --- slaves -----------------------------------------------------------
 
@@ -285,14 +347,14 @@ class Scheduler(Service):
         if not self._slave_done(job, attempt):
             return
         self._end_attempt(job)
-        self._end(job)
-        if job.deferred.called:
+        owner = self._end(job)
+        if owner is None:
             self.totals["cancelled"] += 1
             return
         self.totals["completed"] += 1
         if self.on_answer is not None:
             self.on_answer(job.type, self.clock.seconds() - job.submitted_at)
-        job.deferred.callback(body)
+        owner.job_answered(job, body)
 
     def fail(self, job: Job, attempt: int, reason: str) -> None:
         """The slave ran the job and it failed: tell the master, no retry.
@@ -342,7 +404,7 @@ class Scheduler(Service):
 
     def _retry(self, job: Job, why: str) -> None:
         """An attempt was lost: queue the job again, or fail it for good."""
-        if job.deferred.called:
+        if job.owner is None:
             self._end(job)
             self.totals["cancelled"] += 1
             return
@@ -354,18 +416,21 @@ class Scheduler(Service):
         self._dispatch(job)
 
     def _give_up(self, job: Job, reason: str) -> None:
-        self._end(job)
-        if job.deferred.called:
+        owner = self._end(job)
+        if owner is None:
             self.totals["cancelled"] += 1
             return
         self.totals["failed"] += 1
         self.log.warn("Job {id!r} ({type}) failed: {reason}", id=job.id, type=job.type, reason=reason)
-        job.deferred.errback(JobFailed(reason))
+        owner.job_failed(job, JobFailed(reason))
 
-    def _end(self, job: Job) -> None:
+    def _end(self, job: Job) -> Optional[JobOwner]:
+        """The job is over: forget it, and return the owner still to be told."""
         job.state = ENDED
+        owner, job.owner = job.owner, None
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
+        return owner
 
     # --- inspection and lifecycle -------------------------------------------
 
@@ -377,6 +442,14 @@ class Scheduler(Service):
     def idle_slaves(self, job_type: str) -> int:
         """How many slaves of this type wait for a job."""
         return len(self._idle.get(job_type, ()))
+
+    def job(self, job_id: str) -> Optional[Job]:
+        """The queued or running job with this id, if any."""
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> List[str]:
+        """The ids of the queued and running jobs."""
+        return list(self._jobs)
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._jobs
@@ -407,8 +480,9 @@ class Scheduler(Service):
         for job in jobs:
             self._end_attempt(job)
             job.state = ENDED
-            if not job.deferred.called:
-                job.deferred.errback(ShuttingDown("the daemon is shutting down"))
+            owner, job.owner = job.owner, None
+            if owner is not None:
+                owner.job_failed(job, ShuttingDown("the daemon is shutting down"))
         idle = [slave for waiters in self._idle.values() for slave in waiters]
         self._idle.clear()
         for slave in idle:

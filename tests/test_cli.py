@@ -98,8 +98,9 @@ class SubmitTests(CLITestCase):
         self.assertEqual(job[2], 2)
         running = self.start("submit", "nobody", "7", "--priority", "9", "--timeout", "30", *self.master_arg())
         yield wait_until(lambda: len(self.scheduler) == 1)
-        (queued,) = self.scheduler._queues["nobody"].heap
-        self.assertEqual((queued[1].priority, queued[1].timeout), (9, 30.0))
+        (job_id,) = self.scheduler.jobs()
+        queued = self.scheduler.job(job_id)
+        self.assertEqual((queued.priority, queued.timeout), (9, 30.0))
         running.transport.signalProcess("KILL")
 
     @inlineCallbacks

@@ -130,6 +130,8 @@ class GloomProtocol(FrameReceiver):
         self._abort_call = None
         self._sends_directly = False
         self._replies: Optional[List[bytes]] = None
+        self._held: Optional[List[bytes]] = None
+        self._turn = -1
         self.closed: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
@@ -146,18 +148,47 @@ class GloomProtocol(FrameReceiver):
             self._replies = None
 
     def _write_replies(self) -> None:
-        if self._replies:
-            self._transmit(b"".join(self._replies))
-            self._replies.clear()
+        replies = self._replies
+        if replies:
+            if self._sends_directly:
+                self._send(b"".join(replies))
+            else:
+                self.transport.writeSequence(replies)
+            replies.clear()
+
+    def _send(self, data: bytes) -> None:
+        """Send ``data`` now if this connection has not sent yet in this
+        reactor turn; otherwise hold it, with whatever else comes for this
+        connection, until the turn ends.  A lone frame (a round trip's)
+        goes out at once, and the answers several slaves return in one
+        turn to one master go out in one system call."""
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
+        outbox = self.factory.outbox
+        if self._turn == outbox.turn:
+            self._held = [data]
+            outbox.hold(self)
+            return
+        self._turn = outbox.turn
+        outbox.end_turn_soon()
+        self._transmit(data)
+
+    def write_held(self) -> None:
+        """Send what was held for the end of the turn."""
+        held, self._held = self._held, None
+        if held:
+            self._transmit(b"".join(held))
 
     def _transmit(self, data: bytes) -> None:
-        """Write ``data``; on a TCP transport with nothing waiting in its
-        buffer, send it now.  Twisted's TCP transport only buffers a write
-        and sends it on the next reactor turn, registering the socket for
-        writability and unregistering it after: two epoll_ctl calls per
-        burst, as many system calls as the sends.  Whatever the socket does
-        not take at once goes to the transport's buffer, so nothing written
-        later overtakes it."""
+        """Write ``data``; with nothing waiting in the TCP transport's
+        buffer, send it on the socket now.  Twisted's TCP transport only
+        buffers a write and sends it on the next reactor turn, registering
+        the socket for writability and unregistering it after: two
+        epoll_ctl calls per burst, as many system calls as the sends.
+        Whatever the socket does not take at once goes to the transport's
+        buffer, so nothing written later overtakes it."""
         transport = self.transport
         if (self._sends_directly and transport.connected
                 and not transport.dataBuffer and not transport._tempDataBuffer):
@@ -170,11 +201,13 @@ class GloomProtocol(FrameReceiver):
 
     def sendString(self, frame: bytes) -> None:
         replies = self._replies
-        if replies is None:
-            self._transmit(_HEADER.pack(len(frame)) + frame)
-        else:
+        if replies is not None:
             replies.append(_HEADER.pack(len(frame)))
             replies.append(frame)
+        elif self._sends_directly:
+            self._send(_HEADER.pack(len(frame)) + frame)
+        else:
+            self.transport.write(_HEADER.pack(len(frame)) + frame)
 
     # --- connection -------------------------------------------------------
 
@@ -221,6 +254,7 @@ class GloomProtocol(FrameReceiver):
         the transport's producer first: a TLS transport would otherwise wait
         for it before closing."""
         self._write_replies()
+        self.write_held()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
@@ -249,16 +283,45 @@ class GloomProtocol(FrameReceiver):
             self.sendString(wire.error(e.code, e.reason, e.job_id))
 
 
+class Outbox:
+    """Marks the reactor turns for the connections that send on their
+    sockets themselves, and writes what they held back when a turn ends.
+    One per daemon: the master and slave factories share it."""
+
+    def __init__(self, clock: IReactorTime):
+        self.clock = clock
+        self.turn = 0
+        self._held: List[GloomProtocol] = []
+        self._call = None
+
+    def end_turn_soon(self) -> None:
+        if self._call is None:
+            self._call = self.clock.callLater(0, self._end_turn)
+
+    def hold(self, connection: GloomProtocol) -> None:
+        self._held.append(connection)
+        self.end_turn_soon()
+
+    def _end_turn(self) -> None:
+        self._call = None
+        self.turn += 1
+        held, self._held = self._held, []
+        for connection in held:
+            connection.write_held()
+
+
 class GloomFactory(Factory):
-    """Builds one kind of Gloom protocol around the shared scheduler."""
+    """Builds one kind of Gloom protocol around the shared scheduler (and
+    the `Outbox` the daemon's factories share)."""
 
     noisy = False
 
     def __init__(self, scheduler: Scheduler, clock: IReactorTime,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME):
+                 max_frame: int = wire.DEFAULT_MAX_FRAME, outbox: Optional[Outbox] = None):
         self.scheduler = scheduler
         self.clock = clock
         self.max_frame = max_frame
+        self.outbox = outbox if outbox is not None else Outbox(clock)
         self.connections: Set[GloomProtocol] = set()
 
     def close_all(self, timeout: float) -> Deferred:

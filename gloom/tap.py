@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 import gloom
 from gloom import wire
 from gloom.master import DEFAULT_MAX_QUEUED, MasterFactory
-from gloom.protocol import address_name
+from gloom.protocol import Outbox, address_name
 from gloom.scheduler import Scheduler
 from gloom.slave import SlaveFactory
 
@@ -239,9 +239,10 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
     scheduler = Scheduler(max_retries=config["retries"], clock=reactor,
                           default_timeout=config.get("job-timeout"))
     max_frame = config["max-frame"]
-    masters = MasterFactory(scheduler, reactor, max_frame,
+    outbox = Outbox(reactor)
+    masters = MasterFactory(scheduler, reactor, max_frame, outbox,
                             max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED)
-    slaves = SlaveFactory(scheduler, reactor, max_frame)
+    slaves = SlaveFactory(scheduler, reactor, max_frame, outbox)
     root = GloomService(scheduler, (masters, slaves), reactor)
     masters.stats = root.stats
     listeners = [("master", masters), ("slave", slaves)]

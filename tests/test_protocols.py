@@ -6,7 +6,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.protocol import ABORT_AFTER_ERROR
-from tests.support import Daemon, frame
+from tests.support import Daemon, frame, unframe
 
 
 class RoundTripTests(SynchronousTestCase):
@@ -503,3 +503,77 @@ class BackpressureTests(SynchronousTestCase):
         transport = Transport()
         Daemon().slaves.buildProtocol(None).makeConnection(transport)
         self.assertEqual(transport.settings, {"nodelay": True, "keepalive": True})
+
+
+class SocketTransport(StringTransport):
+    """Shaped like Twisted's TCP transport, where a Gloom connection sends on
+    the socket itself: ``sends`` lists what each send put on the wire (at
+    most ``room`` bytes each), ``write`` fills the transport's own buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.connected = True
+        self.dataBuffer = b""
+        self._tempDataBuffer = []
+        self.sends = []
+        self.room = None
+
+    def writeSomeData(self, data):
+        taken = bytes(data if self.room is None else data[: self.room])
+        self.sends.append(taken)
+        return len(taken)
+
+    def write(self, data):
+        self._tempDataBuffer.append(data)
+
+
+class SendTests(SynchronousTestCase):
+    def setUp(self):
+        self.daemon = Daemon()
+        self.master = self.daemon.masters.buildProtocol(None)
+        self.transport = SocketTransport()
+        self.master.makeConnection(self.transport)
+        self.master._sends_directly = True
+
+    def turn_ends(self):
+        self.daemon.clock.advance(0)
+
+    def test_one_send_per_connection_per_turn(self):
+        for n in (1, 2, 3):
+            self.master.sendString(b'{"n":%d}' % n)
+        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}]])
+        self.turn_ends()
+        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}], [{"n": 2}, {"n": 3}]])
+        self.master.sendString(b'{"n":4}')
+        self.assertEqual(unframe(self.transport.sends[-1]), [{"n": 4}])
+        self.assertEqual(self.transport._tempDataBuffer, [])
+
+    def test_answers_of_one_turn_go_out_together_after_the_acks(self):
+        slaves = [self.daemon.slave("t") for _ in range(3)]
+        self.master.dataReceived(b"".join(
+            frame({"action": "submit", "id": str(i), "type": "t", "body": i}) for i in range(3)))
+        for slave in slaves:
+            (job,) = slave.received()
+            slave.send({"action": "respond", "body": job["id"]})
+        self.turn_ends()
+        self.assertEqual([unframe(s) for s in self.transport.sends], [
+            [{"ok": True, "id": "0"}, {"ok": True, "id": "1"}, {"ok": True, "id": "2"}],
+            [{"id": "0", "body": "0"}, {"id": "1", "body": "1"}, {"id": "2", "body": "2"}],
+        ])
+
+    def test_what_the_socket_does_not_take_waits_in_the_transport(self):
+        self.transport.room = 5
+        self.master.sendString(b'{"n":1}')
+        self.assertEqual(self.transport.sends, [b'\x00\x00\x00\x07{'])
+        self.assertEqual(self.transport._tempDataBuffer, [b'"n":1}'])
+        self.turn_ends()
+        self.master.sendString(b'{"n":2}')
+        self.assertEqual(len(self.transport.sends), 1)
+        self.assertEqual(b"".join(self.transport._tempDataBuffer), b'"n":1}\x00\x00\x00\x07{"n":2}')
+
+    def test_close_sends_what_was_held(self):
+        self.master.sendString(b'{"n":1}')
+        self.master.sendString(b'{"n":2}')
+        self.master.close()
+        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}], [{"n": 2}]])
+        self.assertTrue(self.transport.disconnecting)

@@ -15,6 +15,9 @@ two cores exist) and drives it with ``gloom bench`` from --client-venv
   16-byte bodies, per job;
 - idle slaves: resident memory per connection with 10,000 idle slaves.
 
+The daemon runs with PYPY_GC_NURSERY=32MB unless the environment sets it
+(see "Running on PyPy" in the README; CPython ignores it).
+
 Flow, drain and serial are the median of --reps runs (default 3).  Prints a
 table and, last, one JSON line.  --quick runs smaller sizes (for a check that
 the script works, not for figures).
@@ -62,8 +65,10 @@ class Daemon:
                    "--master", f"tcp:{self.master}:interface=127.0.0.1",
                    "--slave", f"tcp:{self.slave}:interface=127.0.0.1",
                    "--max-queued", "2000000"]  # one master queues a million jobs
+        environment = dict(os.environ)
+        environment.setdefault("PYPY_GC_NURSERY", "32MB")  # as README and etc/gloom.service advise
         self.process = subprocess.Popen(pinned(command, 0), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, env=environment)
         deadline = time.time() + 30
         while time.time() < deadline:
             try:

@@ -6,6 +6,8 @@ ways of running the daemon cannot drift apart.
 
 from __future__ import annotations
 
+import os
+import platform
 import signal
 from typing import Optional
 
@@ -177,6 +179,16 @@ class ListenService(Service):
         return None
 
 
+def nursery_advice(implementation: str, environ) -> Optional[str]:
+    """Under PyPy without PYPY_GC_NURSERY, what to set and why (PyPy reads
+    it only at start-up, so the daemon cannot set it for itself)."""
+    if implementation != "PyPy" or environ.get("PYPY_GC_NURSERY"):
+        return None
+    return ("PYPY_GC_NURSERY is not set: with PYPY_GC_NURSERY=32MB in the environment "
+            "PyPy carries more jobs per second at lower latency (see Running on PyPy "
+            "in the README)")
+
+
 class GloomService(MultiService):
     """The whole daemon: a scheduler and its two listeners.
 
@@ -205,6 +217,9 @@ class GloomService(MultiService):
 
     def privilegedStartService(self) -> None:
         self.log.info("Gloom {version} starting", version=gloom.__version__)
+        advice = nursery_advice(platform.python_implementation(), os.environ)
+        if advice:
+            self.log.warn("{advice}", advice=advice)
         self.started_at = self.reactor.seconds()
         MultiService.privilegedStartService(self)
 

@@ -162,6 +162,14 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["job-timeout"], options["max-queued"], options["http"]), (2.5, 7, "tcp:0"))
 
 
+class NurseryAdviceTests(SynchronousTestCase):
+    def test_only_pypy_without_the_setting_is_advised(self):
+        advice = tap.nursery_advice("PyPy", {})
+        self.assertIn("PYPY_GC_NURSERY=32MB", advice)
+        self.assertIsNone(tap.nursery_advice("PyPy", {"PYPY_GC_NURSERY": "32MB"}))
+        self.assertIsNone(tap.nursery_advice("CPython", {}))
+
+
 class ReadmeExampleTests(SynchronousTestCase):
     """The README's standard-library master and slave work as printed."""
 

@@ -571,6 +571,14 @@ class SendTests(SynchronousTestCase):
         self.assertEqual(len(self.transport.sends), 1)
         self.assertEqual(b"".join(self.transport._tempDataBuffer), b'"n":1}\x00\x00\x00\x07{"n":2}')
 
+    def test_nothing_is_sent_on_a_connection_lost_before_the_turn_ends(self):
+        self.master.sendString(b'{"n":1}')
+        self.master.sendString(b'{"n":2}')
+        self.transport.connected = False
+        self.master.connectionLost(None)
+        self.turn_ends()
+        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}]])
+
     def test_close_sends_what_was_held(self):
         self.master.sendString(b'{"n":1}')
         self.master.sendString(b'{"n":2}')

@@ -228,7 +228,7 @@ def main():
     figures["date"] = time.strftime("%Y-%m-%d")
     print(f"Gloom on {python}, {os.cpu_count()} cores, {figures['date']}")
     print(f"flow    {figures['flow_jobs_per_s']:>12,.0f} jobs/s   p99 {figures['flow_p99_ms']} ms")
-    print(f"drain   {figures['drain_jobs_per_s']:>12,.0f} jobs/s   (100,000 deep)")
+    print(f"drain   {figures['drain_jobs_per_s']:>12,.0f} jobs/s   ({100000 // scale:,} deep)")
     print(f"serial  {figures['serial_p50_ms']:>12} ms p50")
     for depth in (10000 // scale, 1000000 // scale):
         print(f"drain at {depth:,} deep: {figures[f'drain_at_{depth}_jobs_per_s']:,.0f} jobs/s")

@@ -106,7 +106,6 @@ def _parse_int(text: str):
     return int(text)
 
 
-
 def _parse_float(text: str):
     value = float(text)
     if math.isinf(value):
@@ -172,7 +171,8 @@ else:
 def message(**fields) -> "Message":
     """A Message from decoded field values (a body is encoded here)."""
     if "body" in fields:
-        fields["body"] = encode_body(fields["body"], fields.get("id") if type(fields.get("id")) is str else None)
+        job_id = fields.get("id")
+        fields["body"] = encode_body(fields["body"], job_id if type(job_id) is str else None)
     return Message(**{name: value for name, value in fields.items() if name in MESSAGE_FIELDS})
 
 

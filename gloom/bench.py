@@ -40,7 +40,7 @@ class _EchoSlave(_BenchConnection):
 
     def frameReceived(self, frame):
         if frame.get("action") == "job":
-            self.send({"action": "respond", "body": frame["body"]})
+            self.send({"action": "respond", "id": frame["id"], "body": frame["body"]})
         elif "error" in frame:
             self.factory.bench.errors.append(frame)
 

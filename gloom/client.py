@@ -402,13 +402,18 @@ class Slave(_Client):
     def respond(self, body: Any = None) -> None:
         """Answer the current job.  `ServerError` ``timed_out`` means the job
         had run past its timeout and the answer was discarded."""
-        self.current = None
-        self._reply({"action": "respond", "body": body})
+        self._reply(self._answer({"action": "respond", "body": body}))
 
     def fail(self, reason: str) -> None:
         """Report that the current job failed (the master is told; no retry)."""
-        self.current = None
-        self._reply({"action": "fail", "reason": str(reason)})
+        self._reply(self._answer({"action": "fail", "reason": str(reason)}))
+
+    def _answer(self, request: dict) -> dict:
+        """Name the job an answer is for, so the daemon can refuse a stray one."""
+        job, self.current = self.current, None
+        if job is not None:
+            request["id"] = job.id
+        return request
 
     def serve(self, handler: Callable[[Job], Any], type: Optional[str] = None) -> None:
         """Join ``type`` (if given) and answer jobs for ever: respond with

@@ -61,8 +61,8 @@ class StatsCollector:
 
 class LatencyHistogram:
     """Seconds from submit to answer, per type.  A type's series is dropped
-    once the type has no jobs and no slaves, so short-lived type names do
-    not accumulate for ever."""
+    (`forget`, called by the scheduler) as soon as the type has no jobs and
+    no slaves, so short-lived type names do not accumulate."""
 
     def __init__(self, registry: CollectorRegistry):
         self.histogram = Histogram("gloom_job_latency_seconds", "Seconds from submit to answer.",
@@ -73,10 +73,14 @@ class LatencyHistogram:
         self.histogram.labels(job_type).observe(seconds)
         self._types.add(job_type)
 
-    def keep_only(self, live_types) -> None:
-        for job_type in self._types - set(live_types):
-            self.histogram.remove(job_type)
+    def forget(self, job_type: str) -> None:
+        if job_type in self._types:
             self._types.discard(job_type)
+            self.histogram.remove(job_type)
+
+    def __len__(self) -> int:
+        """How many types have a series."""
+        return len(self._types)
 
 
 class _Page(Resource):
@@ -112,10 +116,9 @@ def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
         return json.dumps(stats(), indent=2).encode() + b"\n"
 
     def metrics() -> bytes:
-        latency.keep_only(stats()["types"])
         return generate_latest(registry)
 
-    registry.register(StatsCollector(stats))
+    registry.register(StatsCollector(lambda: stats(types_limit=None)))
     root = _Root()
     root.putChild(b"status", _Page("application/json", status))
     root.putChild(b"metrics", _Page(CONTENT_TYPE_LATEST, metrics))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import DuplicateJobId, Job, ShuttingDown
+from gloom.scheduler import Job, ShuttingDown
 
 DEFAULT_MAX_QUEUED = 100_000
 
@@ -15,7 +15,7 @@ DEFAULT_MAX_QUEUED = 100_000
 class MasterProtocol(GloomProtocol):
     """One master's connection: it owns the jobs it submits (a scheduler
     `JobOwner`), and writes each one's end back as an answer or an error
-    frame."""
+    frame.  Its job ids are its own: another master may use the same ids."""
 
     role = "master"
     other_role = "slave"
@@ -29,12 +29,19 @@ class MasterProtocol(GloomProtocol):
     def do_submit(self, message: wire.Message) -> None:
         """Queue a job.  The frame its slave will get is built here, once,
         and carried by the scheduler as the job's opaque payload."""
-        job_id = wire.required_string(message, "id")
-        job_type = sys.intern(wire.required_string(message, "type", job_id))
+        job_id = wire.required_name(message, "id")
+        job_type = sys.intern(wire.required_name(message, "type", job_id))
         priority = wire.optional_priority(message, job_id)
         timeout = wire.optional_timeout(message, job_id)
         body = wire.required_body(message, job_id)
-        if len(self._unfinished) >= self.factory.max_queued:
+        unfinished = self._unfinished
+        if job_id in unfinished:
+            raise wire.MessageError(
+                wire.ID_EXISTS,
+                f"this master already has an unfinished job with id {wire.quoted(job_id)}",
+                job_id,
+            )
+        if len(unfinished) >= self.factory.max_queued:
             raise wire.MessageError(
                 wire.QUEUE_FULL,
                 f"this master already has {self.factory.max_queued} unfinished jobs",
@@ -44,44 +51,49 @@ class MasterProtocol(GloomProtocol):
         job_frame = wire.job(id_json, wire.encode_id(job_type), body)
         try:
             job = self.factory.scheduler.submit(self, job_id, job_type, job_frame, priority, timeout)
-        except DuplicateJobId:
-            raise wire.MessageError(
-                wire.ID_EXISTS, f"a job with id {job_id!r} is already queued or running", job_id
-            ) from None
         except ShuttingDown as e:
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
-        self._unfinished[job_id] = job
+        unfinished[job_id] = job
         self.sendString(wire.ack(id_json))
 
     def do_cancel(self, message: wire.Message) -> None:
         """Withdraw one of this master's jobs: queued, it leaves the queue;
         running, its answer will be dropped."""
-        job_id = wire.required_string(message, "id")
+        job_id = wire.required_name(message, "id")
         job = self._unfinished.pop(job_id, None)
         if job is None:
             raise wire.MessageError(
-                wire.UNKNOWN_JOB, f"this master has no unfinished job {job_id!r}", job_id
+                wire.UNKNOWN_JOB, f"this master has no unfinished job {wire.quoted(job_id)}",
+                job_id,
             )
         self.factory.scheduler.cancel(job)
         self.sendString(wire.ack(wire.encode_id(job_id)))
 
     def do_stats(self, message: wire.Message) -> None:
-        self.sendString(wire.stats(self.factory.stats()))
+        self.sendString(self.factory.stats_frame())
 
     def job_answered(self, job: Job, body: Any) -> None:
-        del self._unfinished[job.id]
+        self._forget(job)
         self.sendString(wire.answer(wire.encode_id(job.id), body))
 
     def job_failed(self, job: Job, error: Exception) -> None:
-        del self._unfinished[job.id]
+        self._forget(job)
         code = wire.SHUTDOWN if isinstance(error, ShuttingDown) else wire.JOB_FAILED
         self.sendString(wire.error(code, str(error), job.id))
 
+    def _forget(self, job: Job) -> None:
+        if self._unfinished.get(job.id) is job:
+            del self._unfinished[job.id]
+
     def connectionLost(self, reason) -> None:
+        """Withdraw every unfinished job of this master."""
         jobs, self._unfinished = self._unfinished, {}
         cancel = self.factory.scheduler.cancel
         for job in jobs.values():
-            cancel(job)
+            try:
+                cancel(job)
+            except Exception:
+                self.log.failure("Cancelling {job!r} of master {peer}", job=job, peer=self.peer)
         super().connectionLost(reason)
 
 
@@ -96,3 +108,15 @@ class MasterFactory(GloomFactory):
         super().__init__(*args, **kwargs)
         self.max_queued = max_queued
         self.stats = stats
+        self._stats_frame: Optional[bytes] = None
+
+    def stats_frame(self) -> bytes:
+        """The stats reply, built at most once per reactor turn: however
+        many stats requests one read holds, the figures are gathered once."""
+        if self._stats_frame is None:
+            self._stats_frame = wire.stats(self.stats())
+            self.clock.callLater(0, self._forget_stats)
+        return self._stats_frame
+
+    def _forget_stats(self) -> None:
+        self._stats_frame = None

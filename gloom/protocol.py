@@ -9,17 +9,32 @@ from typing import List, Optional, Set
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
 from gloom import wire
+from gloom.quoting import shortened
 from gloom.scheduler import Scheduler
 
 # How long a peer that sent an oversized frame gets to read its error frame.
 ABORT_AFTER_ERROR = 10.0
+
+DEFAULT_FRAME_TIMEOUT = 30.0
+"""Seconds a connection may sit in the middle of a frame (or of its TLS
+handshake) without sending more, before it is closed."""
+
+# Replies one read may produce before they are written out (and the
+# transport, if its buffer is full, pauses the connection): backpressure
+# holds within a read, not only between reads.
+REPLIES_HIGH_WATER = 64 * 1024
+
+# Bad input is logged at most this many times per connection per window;
+# the rest is counted and the count logged when the window ends.
+BAD_INPUT_LOG_BURST = 5
+BAD_INPUT_LOG_WINDOW = 60.0
 
 # TCP keepalive: probe a silent peer after a minute, then every 10 s; after 6
 # unanswered probes (about two minutes in all) the connection is dropped, so
@@ -108,6 +123,11 @@ class FrameReceiver(Int32StringReceiver):
             if offset:
                 del buffer[:offset]
             self._parsing = False
+            if buffer and not self.paused and not self._refusing:
+                self.inside_frame()
+
+    def inside_frame(self) -> None:
+        """Called after a read that ends in the middle of a frame."""
 
 
 @implementer(IHandshakeListener)
@@ -128,8 +148,15 @@ class GloomProtocol(FrameReceiver):
     def __init__(self) -> None:
         super().__init__()
         self._abort_call = None
+        self._stall_call = None
+        self._handshake_call = None
+        self._last_progress = 0.0
         self._sends_directly = False
         self._replies: Optional[List[bytes]] = None
+        self._replies_size = 0
+        self._log_window_start = None
+        self._logged = 0
+        self._unlogged = 0
         self._held: Optional[List[bytes]] = None
         self._turn = -1
         self.closed: Deferred = Deferred()
@@ -141,6 +168,7 @@ class GloomProtocol(FrameReceiver):
         if self._replies is not None:
             return super().dataReceived(data)
         self._replies = []
+        self._replies_size = 0
         try:
             super().dataReceived(data)
         finally:
@@ -155,6 +183,20 @@ class GloomProtocol(FrameReceiver):
             else:
                 self.transport.writeSequence(replies)
             replies.clear()
+            self._replies_size = 0
+
+    def _write_replies_now(self) -> None:
+        """Write this read's replies so far at once, behind anything held:
+        a transport whose buffer is full then pauses the connection, and no
+        more of its frames are handled until the peer reads."""
+        replies = self._replies
+        if self._sends_directly:
+            self.write_held()
+            self._transmit(b"".join(replies))
+        else:
+            self.transport.writeSequence(replies)
+        replies.clear()
+        self._replies_size = 0
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` now if this connection has not sent yet in this
@@ -204,6 +246,9 @@ class GloomProtocol(FrameReceiver):
         if replies is not None:
             replies.append(_HEADER.pack(len(frame)))
             replies.append(frame)
+            self._replies_size += len(frame)
+            if self._replies_size > REPLIES_HIGH_WATER:
+                self._write_replies_now()
         elif self._sends_directly:
             self._send(_HEADER.pack(len(frame)) + frame)
         else:
@@ -219,9 +264,43 @@ class GloomProtocol(FrameReceiver):
         self.peer = address_name(self.transport.getPeer())
         self.factory.connections.add(self)
         self.log.info("{role} connected from {peer}", role=self.role, peer=self.peer)
+        if ISSLTransport.providedBy(self.transport):
+            self._handshake_call = self.factory.clock.callLater(
+                self.factory.frame_timeout, self._stalled, "its TLS handshake")
+
+    def inside_frame(self) -> None:
+        """The peer is part way through a frame: it has `frame_timeout`
+        seconds from now to send more."""
+        clock = self.factory.clock
+        self._last_progress = clock.seconds()
+        if self._stall_call is None:
+            self._stall_call = clock.callLater(self.factory.frame_timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        self._stall_call = None
+        if not self._buffer or self.paused or self._refusing:
+            return
+        clock, timeout = self.factory.clock, self.factory.frame_timeout
+        waited = clock.seconds() - self._last_progress
+        if waited < timeout:
+            self._stall_call = clock.callLater(timeout - waited, self._check_progress)
+        else:
+            self._stalled(f"a frame ({len(self._buffer)} bytes of it received)")
+
+    def _stalled(self, what: str) -> None:
+        """Close a connection that stopped part way through ``what``."""
+        self._handshake_call = None
+        self.log.warn("{role} {peer}: no progress in {what} for {timeout:g} s; closing",
+                      role=self.role, peer=self.peer, what=what,
+                      timeout=self.factory.frame_timeout)
+        self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         """TLS is up (only then does any frame reach the protocol)."""
+        if self._handshake_call is not None:
+            if self._handshake_call.active():
+                self._handshake_call.cancel()
+            self._handshake_call = None
         certificate = self.transport.getPeerCertificate()
         who = "no client certificate"
         if certificate is not None:
@@ -231,8 +310,11 @@ class GloomProtocol(FrameReceiver):
 
     def connectionLost(self, reason) -> None:
         self.factory.connections.discard(self)
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        for call in (self._abort_call, self._stall_call, self._handshake_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._unlogged:
+            self._log_unlogged()
         self.log.info("{role} {peer} disconnected", role=self.role, peer=self.peer)
         self.closed.callback(None)
 
@@ -241,8 +323,9 @@ class GloomProtocol(FrameReceiver):
     def lengthLimitExceeded(self, length: int) -> None:
         """Say why, then close: the rest of the stream cannot be framed."""
         reason = f"frame of {length} bytes is over the limit of {self.MAX_LENGTH} bytes"
-        self.log.warn("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
-                      code=wire.SIZE_ERROR, reason=reason)
+        if self._may_log():
+                    self.log.warn("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
+                              code=wire.SIZE_ERROR, reason=reason)
         self.sendString(wire.error(wire.SIZE_ERROR, reason))
         self.close()
         self._abort_call = self.factory.clock.callLater(
@@ -275,12 +358,42 @@ class GloomProtocol(FrameReceiver):
                         f"action {action!r} belongs on the {self.other_role} port, "
                         f"not the {self.role} port",
                     )
-                raise wire.MessageError(wire.UNKNOWN_ACTION, f"unknown action {action!r}")
+                raise wire.MessageError(wire.UNKNOWN_ACTION, f"unknown action {wire.quoted(action)}")
             handler(self, message)
         except wire.MessageError as e:
-            self.log.info("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
-                          code=e.code, reason=e.reason)
-            self.sendString(wire.error(e.code, e.reason, e.job_id))
+            reason = shortened(e.reason)
+            if self._may_log():
+                self.log.info("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
+                              code=e.code, reason=reason)
+            self.sendString(wire.error(e.code, reason, e.job_id))
+        except Exception:
+            if self._may_log():
+                self.log.failure("{role} {peer}: error handling a request", role=self.role,
+                                 peer=self.peer)
+            self.sendString(wire.error(
+                wire.INTERNAL_ERROR, "the daemon failed to handle this request; "
+                "the failure was logged"))
+
+    def _may_log(self) -> bool:
+        """Whether one more line about this connection's bad input may be
+        logged: at most `BAD_INPUT_LOG_BURST` per `BAD_INPUT_LOG_WINDOW`."""
+        now = self.factory.clock.seconds()
+        start = self._log_window_start
+        if start is None or now - start >= BAD_INPUT_LOG_WINDOW:
+            if self._unlogged:
+                self._log_unlogged()
+            self._log_window_start = now
+            self._logged = 0
+        if self._logged < BAD_INPUT_LOG_BURST:
+            self._logged += 1
+            return True
+        self._unlogged += 1
+        return False
+
+    def _log_unlogged(self) -> None:
+        self.log.info("{role} {peer}: {count} more bad requests not logged",
+                      role=self.role, peer=self.peer, count=self._unlogged)
+        self._unlogged = 0
 
 
 class Outbox:
@@ -317,10 +430,12 @@ class GloomFactory(Factory):
     noisy = False
 
     def __init__(self, scheduler: Scheduler, clock: IReactorTime,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME, outbox: Optional[Outbox] = None):
+                 max_frame: int = wire.DEFAULT_MAX_FRAME, outbox: Optional[Outbox] = None,
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT):
         self.scheduler = scheduler
         self.clock = clock
         self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
         self.outbox = outbox if outbox is not None else Outbox(clock)
         self.connections: Set[GloomProtocol] = set()
 

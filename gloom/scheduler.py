@@ -22,12 +22,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict, deque
-from typing import Any, Callable, Dict, List, Optional, Protocol, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from gloom.quoting import quoted
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -37,10 +39,6 @@ ENDED = "ended"
 _COMPACT_MINIMUM = 64
 
 TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out")
-
-
-class DuplicateJobId(Exception):
-    """A job with this id is already queued or running."""
 
 
 class ShuttingDown(Exception):
@@ -218,7 +216,13 @@ class Scheduler(Service):
     ``clock`` times attempts and answers; ``default_timeout`` (seconds, or
     None) applies to jobs submitted without a timeout of their own.
     ``on_answer``, when set, is called with a job's type and the seconds
-    from its submission to its answer.
+    from its submission to its answer; ``on_type_unused``, with a type that
+    no longer has queued or running jobs nor joined slaves.
+
+    Job ids mean nothing here: a job is its `Job` object, and each owner
+    keeps its own ids (two masters may use the same id at once).  Every
+    operation either completes or, if a step fails, leaves the scheduler as
+    it was; what an owner or a hook raises is logged and contained.
     """
 
     name = "scheduler"
@@ -232,8 +236,10 @@ class Scheduler(Service):
         self.clock = clock
         self.default_timeout = default_timeout
         self.on_answer: Optional[Callable[[str, float], None]] = None
+        self.on_type_unused: Optional[Callable[[str], None]] = None
         self.totals = dict.fromkeys(TOTALS, 0)
-        self._jobs: Dict[str, Job] = {}
+        self._jobs: Set[Job] = set()
+        self._joined: Counter = Counter()
         self._queues: Dict[str, _JobQueue] = {}
         self._idle: Dict[str, OrderedDict] = {}
         self._running: Counter = Counter()
@@ -246,22 +252,24 @@ class Scheduler(Service):
     def submit(self, owner: JobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
                timeout: Optional[float] = None) -> Job:
         """Queue a job, or hand it to an idle slave at once; ``owner`` will
-        hear how it ends.
-
-        Raises `DuplicateJobId` when the id is queued or running, and
-        `ShuttingDown` once the scheduler is stopping.
+        hear how it ends.  Raises `ShuttingDown` once the scheduler is
+        stopping; if handing the job out fails, nothing has changed.
         """
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
-        if job_id in self._jobs:
-            raise DuplicateJobId(job_id)
         if timeout is None:
             timeout = self.default_timeout
         job = Job(owner, job_id, job_type, body, priority, next(self._sequence), timeout,
                   self.clock.seconds())
-        self._jobs[job_id] = job
+        self._jobs.add(job)
         self.totals["submitted"] += 1
-        self._dispatch(job)
+        try:
+            self._dispatch(job)
+        except BaseException:
+            self._jobs.discard(job)
+            self.totals["submitted"] -= 1
+            job.state = ENDED
+            raise
         return job
 
     def cancel(self, job: Job) -> None:
@@ -276,14 +284,17 @@ class Scheduler(Service):
             queue.discard()
             if not queue:
                 del self._queues[job.type]
+                self._maybe_unused(job.type)
 
     def _dispatch(self, job: Job) -> None:
+        """Hand the job to the longest-idle slave of its type, or queue it.
+        If starting the attempt fails, the slave stays idle."""
         waiters = self._idle.get(job.type)
         if waiters:
+            self._start(job)
             slave, _ = waiters.popitem(last=False)
             if not waiters:
                 del self._idle[job.type]
-            self._start(job)
             slave.callback(job)
             return
         job.state = QUEUED
@@ -293,13 +304,15 @@ class Scheduler(Service):
         queue.push(job)
 
     def _start(self, job: Job) -> None:
-        """Hand a job to a slave: a new attempt, timed if the job has a timeout."""
+        """Hand a job to a slave: a new attempt, timed if the job has a
+        timeout.  The timer is made first, so a clock that refuses it
+        leaves everything as it was."""
+        if job.timeout is not None:
+            job.timer = self.clock.callLater(job.timeout, self._timed_out, job)
         job.state = RUNNING
         job.attempt += 1
         self._running[job.type] += 1
         self._busy[job.type] += 1
-        if job.timeout is not None:
-            job.timer = self.clock.callLater(job.timeout, self._timed_out, job)
 
     # --- slaves -----------------------------------------------------------
 
@@ -309,10 +322,30 @@ class Scheduler(Service):
         if not queue:
             return None
         job = queue.pop()
+        try:
+            self._start(job)
+        except BaseException:
+            queue.push(job)
+            raise
         if not queue:
             del self._queues[job_type]
-        self._start(job)
         return job
+
+    def join(self, job_type: str) -> None:
+        """A slave now serves this type (counted until it calls `leave`)."""
+        self._joined[job_type] += 1
+
+    def leave(self, job_type: str) -> None:
+        """A slave no longer serves this type."""
+        _decrement(self._joined, job_type)
+        self._maybe_unused(job_type)
+
+    def _maybe_unused(self, job_type: str) -> None:
+        """Tell ``on_type_unused`` once a type has no jobs and no slaves left."""
+        if (self.on_type_unused is not None and job_type not in self._joined
+                and job_type not in self._queues and job_type not in self._running
+                and job_type not in self._busy and job_type not in self._idle):
+            self._contain(self.on_type_unused, job_type)
 
     def next_job(self, job_type: str) -> Deferred:
         """A Deferred that fires with the next job of this type for a slave.
@@ -344,37 +377,46 @@ class Scheduler(Service):
         Raises `AttemptGivenUp` when that attempt already timed out; the
         answer is then dropped and the slave is free all the same.
         """
-        if not self._slave_done(job, attempt):
-            return
-        self._end_attempt(job)
-        owner = self._end(job)
-        if owner is None:
-            self.totals["cancelled"] += 1
-            return
-        self.totals["completed"] += 1
-        if self.on_answer is not None:
-            self.on_answer(job.type, self.clock.seconds() - job.submitted_at)
-        owner.job_answered(job, body)
+        try:
+            if not self._slave_done(job, attempt):
+                return
+            self._end_attempt(job)
+            owner = self._end(job)
+            if owner is None:
+                self.totals["cancelled"] += 1
+                return
+            self.totals["completed"] += 1
+            if self.on_answer is not None:
+                self._contain(self.on_answer, job.type, self.clock.seconds() - job.submitted_at)
+            self._contain(owner.job_answered, job, body)
+        finally:
+            if job.type not in self._joined:
+                self._maybe_unused(job.type)
 
     def fail(self, job: Job, attempt: int, reason: str) -> None:
         """The slave ran the job and it failed: tell the master, no retry.
 
         Raises `AttemptGivenUp` like `complete`.
         """
-        if not self._slave_done(job, attempt):
-            return
-        self._end_attempt(job)
-        self._give_up(job, reason)
+        try:
+            if self._slave_done(job, attempt):
+                self._end_attempt(job)
+                self._give_up(job, reason)
+        finally:
+            if job.type not in self._joined:
+                self._maybe_unused(job.type)
 
     def release(self, job: Job, attempt: int) -> None:
         """The slave holding this job went away: queue it again or give up."""
         try:
             current = self._slave_done(job, attempt)
         except AttemptGivenUp:
-            return
+            current = False
         if current:
             self._end_attempt(job)
             self._retry(job, "slave disconnected during the job")
+        if job.type not in self._joined:
+            self._maybe_unused(job.type)
 
     def _slave_done(self, job: Job, attempt: int) -> bool:
         """A slave stopped holding a job.  Raises `AttemptGivenUp` if its
@@ -411,9 +453,15 @@ class Scheduler(Service):
         if job.retries >= self.max_retries:
             self._give_up(job, f"{why}; gave up after {job.retries + 1} attempts")
             return
+        try:
+            self._dispatch(job)
+        except Exception:
+            self.log.failure("Job {id!r} ({type}) could not be queued again",
+                             id=job.id, type=job.type)
+            self._give_up(job, f"{why}; it could not be queued again")
+            return
         job.retries += 1
         self.totals["retried"] += 1
-        self._dispatch(job)
 
     def _give_up(self, job: Job, reason: str) -> None:
         owner = self._end(job)
@@ -421,16 +469,24 @@ class Scheduler(Service):
             self.totals["cancelled"] += 1
             return
         self.totals["failed"] += 1
-        self.log.warn("Job {id!r} ({type}) failed: {reason}", id=job.id, type=job.type, reason=reason)
-        owner.job_failed(job, JobFailed(reason))
+        self.log.warn("Job {id} ({type}) failed: {reason}", id=quoted(job.id),
+                      type=quoted(job.type), reason=quoted(reason))
+        self._contain(owner.job_failed, job, JobFailed(reason))
 
     def _end(self, job: Job) -> Optional[JobOwner]:
         """The job is over: forget it, and return the owner still to be told."""
         job.state = ENDED
         owner, job.owner = job.owner, None
-        if self._jobs.get(job.id) is job:
-            del self._jobs[job.id]
+        self._jobs.discard(job)
         return owner
+
+    def _contain(self, call: Callable, *args) -> None:
+        """Call an owner or a hook; log what it raises instead of letting
+        it undo the scheduler's own bookkeeping half way."""
+        try:
+            call(*args)
+        except Exception:
+            self.log.failure("Error while reporting to {call!r}", call=call)
 
     # --- inspection and lifecycle -------------------------------------------
 
@@ -443,24 +499,25 @@ class Scheduler(Service):
         """How many slaves of this type wait for a job."""
         return len(self._idle.get(job_type, ()))
 
-    def job(self, job_id: str) -> Optional[Job]:
-        """The queued or running job with this id, if any."""
-        return self._jobs.get(job_id)
-
-    def jobs(self) -> List[str]:
-        """The ids of the queued and running jobs."""
-        return list(self._jobs)
-
-    def __contains__(self, job_id: str) -> bool:
-        return job_id in self._jobs
+    def jobs(self) -> List[Job]:
+        """The queued and running jobs, oldest first."""
+        return sorted(self._jobs, key=lambda job: job.sequence)
 
     def __len__(self) -> int:
         """How many jobs are queued or running."""
         return len(self._jobs)
 
-    def types(self) -> Dict[str, Dict[str, int]]:
-        """Per type with any jobs or slaves: queued and running jobs, idle and busy slaves."""
-        names = set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
+    def type_names(self) -> Set[str]:
+        """The types with queued or running jobs, or idle or busy slaves."""
+        return set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
+
+    def types(self, limit: Optional[int] = None) -> Dict[str, Dict[str, int]]:
+        """Per type with any jobs or slaves: queued and running jobs, idle
+        and busy slaves; only the ``limit`` busiest (most jobs queued and
+        running) when a limit is given."""
+        names = self.type_names()
+        if limit is not None and len(names) > limit:
+            names = heapq.nlargest(limit, names, key=self._jobs_of_type)
         return {
             name: {
                 "queued": self.queued(name),
@@ -471,20 +528,21 @@ class Scheduler(Service):
             for name in sorted(names)
         }
 
+    def _jobs_of_type(self, job_type: str) -> int:
+        return self.queued(job_type) + self._running.get(job_type, 0)
+
     def stopService(self):
         """Fail every unfinished job with `ShuttingDown` and refuse new ones."""
         self._stopping = True
-        jobs = list(self._jobs.values())
-        self._jobs.clear()
+        jobs = self.jobs()
         self._queues.clear()
         for job in jobs:
             self._end_attempt(job)
-            job.state = ENDED
-            owner, job.owner = job.owner, None
+            owner = self._end(job)
             if owner is not None:
-                owner.job_failed(job, ShuttingDown("the daemon is shutting down"))
+                self._contain(owner.job_failed, job, ShuttingDown("the daemon is shutting down"))
         idle = [slave for waiters in self._idle.values() for slave in waiters]
         self._idle.clear()
         for slave in idle:
-            slave.cancel()
+            self._contain(slave.cancel)
         return Service.stopService(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -29,11 +30,16 @@ class SlaveProtocol(GloomProtocol):
 
     def do_join(self, message: wire.Message) -> None:
         """Serve a type.  While a job is held the switch waits for its answer."""
-        job_type = wire.required_string(message, "type")
+        job_type = sys.intern(wire.required_name(message, "type"))
         if self._waiting is not None and job_type == self.job_type:
             self.sendString(wire.OK)
             return
-        self.job_type = job_type
+        scheduler = self.factory.scheduler
+        if job_type != self.job_type:
+            scheduler.join(job_type)
+            old_type, self.job_type = self.job_type, job_type
+            if old_type is not None:
+                scheduler.leave(old_type)
         if self._waiting is not None:
             self._waiting.cancel()
         self.sendString(wire.OK)
@@ -41,12 +47,12 @@ class SlaveProtocol(GloomProtocol):
             self._ask()
 
     def do_respond(self, message: wire.Message) -> None:
-        job = self._held_job("respond")
+        job = self._held_job(message, "respond")
         body = wire.required_body(message, job.id)
         self._finish(self.factory.scheduler.complete, body)
 
     def do_fail(self, message: wire.Message) -> None:
-        job = self._held_job("fail")
+        job = self._held_job(message, "fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
         self._finish(self.factory.scheduler.fail, reason)
 
@@ -67,10 +73,23 @@ class SlaveProtocol(GloomProtocol):
             self.sendString(wire.OK)
         self._ask()
 
-    def _held_job(self, action: str) -> Job:
-        if self.job is None:
-            raise wire.MessageError(wire.NOT_PROCESSING, f"{action} without a job: this slave holds none")
-        return self.job
+    def _held_job(self, message: wire.Message, action: str) -> Job:
+        """The job a respond or fail is for.  With an ``"id"``, it must be
+        the held job's: a stray answer must not answer the next job."""
+        job_id = wire.optional_name(message, "id")
+        job = self.job
+        if job is None:
+            raise wire.MessageError(
+                wire.NOT_PROCESSING, f"{action} without a job: this slave holds none", job_id
+            )
+        if job_id is not None and job_id != job.id:
+            raise wire.MessageError(
+                wire.WRONG_JOB,
+                f"{action} for job {wire.quoted(job_id)}, but this slave holds job "
+                f"{wire.quoted(job.id)}",
+                job_id,
+            )
+        return job
 
     def _ask(self) -> None:
         """Take a queued job at once, or wait for one on a Deferred."""
@@ -93,11 +112,18 @@ class SlaveProtocol(GloomProtocol):
         self._waiting = None
 
     def connectionLost(self, reason) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
-        if self.job is not None:
-            job, self.job = self.job, None
-            self.factory.scheduler.release(job, self.attempt)
+        """Leave the idle set, give the held job back, stop serving the type."""
+        scheduler = self.factory.scheduler
+        try:
+            if self._waiting is not None:
+                self._waiting.cancel()
+            if self.job is not None:
+                job, self.job = self.job, None
+                scheduler.release(job, self.attempt)
+            if self.job_type is not None:
+                scheduler.leave(self.job_type)
+        except Exception:
+            self.log.failure("Releasing slave {peer}", peer=self.peer)
         super().connectionLost(reason)
 
 

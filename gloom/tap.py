@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 import gloom
 from gloom import wire
 from gloom.master import DEFAULT_MAX_QUEUED, MasterFactory
-from gloom.protocol import Outbox, address_name
+from gloom.protocol import DEFAULT_FRAME_TIMEOUT, Outbox, address_name
 from gloom.scheduler import Scheduler
 from gloom.slave import SlaveFactory
 
@@ -32,6 +32,9 @@ DEFAULT_RETRIES = 3
 
 # How long stopping waits for clients to read their last frames.
 CLOSE_TIMEOUT = 5.0
+
+# The stats action and /status list at most this many types (the busiest).
+STATS_TYPES_LIMIT = 1000
 
 
 def _frame_size(value: str) -> int:
@@ -55,13 +58,20 @@ def _queue_limit(value: str) -> int:
     return limit
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"--job-timeout takes a number of seconds, not {value!r}") from None
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"--job-timeout must be a positive number of seconds, not {value}")
+def _seconds_up_to(option: str, most: float):
+    """A coercer for an option of seconds: positive, finite, at most ``most``."""
+
+    def seconds(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{option} takes a number of seconds, not {value!r}") from None
+        if not 0 < number <= most:
+            raise ValueError(
+                f"{option} must be a positive number of seconds, at most {most:g}, not {value}")
+        return number
+
+    seconds.coerceDoc = f"Seconds, a positive number up to {most:g}."
     return seconds
 
 
@@ -76,7 +86,6 @@ def _whole_number(value: str, option: str) -> int:
 _frame_size.coerceDoc = "A number of bytes."
 _retry_count.coerceDoc = "A whole number, 0 or more."
 _queue_limit.coerceDoc = "A whole number, 1 or more."
-_seconds.coerceDoc = "Seconds, a positive number."
 
 
 class Options(usage.Options):
@@ -98,7 +107,11 @@ class Options(usage.Options):
          _retry_count],
         ["job-timeout", None, None,
          "Seconds one attempt of a job may run when its submit names no timeout "
-         "[default: no limit].", _seconds],
+         "[default: no limit].", _seconds_up_to("--job-timeout", wire.MAX_TIMEOUT)],
+        ["frame-timeout", None, DEFAULT_FRAME_TIMEOUT,
+         "Seconds a connection may stay part way through a frame or a TLS handshake "
+         "without sending more before it is closed.",
+         _seconds_up_to("--frame-timeout", wire.MAX_TIMEOUT)],
         ["max-queued", None, DEFAULT_MAX_QUEUED,
          "Unfinished jobs one master may have at once.", _queue_limit],
         ["http", None, None,
@@ -223,15 +236,18 @@ class GloomService(MultiService):
         self.started_at = self.reactor.seconds()
         MultiService.privilegedStartService(self)
 
-    def stats(self) -> dict:
-        """What the stats action and /status report."""
+    def stats(self, types_limit: Optional[int] = STATS_TYPES_LIMIT) -> dict:
+        """What the stats action and /status report: the ``types_limit``
+        busiest types (all with None), and how many more there are."""
         masters, slaves = self.factories
+        types = self.scheduler.types(types_limit)
         return {
             "version": gloom.__version__,
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
             "masters": len(masters.connections),
             "slaves": len(slaves.connections),
-            "types": self.scheduler.types(),
+            "types": types,
+            "types_omitted": len(self.scheduler.type_names()) - len(types),
             "totals": dict(self.scheduler.totals),
         }
 
@@ -254,10 +270,11 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
     scheduler = Scheduler(max_retries=config["retries"], clock=reactor,
                           default_timeout=config.get("job-timeout"))
     max_frame = config["max-frame"]
+    frame_timeout = config.get("frame-timeout") or DEFAULT_FRAME_TIMEOUT
     outbox = Outbox(reactor)
-    masters = MasterFactory(scheduler, reactor, max_frame, outbox,
+    masters = MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout,
                             max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED)
-    slaves = SlaveFactory(scheduler, reactor, max_frame, outbox)
+    slaves = SlaveFactory(scheduler, reactor, max_frame, outbox, frame_timeout)
     root = GloomService(scheduler, (masters, slaves), reactor)
     masters.stats = root.stats
     listeners = [("master", masters), ("slave", slaves)]
@@ -269,6 +286,7 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
         registry = CollectorRegistry()
         latency = LatencyHistogram(registry)
         scheduler.on_answer = latency.observe
+        scheduler.on_type_unused = latency.forget
         listeners.append(("http", make_site(root.stats, latency, registry)))
     for role, factory in listeners:
         endpoint = endpoints.serverFromString(reactor, config[role])

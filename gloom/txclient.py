@@ -260,7 +260,7 @@ class _SlaveConnection(_Connection):
             self.busy = True
             job = Job(frame)
             outcome = maybeDeferred(self.slot.worker.handler, job)
-            outcome.addCallbacks(self._respond, self._fail)
+            outcome.addCallbacks(self._respond, self._fail, (job.id,), None, (job.id,))
             outcome.addErrback(lambda f: self.log.failure("Could not answer job {id!r}", f, id=job.id))
         elif "error" in frame:
             if frame["error"] == "timed_out":
@@ -272,12 +272,12 @@ class _SlaveConnection(_Connection):
         elif frame.get("ok") and self.busy:
             self._answered()
 
-    def _respond(self, result: Any) -> None:
-        self.send({"action": "respond", "body": result})
+    def _respond(self, result: Any, job_id: str) -> None:
+        self.send({"action": "respond", "id": job_id, "body": result})
 
-    def _fail(self, failure: Failure) -> None:
+    def _fail(self, failure: Failure, job_id: str) -> None:
         reason = failure.getErrorMessage() or failure.type.__name__
-        self.send({"action": "fail", "reason": reason})
+        self.send({"action": "fail", "id": job_id, "reason": reason})
 
     def _answered(self) -> None:
         if self.busy:

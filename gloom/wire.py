@@ -24,6 +24,8 @@ import json
 import math
 from typing import Any, Iterator, Optional
 
+from gloom.quoting import MAX_QUOTED, quoted  # noqa: F401  (part of this module's API)
+
 try:
     import msgspec
 except ImportError:  # PyPy: the standard library does all the work
@@ -47,6 +49,8 @@ SHUTDOWN = "shutdown"
 UNKNOWN_JOB = "unknown_job"
 QUEUE_FULL = "queue_full"
 TIMED_OUT = "timed_out"
+WRONG_JOB = "wrong_job"
+INTERNAL_ERROR = "internal_error"
 
 ERROR_CODES = (
     SIZE_ERROR,
@@ -61,7 +65,16 @@ ERROR_CODES = (
     UNKNOWN_JOB,
     QUEUE_FULL,
     TIMED_OUT,
+    WRONG_JOB,
+    INTERNAL_ERROR,
 )
+
+MAX_NAME_BYTES = 1024
+"""Longest id or type a peer may send, in bytes of UTF-8."""
+
+MAX_TIMEOUT = 30 * 24 * 3600
+"""Longest ``timeout`` a submit may ask for, in seconds (30 days)."""
+
 
 MASTER_ACTIONS = frozenset({"submit", "cancel", "stats"})
 SLAVE_ACTIONS = frozenset({"join", "respond", "fail"})
@@ -279,7 +292,8 @@ def action_of(message: "Message") -> str:
 def required_string(
     message: "Message", field: str, job_id: Optional[str] = None, allow_empty: bool = False
 ) -> str:
-    """A field that must be present and a string, non-empty unless allowed."""
+    """A field that must be present and a string of valid Unicode (no lone
+    surrogates), non-empty unless allowed."""
     value = getattr(message, field)
     if type(value) is not str or not value:
         if value is MISSING:
@@ -288,7 +302,42 @@ def required_string(
             raise MessageError(INVALID_MESSAGE, f"field {field!r} must be a string", job_id)
         if not allow_empty:
             raise MessageError(INVALID_MESSAGE, f"field {field!r} must not be empty", job_id)
+    if not value.isascii():
+        _utf8_length(value, field, job_id)
     return value
+
+
+def required_name(message: "Message", field: str, job_id: Optional[str] = None) -> str:
+    """An id or a type: a non-empty string of valid Unicode, at most
+    `MAX_NAME_BYTES` bytes long in UTF-8."""
+    value = getattr(message, field)
+    if type(value) is str and value and len(value) <= MAX_NAME_BYTES and value.isascii():
+        return value
+    value = required_string(message, field, job_id)
+    size = len(value) if value.isascii() else _utf8_length(value, field, job_id)
+    if size > MAX_NAME_BYTES:
+        raise MessageError(
+            INVALID_MESSAGE, f"field {field!r} is longer than {MAX_NAME_BYTES} bytes", job_id
+        )
+    return value
+
+
+def optional_name(message: "Message", field: str) -> Optional[str]:
+    """Like `required_name`, but None when the field is absent."""
+    if getattr(message, field) is MISSING:
+        return None
+    return required_name(message, field)
+
+
+def _utf8_length(value: str, field: str, job_id: Optional[str]) -> int:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise MessageError(
+            INVALID_MESSAGE,
+            f"field {field!r} is not valid Unicode (it holds a lone surrogate)",
+            job_id,
+        ) from None
 
 
 def required_body(message: "Message", job_id: Optional[str] = None):
@@ -320,9 +369,11 @@ def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Option
     timeout = message.timeout
     if timeout is MISSING:
         return None
-    if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
+    if type(timeout) not in (int, float) or not 0 < timeout <= MAX_TIMEOUT:
         raise MessageError(
-            INVALID_MESSAGE, "field 'timeout' must be a positive number of seconds", job_id
+            INVALID_MESSAGE,
+            f"field 'timeout' must be a positive number of seconds, at most {MAX_TIMEOUT}",
+            job_id,
         )
     return timeout
 

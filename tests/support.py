@@ -23,6 +23,11 @@ from gloom.scheduler import Scheduler
 from gloom.slave import SlaveFactory
 
 
+def live_ids(scheduler) -> set:
+    """The ids of the scheduler's queued and running jobs."""
+    return {job.id for job in scheduler.jobs()}
+
+
 def frame(message) -> bytes:
     """One length-prefixed frame carrying ``message`` (bytes are sent as is)."""
     data = message if isinstance(message, bytes) else json.dumps(message).encode()
@@ -32,11 +37,13 @@ def frame(message) -> bytes:
 def unframe(data: bytes) -> list:
     """Split a byte stream into its decoded JSON frames; the stream must end on a frame."""
     messages = []
-    while data:
-        (length,) = struct.unpack("!I", data[:4])
-        assert len(data) >= 4 + length, "stream ends inside a frame"
-        messages.append(json.loads(data[4 : 4 + length]))
-        data = data[4 + length :]
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("!I", data, offset)
+        end = offset + 4 + length
+        assert len(data) >= end, "stream ends inside a frame"
+        messages.append(json.loads(data[offset + 4 : end]))
+        offset = end
     return messages
 
 

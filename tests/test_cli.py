@@ -98,8 +98,7 @@ class SubmitTests(CLITestCase):
         self.assertEqual(job[2], 2)
         running = self.start("submit", "nobody", "7", "--priority", "9", "--timeout", "30", *self.master_arg())
         yield wait_until(lambda: len(self.scheduler) == 1)
-        (job_id,) = self.scheduler.jobs()
-        queued = self.scheduler.job(job_id)
+        (queued,) = self.scheduler.jobs()
         self.assertEqual((queued.priority, queued.timeout), (9, 30.0))
         running.transport.signalProcess("KILL")
 

@@ -8,7 +8,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from gloom.tap import makeService
-from tests.support import occupied_port, connect
+from tests.support import connect, live_ids, occupied_port
 
 
 def wait_until(predicate, timeout=5.0):
@@ -173,7 +173,7 @@ class ErrorTests(DaemonTestCase):
         yield master.next()
         yield self.expect_error(master, b"x" * 1025, "size_error")
         yield master.lost
-        yield wait_until(lambda: "pending" not in self.scheduler)
+        yield wait_until(lambda: "pending" not in live_ids(self.scheduler))
 
     @inlineCallbacks
     def test_shutdown_frames(self):
@@ -238,11 +238,11 @@ class DisconnectTests(DaemonTestCase):
         yield master.next()
         self.assertEqual((yield slave.next())["id"], "run")
         yield master.close()
-        yield wait_until(lambda: "queued" not in self.scheduler)
-        self.assertIn("run", self.scheduler)
+        yield wait_until(lambda: "queued" not in live_ids(self.scheduler))
+        self.assertIn("run", live_ids(self.scheduler))
         slave.send({"action": "respond", "body": "nobody listens"})
         self.assertEqual((yield slave.next()), {"ok": True})
-        self.assertNotIn("run", self.scheduler)
+        self.assertNotIn("run", live_ids(self.scheduler))
         other = yield self.client("master")
         other.send({"action": "submit", "id": "run", "type": "t", "body": 3})
         self.assertEqual((yield other.next()), {"ok": True, "id": "run"})

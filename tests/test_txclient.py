@@ -6,6 +6,7 @@ from twisted.internet.defer import inlineCallbacks
 from gloom.client import ServerError, TransportError
 from gloom.tap import makeService
 from gloom.txclient import MasterClient, Worker, client_endpoint, work
+from tests.support import live_ids
 from tests.test_integration import DaemonTestCase, wait_until
 
 FAST_RETRY = lambda attempt: 0.02  # noqa: E731  (reconnect at once in tests)
@@ -56,7 +57,7 @@ class MasterClientTests(TxClientTestCase):
         self.assertRaises(ValueError, master.submit, "nobody", 3, id="same")
         first.cancel()
         yield self.assertFailure(first, defer.CancelledError)
-        yield wait_until(lambda: "same" not in self.scheduler)
+        yield wait_until(lambda: "same" not in live_ids(self.scheduler))
         self.assertEqual(self.scheduler.totals["cancelled"], 1)
 
     @inlineCallbacks

@@ -10,7 +10,7 @@ import struct
 import time
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -21,7 +21,8 @@ from gloom import wire
 from gloom.http import LatencyHistogram
 from gloom.protocol import BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW, DEFAULT_FRAME_TIMEOUT
 from gloom.scheduler import Scheduler
-from tests.support import ANY_PORT, Daemon, Peer, TwistdDaemon, frame, unframe
+from tests.support import ANY_PORT, Daemon, TwistdDaemon, connect, frame, unframe
+from tests import test_integration, test_operations
 
 JOB = {"action": "submit", "id": "j", "type": "t", "body": 1}
 
@@ -334,6 +335,40 @@ class FrameTimeoutTests(SynchronousTestCase):
         self.clock.advance(DEFAULT_FRAME_TIMEOUT)
         self.assertTrue(transport.disconnecting)
         self.assertFalse(finished.disconnecting)
+
+
+class FrameTimeoutOverTCPTests(test_integration.DaemonTestCase):
+    options = {"frame-timeout": 0.3}
+
+    @inlineCallbacks
+    def test_half_sent_frame_is_closed(self):
+        from twisted.internet import reactor
+
+        master = yield self.client("master")
+        master.transport.write(frame(submit())[:10])
+        yield master.lost.addTimeout(5, reactor)
+        self.assertEqual(self.scheduler.totals["submitted"], 0)
+
+    @inlineCallbacks
+    def test_idle_connection_stays_open(self):
+        from twisted.internet import reactor
+
+        master = yield self.client("master")
+        yield task.deferLater(reactor, 0.8, lambda: None)
+        master.send(submit())
+        self.assertEqual((yield master.next()), {"ok": True, "id": "j"})
+
+
+class StalledHandshakeTests(test_operations.TLSTestCase):
+    more_options = {"frame-timeout": 0.3}
+
+    @inlineCallbacks
+    def test_connection_that_never_starts_tls_is_closed(self):
+        from twisted.internet import reactor
+
+        silent = yield connect(self.port("slave"))
+        self.clients.append(silent)
+        yield silent.lost.addTimeout(5, reactor)
 
 
 class LogFloodTests(SynchronousTestCase):

@@ -161,7 +161,9 @@ class StatsTests(DaemonTestCase):
 
 
 class TLSTestCase(DaemonTestCase):
-    """Masters on plain TCP; slaves behind mutual TLS with a test CA."""
+    """Masters on TLS; slaves behind mutual TLS with a test CA."""
+
+    more_options: dict = {}
 
     def setUp(self):
         self.certs = tempfile.mkdtemp()
@@ -172,6 +174,7 @@ class TLSTestCase(DaemonTestCase):
         self.options = {
             "slave": f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCerts={self.ca.path}",
             "master": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            **self.more_options,
         }
         return super().setUp()
 
@@ -190,6 +193,8 @@ class TLSTestCase(DaemonTestCase):
         self.clients.append(client)
         return client
 
+
+class TLSTests(TLSTestCase):
     @inlineCallbacks
     def test_job_over_tls_and_mutual_tls(self):
         slave = yield self.tls_client("slave", self.ca.issue("worker-1", server=False))

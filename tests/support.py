@@ -28,6 +28,22 @@ def live_ids(scheduler) -> set:
     return {job.id for job in scheduler.jobs()}
 
 
+def record_answers(test) -> list:
+    """Patch the daemon's slave protocol to record the (action, id) of each
+    respond and fail it gets (``MISSING`` for an answer without an id)."""
+    from gloom.slave import SlaveProtocol
+
+    seen = []
+    held_job = SlaveProtocol._held_job
+
+    def recording(protocol, message, action):
+        seen.append((action, message.id))
+        return held_job(protocol, message, action)
+
+    test.patch(SlaveProtocol, "_held_job", recording)
+    return seen
+
+
 def frame(message) -> bytes:
     """One length-prefixed frame carrying ``message`` (bytes are sent as is)."""
     data = message if isinstance(message, bytes) else json.dumps(message).encode()

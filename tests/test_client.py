@@ -24,6 +24,7 @@ from gloom.client import (
     client_context,
 )
 from tests.certs import Authority
+from tests.support import record_answers
 from tests.test_integration import DaemonTestCase
 
 
@@ -145,6 +146,22 @@ class MasterAndSlaveTests(ClientTestCase):
                 self.assertEqual(error.reason, "it broke")
                 self.assertEqual(master.run("t", "ok", wait=5), "fine")
         return deferToThread(body)
+
+    def test_answers_name_their_job(self):
+        seen = record_answers(self)
+
+        def body():
+            master_addr, slave_addr = self.addresses()
+            with Master(master_addr) as master, Slave(slave_addr) as slave:
+                slave.join("t")
+                master.submit("a", "t", 1)
+                master.submit("b", "t", 2)
+                slave.job(timeout=5)
+                slave.respond("one")
+                slave.job(timeout=5)
+                slave.fail("two")
+        return deferToThread(body).addCallback(
+            lambda _: self.assertEqual(seen, [("respond", "a"), ("fail", "b")]))
 
     def test_slave_errors(self):
         def body():

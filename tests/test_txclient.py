@@ -6,7 +6,7 @@ from twisted.internet.defer import inlineCallbacks
 from gloom.client import ServerError, TransportError
 from gloom.tap import makeService
 from gloom.txclient import MasterClient, Worker, client_endpoint, work
-from tests.support import live_ids
+from tests.support import live_ids, record_answers
 from tests.test_integration import DaemonTestCase, wait_until
 
 FAST_RETRY = lambda attempt: 0.02  # noqa: E731  (reconnect at once in tests)
@@ -88,6 +88,21 @@ class MasterClientTests(TxClientTestCase):
 
 
 class WorkerTests(TxClientTestCase):
+    @inlineCallbacks
+    def test_answers_name_their_job(self):
+        seen = record_answers(self)
+
+        def handler(job):
+            if job.body == "boom":
+                raise ValueError("boom")
+            return job.body
+
+        self.worker("t", handler)
+        master = self.master()
+        yield master.submit("t", 1, id="a")
+        yield self.assertFailure(master.submit("t", "boom", id="b"), ServerError)
+        self.assertEqual(seen, [("respond", "a"), ("fail", "b")])
+
     @inlineCallbacks
     def test_reconnects_when_the_daemon_restarts(self):
         master_port, slave_port = self.port("master"), self.port("slave")

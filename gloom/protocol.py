@@ -85,6 +85,13 @@ def address_name(address) -> str:
     return str(address)
 
 
+LARGE_FRAME = 1024 * 1024
+"""Frames of at least this many bytes are gathered as the list of the reads
+that bring them and joined once, rather than appended to a buffer that is
+re-allocated as it grows (which leaves several times the frame behind as
+garbage on PyPy)."""
+
+
 class FrameReceiver(Int32StringReceiver):
     """Int32StringReceiver with a ``bytearray`` buffer: Twisted's own copies
     everything received so far on every read, which makes one large frame
@@ -92,12 +99,22 @@ class FrameReceiver(Int32StringReceiver):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._parts: Optional[List[bytes]] = None  # a large frame's reads so far
+        self._missing = 0  # bytes of that frame still to come
         self._parsing = False
         self._refusing = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._refusing:
             return
+        if self._parts is not None:
+            if len(data) < self._missing:
+                if data:
+                    self._parts.append(data)
+                    self._missing -= len(data)
+                    self.inside_frame()
+                return
+            data = self._large_frame_received(data)
         buffer = self._buffer
         buffer += data
         if self._parsing:
@@ -115,16 +132,44 @@ class FrameReceiver(Int32StringReceiver):
                     return
                 end = offset + 4 + length
                 if len(buffer) < end:
+                    if length >= LARGE_FRAME:
+                        with memoryview(buffer) as view:
+                            self._parts = [bytes(view[offset + 4 :])]
+                        self._missing = end - len(buffer)
+                        offset = len(buffer)
                     break
-                frame = bytes(buffer[offset + 4 : end])
+                if length < 65536:
+                    frame = bytes(buffer[offset + 4 : end])
+                else:  # one copy rather than two
+                    with memoryview(buffer) as view:
+                        frame = bytes(view[offset + 4 : end])
                 offset = end
                 self.stringReceived(frame)
         finally:
             if offset:
                 del buffer[:offset]
             self._parsing = False
-            if buffer and not self.paused and not self._refusing:
+            if self.inside_a_frame() and not self.paused and not self._refusing:
                 self.inside_frame()
+
+    def _large_frame_received(self, data: bytes) -> bytes:
+        """``data`` completes the large frame being gathered: handle the
+        frame, and return the rest of ``data``."""
+        parts, self._parts = self._parts, None
+        missing = self._missing
+        parts.append(data[:missing])
+        frame = b"".join(parts)
+        del parts[:]
+        self._parsing = True
+        try:
+            self.stringReceived(frame)
+        finally:
+            self._parsing = False
+        return data[missing:]
+
+    def inside_a_frame(self) -> bool:
+        """Whether part of a frame has been received, and not all of it."""
+        return bool(self._buffer) or self._parts is not None
 
     def inside_frame(self) -> None:
         """Called after a read that ends in the middle of a frame."""
@@ -278,14 +323,14 @@ class GloomProtocol(FrameReceiver):
 
     def _check_progress(self) -> None:
         self._stall_call = None
-        if not self._buffer or self.paused or self._refusing:
+        if not self.inside_a_frame() or self.paused or self._refusing:
             return
         clock, timeout = self.factory.clock, self.factory.frame_timeout
         waited = clock.seconds() - self._last_progress
         if waited < timeout:
             self._stall_call = clock.callLater(timeout - waited, self._check_progress)
         else:
-            self._stalled(f"a frame ({len(self._buffer)} bytes of it received)")
+            self._stalled("a frame")
 
     def _stalled(self, what: str) -> None:
         """Close a connection that stopped part way through ``what``."""

@@ -1,30 +1,60 @@
 """The Gloom wire format: JSON objects in 4-byte length-prefixed frames.
 
 This module turns frames into validated messages and messages into frames.
-It knows nothing about sockets or scheduling.  Bodies are carried as
-*encoded* JSON (``bytes``) from the moment they are received, so a body is
-serialised exactly once per hop and a body that cannot be re-encoded is
-refused when it arrives rather than when it is delivered.
+It knows nothing about sockets or scheduling.
 
-Numbers are carried exactly: integers too long for Python's safe
-string-to-int conversion and floats beyond the range of a double are kept as
-their original text (`RawNumber`) instead of being rounded or refused.
+A body is never decoded.  It is carried as the bytes the peer sent (a slice
+of its frame: the spacing, escapes, key order and numbers exactly as they
+were), so a frame a slave or a master receives is never longer than the
+frame that brought its body, plus the few bytes around it.  Frames Gloom
+sends are therefore UTF-8, not ASCII.  The other fields of a request are
+small scalars and are decoded; integers too long for Python's safe
+string-to-int conversion and floats beyond the range of a double are kept
+as their original text (`RawNumber`).  An array or object in one of those
+fields is decoded when it is short and otherwise stands as `COMPOSITE`; to
+the checks below, either is just not the scalar they want.
 
-Where msgspec is installed (CPython) a frame is first decoded by it, with the
-body kept as raw JSON text that is never turned into Python objects.  Any
-frame msgspec refuses, or that is not plain ASCII, goes through the standard
-library's decoder instead, which alone decides what is an error and says
-why; so both paths accept and refuse exactly the same frames.  PyPy, which
-has no msgspec, always uses the standard library.
+How a frame is read, and why no frame costs more than a few times its size
+in memory, nor more than a fraction of a second:
+
+- Invalid UTF-8 anywhere in a frame is refused before anything else is
+  said about it (`gloom.rawjson.first_invalid_utf8` checks in 1 MiB pieces;
+  the scanner below checks as it goes, and says where only on the way out).
+- Where msgspec is installed (CPython), a frame of at most `_TYPED_LIMIT`
+  bytes is decoded by it in one go, the body as raw JSON text (a view of the
+  frame, never a copy).  A larger frame is decoded with every field as raw
+  text (msgspec validates all of it without building values), and the
+  fields other than the body are then decoded on their own.  msgspec refuses
+  two things JSON allows: lone surrogate escapes (``"\\ud800"``), which are
+  changed to other escapes of the same length in a copy for msgspec to
+  check, and changed back in that copy before its fields are read; and
+  nesting beyond its recursion limit, which is well above `MAX_DEPTH`.
+  Nesting deeper than `MAX_DEPTH` is refused on every path: msgspec is made
+  to check it by measuring how deep it can still go at the point of the call
+  and decoding the frame again wrapped in enough arrays to leave it
+  `MAX_DEPTH` levels (only when the frame holds more than `MAX_DEPTH`
+  brackets at all).
+- Whatever msgspec refuses in a frame of at most `_SCAN_LIMIT` bytes, and
+  every frame where msgspec is missing (PyPy), is decided by
+  `gloom.rawjson.scan_object`, a validating scanner that finds where each
+  top-level field lies without building any value.  It accepts and refuses
+  what the standard library's strict decoder does, and its reasons read like
+  the standard library's.  A frame over `_SCAN_LIMIT` that msgspec refuses
+  is refused with msgspec's own reason: scanning it could take CPython
+  seconds.  Only such reasons differ between CPython and PyPy; what is
+  accepted and refused, with which error code, does not.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 from typing import Any, Iterator, Optional
 
+from gloom import rawjson
 from gloom.quoting import MAX_QUOTED, quoted  # noqa: F401  (part of this module's API)
+from gloom.rawjson import MAX_DEPTH
 
 try:
     import msgspec
@@ -126,21 +156,41 @@ def _parse_float(text: str):
     return value
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_decoder = json.JSONDecoder(
-    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant
-)
-_loads = _decoder.decode
 _plain_loads = json.loads
 _fast_dumps = json.JSONEncoder(
     separators=(",", ":"), allow_nan=False, check_circular=False
 ).encode
+_utf8_dumps = json.JSONEncoder(
+    separators=(",", ":"), allow_nan=False, check_circular=False, ensure_ascii=False
+).encode
 
+_TYPED_LIMIT = _MAX_INT_DIGITS
+"""Frames up to this many bytes are decoded by msgspec in one go (they
+cannot hold an integer `_parse_int` would keep as text)."""
+
+_SCAN_LIMIT = 64 * 1024
+"""Frames up to this many bytes that msgspec refuses are decided by the
+scanner (a few milliseconds on CPython at most)."""
+
+_BODY_VIEWS = platform.python_implementation() == "CPython"
+"""Whether a body the scanner found is a view of its frame rather than a
+copy.  On PyPy a view saves nothing (the copy is made when the body is
+spliced into the frame that carries it on) and costs time."""
 
 MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason")
+_FIELD_KEYS = {name.encode("ascii"): name for name in MESSAGE_FIELDS}
+
+
+class _Composite:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "COMPOSITE"
+
+
+COMPOSITE = _Composite()
+"""What a field other than the body holds when the peer sent a long array or
+object there (a short one is decoded): never a string or a number."""
 
 if msgspec is not None:
     MISSING = msgspec.UNSET
@@ -157,8 +207,31 @@ if msgspec is not None:
         timeout: Any = msgspec.UNSET
         reason: Any = msgspec.UNSET
 
+    class _RawFields(msgspec.Struct):
+        """A request's fields, each as its raw JSON text."""
+
+        action: msgspec.Raw = msgspec.UNSET
+        id: msgspec.Raw = msgspec.UNSET
+        type: msgspec.Raw = msgspec.UNSET
+        body: msgspec.Raw = msgspec.UNSET
+        priority: msgspec.Raw = msgspec.UNSET
+        timeout: msgspec.Raw = msgspec.UNSET
+        reason: msgspec.Raw = msgspec.UNSET
+
     _fast_decode = msgspec.json.Decoder(Message).decode
+    _raw_fields_decode = msgspec.json.Decoder(_RawFields).decode
+    _raw_decode = msgspec.json.Decoder(msgspec.Raw).decode
     _fast_encode = msgspec.json.encode
+
+    def _raw_views_follow_bytearrays() -> bool:
+        """Whether msgspec's Raw values decoded from a bytearray see later
+        changes to it (they are views, not copies)."""
+        data = bytearray(b'{"body":0}')
+        fields = _raw_fields_decode(data)
+        data[8] = ord("1")
+        return bytes(fields.body) == b"1"
+
+    _RAW_VIEWS_FOLLOW_BYTEARRAYS = _raw_views_follow_bytearrays()
 else:
 
     class _Missing:
@@ -169,13 +242,19 @@ else:
 
     class Message:
         """A request's fields; ``MISSING`` where the request has none.  The
-        body is its encoded JSON (bytes), ready to be carried."""
+        body is its encoded JSON (bytes-like), ready to be carried."""
 
         __slots__ = MESSAGE_FIELDS
 
-        def __init__(self, **fields):
-            for name in MESSAGE_FIELDS:
-                setattr(self, name, fields.get(name, MISSING))
+        def __init__(self, action=MISSING, id=MISSING, type=MISSING, body=MISSING,
+                     priority=MISSING, timeout=MISSING, reason=MISSING):
+            self.action = action
+            self.id = id
+            self.type = type
+            self.body = body
+            self.priority = priority
+            self.timeout = timeout
+            self.reason = reason
 
     _fast_decode = None
     _fast_encode = None
@@ -191,38 +270,190 @@ def message(**fields) -> "Message":
 
 def decode(frame: bytes) -> "Message":
     """Parse one frame into a `Message`, or raise `MessageError`."""
-    if _fast_decode is not None and frame.isascii():
+    if _fast_decode is not None and len(frame) <= MAX_DEPTH and frame.isascii():
+        # Most frames: too short to nest too deeply, and ASCII, so valid UTF-8.
         try:
             return _fast_decode(frame)
         except (msgspec.MsgspecError, RecursionError):
-            pass
-    try:
-        text = frame.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MessageError(
-            INVALID_JSON, f"frame is not valid UTF-8 (bad byte at offset {e.start})"
-        ) from None
-    if "NaN" not in text and "Infinity" not in text:
-        # The plain decoder (much the faster on PyPy) is tried first; a
-        # frame it refuses, or whose numbers it cannot carry exactly (a
-        # float beyond a double fails to re-encode), is decided below.
-        try:
-            return message(**_json_object(_plain_loads(text)))
-        except (ValueError, RecursionError):
-            pass
-    try:
-        decoded = _loads(text)
-    except RecursionError:
-        raise MessageError(INVALID_JSON, "frame nests too deeply") from None
-    except ValueError as e:
-        raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
-    return message(**_json_object(decoded))
+            return _scanned(bytes(frame))
+    return _decode(frame)
 
 
-def _json_object(decoded: Any) -> dict:
-    if type(decoded) is not dict:
-        raise MessageError(INVALID_MESSAGE, "message must be a JSON object")
+def _decode(frame: bytes) -> "Message":
+    if type(frame) is not bytes:
+        frame = bytes(frame)
+    if _fast_decode is None:
+        return _scanned(frame)  # which checks UTF-8 as it goes
+    if not frame.isascii():
+        _check_utf8(frame)
+    if len(frame) > _TYPED_LIMIT:
+        return _decode_large(frame)
+    try:
+        decoded = _fast_decode(frame)
+    except (msgspec.MsgspecError, RecursionError):
+        return _scanned(frame)
+    deep = _nests_too_deeply(frame)
+    if deep is None:
+        return _scanned(frame)
+    if deep:
+        raise _too_deep()
     return decoded
+
+
+def _check_utf8(frame: bytes) -> None:
+    bad = rawjson.first_invalid_utf8(frame)
+    if bad is not None:
+        raise MessageError(INVALID_JSON, f"frame is not valid UTF-8 (bad byte at offset {bad})")
+
+
+def _too_deep() -> MessageError:
+    return MessageError(INVALID_JSON, "frame nests too deeply")
+
+
+def _not_an_object() -> MessageError:
+    return MessageError(INVALID_MESSAGE, "message must be a JSON object")
+
+
+def _scanned(frame: bytes) -> "Message":
+    """Decode a frame with the scanner: the body is a view of the frame."""
+    try:
+        spans = rawjson.scan_object(frame, _FIELD_KEYS)
+    except (rawjson.JSONError, rawjson.NestsTooDeeply, rawjson.NotAnObject) as e:
+        if not frame.isascii():
+            _check_utf8(frame)  # invalid UTF-8 is what is said first
+        if type(e) is rawjson.NestsTooDeeply:
+            raise _too_deep() from None
+        if type(e) is rawjson.NotAnObject:
+            raise _not_an_object() from None
+        raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
+    fields = {}
+    for name, (start, end) in spans.items():
+        if name == "body":
+            fields[name] = memoryview(frame)[start:end] if _BODY_VIEWS else frame[start:end]
+        elif frame[start] == 34 and frame.find(b"\\", start, end) < 0:
+            fields[name] = frame[start + 1 : end - 1].decode("utf-8")
+        else:
+            fields[name] = _scalar(frame[start:end])
+    return Message(**fields)
+
+
+def _decode_large(frame: bytes) -> "Message":
+    """Decode a frame over `_TYPED_LIMIT` bytes with msgspec, every field
+    as raw text, without building any value it holds (CPython)."""
+    target = frame
+    if b"\\ud" in frame or b"\\uD" in frame:
+        # Perhaps a lone surrogate escape, which msgspec refuses: check a copy
+        # holding other escapes of the same length in its place.
+        if not _RAW_VIEWS_FOLLOW_BYTEARRAYS:
+            return _scanned(frame)
+        target = bytearray(frame.replace(b"\\ud", b"\\ue").replace(b"\\uD", b"\\uE"))
+    try:
+        raw = _raw_fields_decode(target)
+    except RecursionError:
+        return _refused_as_deep(frame, target)
+    except msgspec.ValidationError:  # valid or not, it is no object
+        if len(frame) <= _SCAN_LIMIT:
+            return _scanned(frame)
+        try:
+            _raw_decode(target)
+        except RecursionError:
+            return _refused_as_deep(frame, target)
+        except msgspec.MsgspecError as e:
+            raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
+        deep = _nests_too_deeply(target)
+        if deep is None:
+            return _scanned(frame)
+        raise _too_deep() if deep else _not_an_object()
+    except msgspec.MsgspecError as e:
+        if len(frame) <= _SCAN_LIMIT:
+            return _scanned(frame)
+        raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
+    deep = _nests_too_deeply(target)
+    if deep is None:
+        return _scanned(frame)
+    if deep:
+        raise _too_deep()
+    if target is not frame:
+        target[:] = frame  # the Raw values are views of target: now of what was sent
+    fields = {}
+    for name in MESSAGE_FIELDS:
+        value = getattr(raw, name)
+        if value is not MISSING:
+            fields[name] = value if name == "body" else _scalar(bytes(value))
+    return Message(**fields)
+
+
+def _refused_as_deep(frame: bytes, target) -> "Message":
+    """msgspec ran out of recursion: refuse, if the frame really nests
+    deeper than `MAX_DEPTH` (msgspec's limit is much higher)."""
+    if len(frame) > _SCAN_LIMIT and _nests_too_deeply(target):
+        raise _too_deep()
+    return _scanned(frame)
+
+
+def _nests_too_deeply(data) -> Optional[bool]:
+    """Whether JSON text msgspec accepted nests deeper than `MAX_DEPTH`
+    (None if that cannot be told here).
+
+    msgspec refuses what nests deeper than the recursion it has left at the
+    point of the call.  That is measured here, and the text is checked
+    wrapped in arrays enough to leave it `MAX_DEPTH` levels; both calls
+    happen in this function, so both have the same recursion left.
+    """
+    if len(data) <= MAX_DEPTH or data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    decode = _raw_decode
+    good, bad = 0, None  # deepest nesting known to decode, shallowest known not to
+    depth = MAX_DEPTH + 1
+    while bad is None or bad - good > 1:
+        try:
+            decode(b"[" * depth + b"]" * depth)
+        except RecursionError:
+            bad = depth
+        else:
+            good = depth
+        if bad is None:
+            if depth >= 1 << 16:
+                return None  # no recursion limit to speak of
+            depth *= 2
+        else:
+            depth = (good + bad) // 2
+    if good < MAX_DEPTH:
+        return None
+    pad = good - MAX_DEPTH
+    try:
+        decode(b"".join((b"[" * pad, data, b"]" * pad)))
+    except RecursionError:
+        return True
+    except msgspec.MsgspecError:
+        return None
+    return False
+
+
+def _scalar(raw: bytes) -> Any:
+    """The value of a field other than the body, from its JSON text."""
+    first = raw[0]
+    if first == 34:  # a string
+        if 92 in raw:
+            return _plain_loads(raw)
+        return raw[1:-1].decode("utf-8")
+    if first == 123 or first == 91:
+        if len(raw) <= _TYPED_LIMIT:
+            try:
+                return _plain_loads(raw)
+            except RecursionError:
+                pass
+        return COMPOSITE
+    if first == 116:
+        return True
+    if first == 102:
+        return False
+    if first == 110:
+        return None
+    text = raw.decode("ascii")
+    if 46 in raw or 101 in raw or 69 in raw:
+        return _parse_float(text)
+    return _parse_int(text)
 
 
 def _slow_parts(value: Any) -> Iterator[str]:
@@ -236,7 +467,7 @@ def _slow_parts(value: Any) -> Iterator[str]:
             if not first:
                 yield ","
             first = False
-            yield _fast_dumps(key)
+            yield _utf8_dumps(key)
             yield ":"
             yield from _slow_parts(item)
         yield "}"
@@ -248,26 +479,36 @@ def _slow_parts(value: Any) -> Iterator[str]:
             yield from _slow_parts(item)
         yield "]"
     else:
-        yield _fast_dumps(value)
+        yield _utf8_dumps(value)
 
 
 def encode_id(job_id: str) -> bytes:
-    """A job id (or type) as ASCII JSON, to be spliced into frames."""
-    if _fast_encode is not None and job_id.isascii():
-        return _fast_encode(job_id)
-    return _fast_dumps(job_id).encode("ascii")
+    """A job id (or type) as JSON, to be spliced into frames: UTF-8, no
+    longer than the id in UTF-8 plus its quotes and escapes."""
+    if job_id.isascii():
+        if _fast_encode is not None:
+            return _fast_encode(job_id)
+        return _fast_dumps(job_id).encode("ascii")
+    return _utf8_dumps(job_id).encode("utf-8", "backslashreplace")
 
 
 def encode_value(value: Any) -> bytes:
-    """Encode a decoded JSON value back to compact ASCII JSON."""
+    """Encode a decoded JSON value back to compact JSON in UTF-8.
+
+    Characters are written as themselves, not as ``\\uXXXX`` escapes (which
+    would make the text up to three times longer); a lone surrogate, which
+    UTF-8 cannot hold, is written as its ``\\uXXXX`` escape."""
     try:
-        return _fast_dumps(value).encode("ascii")
+        text = _fast_dumps(value)  # the faster on PyPy, and the same for ASCII
+        if "\\u" in text:
+            text = _utf8_dumps(value)
     except TypeError:
-        return "".join(_slow_parts(value)).encode("ascii")
+        text = "".join(_slow_parts(value))
+    return text.encode("utf-8", "backslashreplace")
 
 
 def encode_body(value: Any, job_id: Optional[str] = None) -> bytes:
-    """Encode a received body for carrying; refuse one that nests too deeply."""
+    """Encode a body given as a Python value; refuse one that nests too deeply."""
     try:
         return encode_value(value)
     except RecursionError:

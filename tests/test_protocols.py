@@ -100,6 +100,22 @@ class RoundTripTests(SynchronousTestCase):
             self.master.protocol.dataReceived(data[byte : byte + 1])
         self.assertEqual(self.master.received(), [{"ok": True, "id": "1"}, {"ok": True, "id": "2"}])
 
+    def test_large_frames_gathered_across_reads(self):
+        """A frame of LARGE_FRAME bytes or more is gathered from its reads;
+        what follows it in the read that ends it is framed as usual."""
+        from gloom.protocol import LARGE_FRAME
+
+        daemon = Daemon(max_frame=8 * LARGE_FRAME)
+        master, slave = daemon.master(), daemon.slave("t")
+        body = "é" * LARGE_FRAME
+        data = (frame({"action": "submit", "id": "big", "type": "t", "body": body})
+                + frame({"action": "submit", "id": "next", "type": "t", "body": 2}))
+        for start in range(0, len(data), 65536 - 3):
+            master.protocol.dataReceived(data[start : start + 65536 - 3])
+        self.assertEqual(master.received(), [{"ok": True, "id": "big"}, {"ok": True, "id": "next"}])
+        self.assertEqual(slave.received()[0]["body"], body)
+        self.assertFalse(master.protocol.inside_a_frame())
+
     def test_tcp_nodelay_is_set(self):
         class Transport(StringTransport):
             nodelay = None

@@ -184,7 +184,16 @@ class FrameTests(SynchronousTestCase):
         self.assertEqual(json.loads(wire.error(wire.SIZE_ERROR, "big")),
                          {"error": "size_error", "reason": "big"})
 
-    def test_frames_are_ascii(self):
-        self.assertEqual(wire.ack(wire.encode_id("\u2603")).decode("ascii"), '{"ok":true,"id":"\\u2603"}')
+    def test_frames_are_utf8(self):
+        """Characters are written in UTF-8, not as \\u escapes (up to three
+        times longer); a lone surrogate, which UTF-8 cannot hold, as its escape."""
+        self.assertEqual(wire.ack(wire.encode_id("\u2603")), '{"ok":true,"id":"\u2603"}'.encode("utf-8"))
         self.assertEqual(wire.encode_id("plain-id"), b'"plain-id"')
         self.assertEqual(wire.encode_id('q"uote\\'), b'"q\\"uote\\\\"')
+        self.assertEqual(wire.encode_id("caf\u00e9\x01"), '"caf\u00e9\\u0001"'.encode("utf-8"))
+        self.assertEqual(wire.encode_id("a\ud800"), b'"a\\ud800"')
+        self.assertEqual(json.loads(wire.encode_id("a\ud800")), "a\ud800")
+        self.assertEqual(wire.error(wire.JOB_FAILED, "caf\u00e9 \U0001f600", "\u00e9"),
+                         '{"error":"job_failed","reason":"caf\u00e9 \U0001f600","id":"\u00e9"}'.encode("utf-8"))
+        encoded = wire.encode_value({"\u00e9": ["\u20ac" * 1000, "\udc80", wire.RawNumber("1e400")]})
+        self.assertEqual(encoded, ('{"\u00e9":["' + "\u20ac" * 1000 + '","\\udc80",1e400]}').encode("utf-8"))

@@ -22,7 +22,7 @@ _TOTAL_HELP = {
     "submitted": "Jobs accepted from masters.",
     "completed": "Jobs answered by a slave, the answer delivered to their master.",
     "failed": "Jobs that ended in a job_failed error (slave fail, or retries used up).",
-    "cancelled": "Jobs withdrawn by cancel or by their master disconnecting.",
+    "cancelled": "Jobs withdrawn by cancel, by their master disconnecting or by the daemon stopping.",
     "retried": "Times a job was queued again after losing its slave or timing out.",
     "timed_out": "Attempts given up for running past their timeout.",
 }

@@ -11,6 +11,8 @@ from gloom.scheduler import Job, ShuttingDown
 
 DEFAULT_MAX_QUEUED = 100_000
 
+MAX_NAME = wire.MAX_NAME_BYTES
+
 
 class MasterProtocol(GloomProtocol):
     """One master's connection: it owns the jobs it submits (a scheduler
@@ -29,8 +31,12 @@ class MasterProtocol(GloomProtocol):
     def do_submit(self, message: wire.Message) -> None:
         """Queue a job.  The frame its slave will get is built here, once,
         and carried by the scheduler as the job's opaque payload."""
-        job_id = wire.required_name(message, "id")
-        job_type = sys.intern(wire.required_name(message, "type", job_id))
+        job_id, job_type = message.id, message.type
+        if not (type(job_id) is str and 0 < len(job_id) <= MAX_NAME and job_id.isascii()):
+            job_id = wire.required_name(message, "id")
+        if not (type(job_type) is str and 0 < len(job_type) <= MAX_NAME and job_type.isascii()):
+            job_type = wire.required_name(message, "type", job_id)
+        job_type = sys.intern(job_type)
         priority = wire.optional_priority(message, job_id)
         timeout = wire.optional_timeout(message, job_id)
         body = wire.required_body(message, job_id)
@@ -73,17 +79,13 @@ class MasterProtocol(GloomProtocol):
         self.sendString(self.factory.stats_frame())
 
     def job_answered(self, job: Job, body: Any) -> None:
-        self._forget(job)
+        self._unfinished.pop(job.id, None)
         self.sendString(wire.answer(wire.encode_id(job.id), body))
 
     def job_failed(self, job: Job, error: Exception) -> None:
-        self._forget(job)
+        self._unfinished.pop(job.id, None)
         code = wire.SHUTDOWN if isinstance(error, ShuttingDown) else wire.JOB_FAILED
         self.sendString(wire.error(code, str(error), job.id))
-
-    def _forget(self, job: Job) -> None:
-        if self._unfinished.get(job.id) is job:
-            del self._unfinished[job.id]
 
     def connectionLost(self, reason) -> None:
         """Withdraw every unfinished job of this master."""

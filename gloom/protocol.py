@@ -26,10 +26,14 @@ DEFAULT_FRAME_TIMEOUT = 30.0
 """Seconds a connection may sit in the middle of a frame (or of its TLS
 handshake) without sending more, before it is closed."""
 
-# Replies one read may produce before they are written out (and the
-# transport, if its buffer is full, pauses the connection): backpressure
-# holds within a read, not only between reads.
-REPLIES_HIGH_WATER = 64 * 1024
+# The replies to one read's requests are written together when the read
+# is handled; but a reply over REPLY_WRITTEN_AT_ONCE bytes (a stats reply,
+# a slave's next job), or more than REPLIES_HELD replies, are written at
+# once, so that a transport whose buffer is then full pauses the connection:
+# backpressure holds within a read, not only between reads.  (Counting only
+# these, not every reply's bytes, keeps the cost per reply to a comparison.)
+REPLY_WRITTEN_AT_ONCE = 1024
+REPLIES_HELD = 1024
 
 # Bad input is logged at most this many times per connection per window;
 # the rest is counted and the count logged when the window ends.
@@ -149,7 +153,7 @@ class FrameReceiver(Int32StringReceiver):
             if offset:
                 del buffer[:offset]
             self._parsing = False
-            if self.inside_a_frame() and not self.paused and not self._refusing:
+            if (buffer or self._parts is not None) and not self.paused and not self._refusing:
                 self.inside_frame()
 
     def _large_frame_received(self, data: bytes) -> bytes:
@@ -198,7 +202,6 @@ class GloomProtocol(FrameReceiver):
         self._last_progress = 0.0
         self._sends_directly = False
         self._replies: Optional[List[bytes]] = None
-        self._replies_size = 0
         self._log_window_start = None
         self._logged = 0
         self._unlogged = 0
@@ -213,7 +216,6 @@ class GloomProtocol(FrameReceiver):
         if self._replies is not None:
             return super().dataReceived(data)
         self._replies = []
-        self._replies_size = 0
         try:
             super().dataReceived(data)
         finally:
@@ -228,7 +230,6 @@ class GloomProtocol(FrameReceiver):
             else:
                 self.transport.writeSequence(replies)
             replies.clear()
-            self._replies_size = 0
 
     def _write_replies_now(self) -> None:
         """Write this read's replies so far at once, behind anything held:
@@ -241,7 +242,6 @@ class GloomProtocol(FrameReceiver):
         else:
             self.transport.writeSequence(replies)
         replies.clear()
-        self._replies_size = 0
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` now if this connection has not sent yet in this
@@ -289,10 +289,10 @@ class GloomProtocol(FrameReceiver):
     def sendString(self, frame: bytes) -> None:
         replies = self._replies
         if replies is not None:
-            replies.append(_HEADER.pack(len(frame)))
+            size = len(frame)
+            replies.append(_HEADER.pack(size))
             replies.append(frame)
-            self._replies_size += len(frame)
-            if self._replies_size > REPLIES_HIGH_WATER:
+            if size > REPLY_WRITTEN_AT_ONCE or len(replies) > 2 * REPLIES_HELD:
                 self._write_replies_now()
         elif self._sends_directly:
             self._send(_HEADER.pack(len(frame)) + frame)
@@ -338,6 +338,7 @@ class GloomProtocol(FrameReceiver):
         self.log.warn("{role} {peer}: no progress in {what} for {timeout:g} s; closing",
                       role=self.role, peer=self.peer, what=what,
                       timeout=self.factory.frame_timeout)
+        self.closing()
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -381,10 +382,14 @@ class GloomProtocol(FrameReceiver):
         """Close once pending frames are written.  The protocol stops being
         the transport's producer first: a TLS transport would otherwise wait
         for it before closing."""
+        self.closing()
         self._write_replies()
         self.write_held()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def closing(self) -> None:
+        """The daemon is closing this connection: take on no new work."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -388,7 +388,10 @@ class Scheduler(Service):
             self.totals["completed"] += 1
             if self.on_answer is not None:
                 self._contain(self.on_answer, job.type, self.clock.seconds() - job.submitted_at)
-            self._contain(owner.job_answered, job, body)
+            try:
+                owner.job_answered(job, body)
+            except Exception:
+                self._contained(owner.job_answered)
         finally:
             if job.type not in self._joined:
                 self._maybe_unused(job.type)
@@ -486,7 +489,11 @@ class Scheduler(Service):
         try:
             call(*args)
         except Exception:
-            self.log.failure("Error while reporting to {call!r}", call=call)
+            self._contained(call)
+
+    def _contained(self, call: Callable) -> None:
+        """Log the exception ``call`` just raised."""
+        self.log.failure("Error while reporting to {call!r}", call=call)
 
     # --- inspection and lifecycle -------------------------------------------
 
@@ -539,6 +546,7 @@ class Scheduler(Service):
         for job in jobs:
             self._end_attempt(job)
             owner = self._end(job)
+            self.totals["cancelled"] += 1
             if owner is not None:
                 self._contain(owner.job_failed, job, ShuttingDown("the daemon is shutting down"))
         idle = [slave for waiters in self._idle.values() for slave in waiters]

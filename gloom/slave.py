@@ -27,6 +27,7 @@ class SlaveProtocol(GloomProtocol):
         self.job: Optional[Job] = None
         self.attempt = 0
         self._waiting: Optional[Deferred] = None
+        self._closing = False
 
     def do_join(self, message: wire.Message) -> None:
         """Serve a type.  While a job is held the switch waits for its answer."""
@@ -47,12 +48,16 @@ class SlaveProtocol(GloomProtocol):
             self._ask()
 
     def do_respond(self, message: wire.Message) -> None:
-        job = self._held_job(message, "respond")
+        job = self.job
+        if job is None or message.id is not wire.MISSING:
+            job = self._held_job(message, "respond")
         body = wire.required_body(message, job.id)
         self._finish(self.factory.scheduler.complete, body)
 
     def do_fail(self, message: wire.Message) -> None:
-        job = self._held_job(message, "fail")
+        job = self.job
+        if job is None or message.id is not wire.MISSING:
+            job = self._held_job(message, "fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
         self._finish(self.factory.scheduler.fail, reason)
 
@@ -65,7 +70,7 @@ class SlaveProtocol(GloomProtocol):
         except AttemptGivenUp:
             self.sendString(wire.error(
                 wire.TIMED_OUT,
-                f"job {job.id!r} ran past its timeout of {job.timeout:g} s and was given up; "
+                f"job {wire.quoted(job.id)} ran past its timeout of {job.timeout:g} s and was given up; "
                 "this answer was discarded",
                 job.id,
             ))
@@ -93,6 +98,8 @@ class SlaveProtocol(GloomProtocol):
 
     def _ask(self) -> None:
         """Take a queued job at once, or wait for one on a Deferred."""
+        if self._closing:
+            return
         scheduler = self.factory.scheduler
         job = scheduler.take(self.job_type)
         if job is not None:
@@ -110,6 +117,12 @@ class SlaveProtocol(GloomProtocol):
     def _stopped_waiting(self, failure) -> None:
         failure.trap(CancelledError)
         self._waiting = None
+
+    def closing(self) -> None:
+        """A slave being closed gets no more jobs: it leaves the idle set."""
+        self._closing = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     def connectionLost(self, reason) -> None:
         """Leave the idle set, give the held job back, stop serving the type."""

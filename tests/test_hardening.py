@@ -140,6 +140,8 @@ class ExceptionSafetyTests(SynchronousTestCase):
         scheduler.stopService()
         self.assertEqual(master.received()[0]["error"], "shutdown")
         self.assertEqual(len(scheduler), 0)
+        self.assertEqual(scheduler.totals["cancelled"], 2)
+        self.assertTrue(totals_add_up(scheduler))
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
 
@@ -369,6 +371,40 @@ class StalledHandshakeTests(test_operations.TLSTestCase):
         silent = yield connect(self.port("slave"))
         self.clients.append(silent)
         yield silent.lost.addTimeout(5, reactor)
+
+
+class ClosingSlaveTests(SynchronousTestCase):
+    """A slave the daemon is closing takes no more jobs."""
+
+    def test_slave_refused_for_a_huge_frame_gets_no_job(self):
+        daemon = Daemon(max_frame=1000)
+        slave = daemon.slave("t")
+        slave.protocol.dataReceived(struct.pack("!I", 5000))
+        self.assertEqual(slave.received()[0]["error"], "size_error")
+        self.assertEqual(daemon.scheduler.idle_slaves("t"), 0)
+        master = daemon.master()
+        master.send(submit())
+        self.assertEqual(slave.received(), [])
+        self.assertEqual(daemon.scheduler.queued("t"), 1)
+
+    def test_stalled_slave_gets_no_job(self):
+        daemon = Daemon()
+        slave = daemon.slave("t")
+        slave.protocol.dataReceived(b"\0\0")
+        daemon.clock.advance(DEFAULT_FRAME_TIMEOUT)
+        self.assertEqual(daemon.scheduler.idle_slaves("t"), 0)
+
+
+class LateAnswerTests(SynchronousTestCase):
+    def test_timed_out_refusal_quotes_a_long_id_briefly(self):
+        daemon = Daemon()
+        slave = daemon.slave("t")
+        daemon.master().send(submit(id="x" * 1024, timeout=1))
+        slave.received()
+        daemon.clock.advance(1)
+        refusal = slave.send({"action": "respond", "body": "late"})[0]
+        self.assertEqual(refusal["error"], "timed_out")
+        self.assertLess(len(refusal["reason"]), 400)
 
 
 class LogFloodTests(SynchronousTestCase):

@@ -95,7 +95,8 @@ class MasterProtocol(GloomProtocol):
             try:
                 cancel(job)
             except Exception:
-                self.log.failure("Cancelling {job!r} of master {peer}", job=job, peer=self.peer)
+                self.log.failure("Cancelling job {id} of master {peer}", id=wire.quoted(job.id),
+                                 peer=self.peer)
         super().connectionLost(reason)
 
 

@@ -90,10 +90,9 @@ def address_name(address) -> str:
 
 
 LARGE_FRAME = 1024 * 1024
-"""Frames of at least this many bytes are gathered as the list of the reads
-that bring them and joined once, rather than appended to a buffer that is
-re-allocated as it grows (which leaves several times the frame behind as
-garbage on PyPy)."""
+"""Frames of at least this many bytes are gathered in pieces of this size
+and joined once, rather than appended to one buffer that is re-allocated as
+it grows (which leaves several times the frame behind as garbage on PyPy)."""
 
 
 class FrameReceiver(Int32StringReceiver):
@@ -103,7 +102,8 @@ class FrameReceiver(Int32StringReceiver):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._parts: Optional[List[bytes]] = None  # a large frame's reads so far
+        self._parts: Optional[List[bytes]] = None  # a large frame's pieces so far
+        self._piece = bytearray()  # the reads since the last piece
         self._missing = 0  # bytes of that frame still to come
         self._parsing = False
         self._refusing = False
@@ -114,8 +114,13 @@ class FrameReceiver(Int32StringReceiver):
         if self._parts is not None:
             if len(data) < self._missing:
                 if data:
-                    self._parts.append(data)
+                    piece = self._piece
+                    piece += data
+                    if len(piece) >= LARGE_FRAME:
+                        self._parts.append(bytes(piece))
+                        del piece[:]
                     self._missing -= len(data)
+                if not self.paused:
                     self.inside_frame()
                 return
             data = self._large_frame_received(data)
@@ -161,6 +166,8 @@ class FrameReceiver(Int32StringReceiver):
         frame, and return the rest of ``data``."""
         parts, self._parts = self._parts, None
         missing = self._missing
+        parts.append(bytes(self._piece))
+        del self._piece[:]
         parts.append(data[:missing])
         frame = b"".join(parts)
         del parts[:]
@@ -323,9 +330,11 @@ class GloomProtocol(FrameReceiver):
 
     def _check_progress(self) -> None:
         self._stall_call = None
-        if not self.inside_a_frame() or self.paused or self._refusing:
+        if not self.inside_a_frame() or self._refusing:
             return
         clock, timeout = self.factory.clock, self.factory.frame_timeout
+        if self.paused:  # waiting for the peer to read, not for it to send
+            self._last_progress = clock.seconds()
         waited = clock.seconds() - self._last_progress
         if waited < timeout:
             self._stall_call = clock.callLater(timeout - waited, self._check_progress)
@@ -383,6 +392,8 @@ class GloomProtocol(FrameReceiver):
         the transport's producer first: a TLS transport would otherwise wait
         for it before closing."""
         self.closing()
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
         self._write_replies()
         self.write_held()
         self.transport.unregisterProducer()

@@ -459,8 +459,8 @@ class Scheduler(Service):
         try:
             self._dispatch(job)
         except Exception:
-            self.log.failure("Job {id!r} ({type}) could not be queued again",
-                             id=job.id, type=job.type)
+            self.log.failure("Job {id} ({type}) could not be queued again",
+                             id=quoted(job.id), type=quoted(job.type))
             self._give_up(job, f"{why}; it could not be queued again")
             return
         job.retries += 1

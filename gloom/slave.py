@@ -35,14 +35,14 @@ class SlaveProtocol(GloomProtocol):
         if self._waiting is not None and job_type == self.job_type:
             self.sendString(wire.OK)
             return
+        if self._waiting is not None:
+            self._waiting.cancel()
         scheduler = self.factory.scheduler
         if job_type != self.job_type:
             scheduler.join(job_type)
             old_type, self.job_type = self.job_type, job_type
             if old_type is not None:
                 scheduler.leave(old_type)
-        if self._waiting is not None:
-            self._waiting.cancel()
         self.sendString(wire.OK)
         if self.job is None:
             self._ask()

@@ -317,6 +317,32 @@ class FrameTimeoutTests(SynchronousTestCase):
         self.assertTrue(master.transport.disconnecting)
         self.assertEqual(len([e for e in self.logged.gloom() if "no progress" in e["log_format"]]), 1)
 
+    def test_large_frame_stalled_after_a_pause_is_closed(self):
+        """A peer paused (it did not read) while part way through a large
+        frame is timed out again once it reads, if it sends no more."""
+        from gloom.protocol import LARGE_FRAME
+
+        daemon = Daemon(max_frame=4 * LARGE_FRAME)
+        master = daemon.master()
+        master.protocol.dataReceived(struct.pack("!I", 2 * LARGE_FRAME) + b"x" * 1000)
+        master.protocol.pauseProducing()
+        daemon.clock.advance(DEFAULT_FRAME_TIMEOUT * 3)
+        self.assertFalse(master.transport.disconnecting)
+        master.protocol.resumeProducing()
+        daemon.clock.advance(DEFAULT_FRAME_TIMEOUT * 2)
+        self.assertTrue(master.transport.disconnecting)
+
+    def test_large_frame_in_tiny_reads_is_kept_in_few_pieces(self):
+        from gloom.protocol import LARGE_FRAME
+
+        daemon = Daemon(max_frame=4 * LARGE_FRAME)
+        master = daemon.master()
+        data = frame({"action": "stats", "pad": "x" * (2 * LARGE_FRAME)})
+        for start in range(0, len(data), 7):
+            master.protocol.dataReceived(data[start : start + 7])
+            self.assertLessEqual(len(master.protocol._parts or ()), 3)
+        self.assertEqual(master.received()[0]["ok"], True)
+
     def test_idle_connection_between_frames_stays_open(self):
         master = self.daemon.master()
         master.send(submit())
@@ -453,6 +479,22 @@ class MetricSeriesTests(SynchronousTestCase):
             slave.disconnect()
         self.assertEqual(len(latency), 0)
         self.assertEqual(daemon.scheduler.type_names(), set())
+
+    def test_a_slave_switching_type_while_idle_frees_the_old_type(self):
+        from prometheus_client import CollectorRegistry
+
+        daemon = Daemon()
+        latency = LatencyHistogram(CollectorRegistry())
+        daemon.scheduler.on_answer = latency.observe
+        daemon.scheduler.on_type_unused = latency.forget
+        master = daemon.master()
+        slave = daemon.slave("t0")
+        for i in range(5):
+            master.send(submit(id=str(i), type=f"t{i}"))
+            slave.send({"action": "respond", "body": None})
+            slave.send({"action": "join", "type": f"t{i + 1}"})
+        self.assertEqual(len(latency), 0)
+        self.assertEqual(daemon.scheduler.type_names(), {"t5"})
 
     def test_a_slave_switching_type_while_busy_frees_the_old_type(self):
         from prometheus_client import CollectorRegistry

@@ -336,6 +336,8 @@ def format_status(stats: dict) -> str:
                        for i, cell in enumerate(row)) for row in [headings] + rows]
     if not rows:
         lines.append("(no jobs and no slaves)")
+    if stats.get("types_omitted"):
+        lines.append(f"(and {stats['types_omitted']} less busy types)")
     totals = stats["totals"]
     lines += [
         "",

@@ -9,6 +9,7 @@ import sys
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.tap import makeService
 from tests.test_integration import DaemonTestCase, wait_until
@@ -287,3 +288,15 @@ class BenchRefusedTests(CLITestCase):
                                             *self.master_arg(), *self.slave_arg())
         figures = json.loads(out)
         self.assertEqual((status, figures["jobs"], figures["errors"]), (1, 80, 30))
+
+
+class FormatStatusTests(SynchronousTestCase):
+    def test_says_how_many_types_were_left_out(self):
+        from gloom.cli import format_status
+
+        stats = {"types": {"t": {"queued": 1, "running": 0, "idle_slaves": 0, "busy_slaves": 0}},
+                 "types_omitted": 3000, "totals": {"submitted": 1}, "masters": 1, "slaves": 0,
+                 "uptime": 5, "version": "x"}
+        self.assertIn("(and 3000 less busy types)", format_status(stats))
+        del stats["types_omitted"]
+        self.assertNotIn("less busy", format_status(stats))

@@ -518,11 +518,14 @@ class Scheduler(Service):
         """The types with queued or running jobs, or idle or busy slaves."""
         return set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
 
-    def types(self, limit: Optional[int] = None) -> Dict[str, Dict[str, int]]:
+    def types(self, limit: Optional[int] = None,
+              names: Optional[Set[str]] = None) -> Dict[str, Dict[str, int]]:
         """Per type with any jobs or slaves: queued and running jobs, idle
         and busy slaves; only the ``limit`` busiest (most jobs queued and
-        running) when a limit is given."""
-        names = self.type_names()
+        running) when a limit is given.  ``names``: `type_names`, if the
+        caller has it already."""
+        if names is None:
+            names = self.type_names()
         if limit is not None and len(names) > limit:
             names = heapq.nlargest(limit, names, key=self._jobs_of_type)
         return {

@@ -240,14 +240,15 @@ class GloomService(MultiService):
         """What the stats action and /status report: the ``types_limit``
         busiest types (all with None), and how many more there are."""
         masters, slaves = self.factories
-        types = self.scheduler.types(types_limit)
+        names = self.scheduler.type_names()
+        types = self.scheduler.types(types_limit, names)
         return {
             "version": gloom.__version__,
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
             "masters": len(masters.connections),
             "slaves": len(slaves.connections),
             "types": types,
-            "types_omitted": len(self.scheduler.type_names()) - len(types),
+            "types_omitted": len(names) - len(types),
             "totals": dict(self.scheduler.totals),
         }
 

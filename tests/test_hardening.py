@@ -21,7 +21,7 @@ from gloom import wire
 from gloom.http import LatencyHistogram
 from gloom.protocol import BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW, DEFAULT_FRAME_TIMEOUT
 from gloom.scheduler import Scheduler
-from tests.support import ANY_PORT, Daemon, TwistdDaemon, connect, frame, unframe
+from tests.support import ANY_PORT, BlockingClient, Daemon, TwistdDaemon, connect, frame, unframe
 from tests import test_integration, test_operations
 
 JOB = {"action": "submit", "id": "j", "type": "t", "body": 1}
@@ -463,13 +463,16 @@ class MetricSeriesTests(SynchronousTestCase):
     """A type's latency series goes as soon as the type has no jobs and no
     slaves, whether or not anyone scrapes /metrics."""
 
-    def test_series_are_pruned_without_a_scrape(self):
+    def setUp(self):
         from prometheus_client import CollectorRegistry
 
-        daemon = Daemon()
-        latency = LatencyHistogram(CollectorRegistry())
-        daemon.scheduler.on_answer = latency.observe
-        daemon.scheduler.on_type_unused = latency.forget
+        self.daemon = Daemon()
+        self.latency = LatencyHistogram(CollectorRegistry())
+        self.daemon.scheduler.on_answer = self.latency.observe
+        self.daemon.scheduler.on_type_unused = self.latency.forget
+
+    def test_series_are_pruned_without_a_scrape(self):
+        daemon, latency = self.daemon, self.latency
         master = daemon.master()
         for i in range(300):
             slave = daemon.slave(f"type-{i}")
@@ -481,12 +484,7 @@ class MetricSeriesTests(SynchronousTestCase):
         self.assertEqual(daemon.scheduler.type_names(), set())
 
     def test_a_slave_switching_type_while_idle_frees_the_old_type(self):
-        from prometheus_client import CollectorRegistry
-
-        daemon = Daemon()
-        latency = LatencyHistogram(CollectorRegistry())
-        daemon.scheduler.on_answer = latency.observe
-        daemon.scheduler.on_type_unused = latency.forget
+        daemon, latency = self.daemon, self.latency
         master = daemon.master()
         slave = daemon.slave("t0")
         for i in range(5):
@@ -497,12 +495,7 @@ class MetricSeriesTests(SynchronousTestCase):
         self.assertEqual(daemon.scheduler.type_names(), {"t5"})
 
     def test_a_slave_switching_type_while_busy_frees_the_old_type(self):
-        from prometheus_client import CollectorRegistry
-
-        daemon = Daemon()
-        latency = LatencyHistogram(CollectorRegistry())
-        daemon.scheduler.on_answer = latency.observe
-        daemon.scheduler.on_type_unused = latency.forget
+        daemon, latency = self.daemon, self.latency
         master = daemon.master()
         slave = daemon.slave("old")
         master.send(submit(id="1", type="old"), submit(id="2", type="old"))
@@ -523,24 +516,6 @@ def peak_rss(pid):
     raise AssertionError("no VmHWM")
 
 
-def framed(sock, message):
-    sock.sendall(frame(message))
-
-
-def read_frame(sock):
-    def exactly(count):
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    (length,) = struct.unpack("!I", exactly(4))
-    return json.loads(exactly(length))
-
-
 class StatsFloodOverTCPTests(SynchronousTestCase):
     """The issue's reproduction against a real daemon: 4,000 types, then
     69 KB of stats requests from a master that never reads."""
@@ -550,11 +525,11 @@ class StatsFloodOverTCPTests(SynchronousTestCase):
             raise self.skipTest("needs /proc")
         daemon = TwistdDaemon(self, "-n", "gloom", *ANY_PORT)
         master_port, _ = daemon.ports()
-        maker = socket.create_connection(("127.0.0.1", master_port), timeout=30)
+        maker = BlockingClient(master_port)
         self.addCleanup(maker.close)
-        maker.sendall(b"".join(frame(submit(id=str(i), type=f"type-{i:04d}")) for i in range(4000)))
+        maker.sock.sendall(b"".join(frame(submit(id=str(i), type=f"type-{i:04d}")) for i in range(4000)))
         for _ in range(4000):
-            self.assertTrue(read_frame(maker)["ok"])
+            self.assertTrue(maker.receive()["ok"])
         before = peak_rss(daemon.process.pid)
         flooder = socket.socket()
         flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -562,11 +537,11 @@ class StatsFloodOverTCPTests(SynchronousTestCase):
         self.addCleanup(flooder.close)
         flooder.sendall(frame({"action": "stats"}) * 4000)
         time.sleep(0.5)
-        other = socket.create_connection(("127.0.0.1", master_port), timeout=30)
+        other = BlockingClient(master_port)
         self.addCleanup(other.close)
         started = time.monotonic()
-        framed(other, {"action": "stats"})
-        reply = read_frame(other)
+        other.send({"action": "stats"})
+        reply = other.receive()
         waited = time.monotonic() - started
         self.assertEqual(reply["stats"]["types_omitted"], 3000)
         self.assertLess(waited, 2.0)

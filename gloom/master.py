@@ -5,18 +5,21 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Dict, Optional
 
+from zope.interface import implementer
+
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import Job, ShuttingDown
+from gloom.scheduler import IJobOwner, ScheduledJob, ShuttingDown
 
 DEFAULT_MAX_QUEUED = 100_000
 
 MAX_NAME = wire.MAX_NAME_BYTES
 
 
+@implementer(IJobOwner)
 class MasterProtocol(GloomProtocol):
-    """One master's connection: it owns the jobs it submits (a scheduler
-    `JobOwner`), and writes each one's end back as an answer or an error
+    """One master's connection: it owns the jobs it submits (an
+    `IJobOwner`), and writes each one's end back as an answer or an error
     frame.  Its job ids are its own: another master may use the same ids."""
 
     role = "master"
@@ -26,7 +29,7 @@ class MasterProtocol(GloomProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._unfinished: Dict[str, Job] = {}
+        self._unfinished: Dict[str, ScheduledJob] = {}
 
     def do_submit(self, message: wire.Message) -> None:
         """Queue a job.  The frame its slave will get is built here, once,
@@ -78,11 +81,11 @@ class MasterProtocol(GloomProtocol):
     def do_stats(self, message: wire.Message) -> None:
         self.sendString(self.factory.stats_frame())
 
-    def job_answered(self, job: Job, body: Any) -> None:
+    def job_answered(self, job: ScheduledJob, body: Any) -> None:
         self._unfinished.pop(job.id, None)
         self.sendString(wire.answer(wire.encode_id(job.id), body))
 
-    def job_failed(self, job: Job, error: Exception) -> None:
+    def job_failed(self, job: ScheduledJob, error: Exception) -> None:
         self._unfinished.pop(job.id, None)
         code = wire.SHUTDOWN if isinstance(error, ShuttingDown) else wire.JOB_FAILED
         self.sendString(wire.error(code, str(error), job.id))
@@ -101,13 +104,17 @@ class MasterProtocol(GloomProtocol):
 
 
 class MasterFactory(GloomFactory):
-    """Masters' connections.  ``stats`` supplies the figures for the stats
-    action; ``max_queued`` caps each master's unfinished jobs."""
+    """Masters' connections."""
 
     protocol = MasterProtocol
 
     def __init__(self, *args, max_queued: int = DEFAULT_MAX_QUEUED,
                  stats: Callable[[], dict] = dict, **kwargs):
+        """Takes `GloomFactory`'s arguments, and:
+
+        :param max_queued: how many unfinished jobs one master may have.
+        :param stats: returns the figures of the stats reply.
+        """
         super().__init__(*args, **kwargs)
         self.max_queued = max_queued
         self.stats = stats

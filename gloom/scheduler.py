@@ -2,11 +2,13 @@
 
 The scheduler knows jobs, types, priorities, retries and timeouts; it knows
 nothing about sockets or JSON (a job's body is an opaque value it carries).
-An idle slave is a Deferred waiting for a `Job`; cancelling it takes the
-slave out of the idle set.  A submitted job reports its end to its owner (a
-`JobOwner`: the master's connection) with one method call, and the owner
-withdraws it with `Scheduler.cancel`.  A queued job costs a few hundred
-bytes, which is why it carries no Deferred and callback chain of its own.
+Jobs come from an `IJobOwner` (a master's connection), which hears how each
+one ended through one method call and withdraws it with `Scheduler.cancel`.
+Slaves are `ISlave` providers: one that asks for work gets a Deferred that
+fires with its next job, at once if one is queued; while it waits it is an
+idle slave, and cancelling the Deferred takes it out of the idle set.  A
+queued job costs a few hundred bytes, which is why it carries no Deferred
+and callback chain of its own.
 
 No operation grows with the number of queued jobs beyond O(log p), p being
 the number of distinct priorities queued for the type: each type keeps a
@@ -22,12 +24,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict, deque
-from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface
 
 from gloom.quoting import quoted
 
@@ -35,7 +38,8 @@ QUEUED = "queued"
 RUNNING = "running"
 ENDED = "ended"
 
-# Compact a heap only when dead entries outnumber live ones and are this many.
+# Compact a type's queue only when withdrawn entries outnumber live ones and
+# are at least this many.
 _COMPACT_MINIMUM = 64
 
 TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out")
@@ -49,6 +53,9 @@ class JobFailed(Exception):
     """The job ended without an answer: the slave failed it or retries ran out."""
 
     def __init__(self, reason: str):
+        """
+        :param reason: why, for the job's owner.
+        """
         super().__init__(reason)
         self.reason = reason
 
@@ -57,13 +64,14 @@ class AttemptGivenUp(Exception):
     """A slave answered an attempt that had already run past its timeout."""
 
 
-class Job:
+class ScheduledJob:
     """One submitted job and where it is in its life.
 
-    ``attempt`` counts the times the job was handed to a slave; a slave
-    answers for the attempt it was given, so an answer to an attempt that
-    was given up is recognised as late.  ``owner`` is told how the job
-    ended; it is None once the job ended or was withdrawn.
+    ``attempt`` counts the times the job was handed to a slave, and
+    ``holder`` is the slave running the current attempt: an attempt given
+    up (it timed out) has no holder, so its slave's late answer is
+    recognised.  ``owner`` is told how the job ended; it is None once the
+    job ended or was withdrawn.
     """
 
     __slots__ = (
@@ -79,10 +87,21 @@ class Job:
         "attempt",
         "state",
         "timer",
+        "holder",
     )
 
-    def __init__(self, owner: Optional["JobOwner"], job_id: str, job_type: str, body: Any,
+    def __init__(self, owner: Optional["IJobOwner"], job_id: str, job_type: str, body: Any,
                  priority: int, sequence: int, timeout: Optional[float], submitted_at: float):
+        """
+        :param owner: who hears how the job ends.
+        :param job_id: the owner's name for the job (for logs and errors).
+        :param job_type: the type of slave that runs it.
+        :param body: what the slave is handed; opaque to the scheduler.
+        :param priority: higher runs first.
+        :param sequence: the submission order, among jobs of one priority.
+        :param timeout: seconds one attempt may run, or None for no limit.
+        :param submitted_at: the clock's time at submission.
+        """
         self.owner = owner
         self.id = job_id
         self.type = job_type
@@ -95,21 +114,39 @@ class Job:
         self.attempt = 0
         self.state = QUEUED
         self.timer = None
+        self.holder = None
 
     def __repr__(self) -> str:
-        return f"<Job {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
+        return f"<ScheduledJob {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
 
 
-class JobOwner(Protocol):
+class IJobOwner(Interface):
     """Who submitted a job and hears how it ended: exactly one of these is
     called, once, unless the owner withdrew the job first.  They must not
-    raise: they run inside the slave's report or the scheduler's timer."""
+    raise: they run inside a slave's report or the scheduler's timer."""
 
-    def job_answered(self, job: Job, body: Any) -> None:
-        """A slave answered the job with ``body``."""
+    def job_answered(job, body):
+        """A slave answered the job.
 
-    def job_failed(self, job: Job, error: Exception) -> None:
-        """The job ended without an answer: `JobFailed` or `ShuttingDown`."""
+        :param job: the `ScheduledJob`.
+        :param body: the answer, as the slave's connection gave it.
+        """
+
+    def job_failed(job, error):
+        """The job ended without an answer.
+
+        :param job: the `ScheduledJob`.
+        :param error: a `JobFailed` (the slave failed it, or its attempts
+            ran out) or `ShuttingDown`.
+        """
+
+
+class ISlave(Interface):
+    """A slave as the scheduler sees it: it joins one type at a time, asks
+    for jobs with `Scheduler.next_job` and reports on each job it holds.
+    The scheduler uses it as a key and names it in its log lines."""
+
+    peer = Attribute("Where the slave connects from, for log lines.")
 
 
 class _JobQueue:
@@ -126,7 +163,7 @@ class _JobQueue:
     __slots__ = ("levels", "keys", "entries", "dead")
 
     def __init__(self) -> None:
-        self.levels: Dict[int, Union[Job, deque]] = {}
+        self.levels: Dict[int, Union[ScheduledJob, deque]] = {}
         self.keys: List[int] = []
         self.entries = 0
         self.dead = 0
@@ -134,8 +171,8 @@ class _JobQueue:
     def __len__(self) -> int:
         return self.entries - self.dead
 
-    def push(self, job: Job) -> None:
-        """Queue a job behind the older jobs of its priority.  A job coming
+    def push(self, job: ScheduledJob) -> None:
+        """Queue ``job`` behind the older jobs of its priority.  A job coming
         back after a lost attempt is older than most and goes ahead of
         the jobs submitted after it."""
         self.entries += 1
@@ -152,7 +189,7 @@ class _JobQueue:
         else:
             self.levels[key] = deque((level, job) if level.sequence < job.sequence else (job, level))
 
-    def pop(self) -> Optional[Job]:
+    def pop(self) -> Optional[ScheduledJob]:
         levels, keys = self.levels, self.keys
         while keys:
             key = keys[0]
@@ -179,7 +216,7 @@ class _JobQueue:
             self._compact()
 
     def _compact(self) -> None:
-        levels: Dict[int, Union[Job, deque]] = {}
+        levels: Dict[int, Union[ScheduledJob, deque]] = {}
         for key, level in self.levels.items():
             live = [job for job in (level if type(level) is deque else (level,))
                     if job.state is QUEUED]
@@ -213,13 +250,7 @@ def _decrement(counter: Counter, key: str) -> None:
 class Scheduler(Service):
     """Queues jobs per type by priority and hands them to idle slaves.
 
-    ``clock`` times attempts and answers; ``default_timeout`` (seconds, or
-    None) applies to jobs submitted without a timeout of their own.
-    ``on_answer``, when set, is called with a job's type and the seconds
-    from its submission to its answer; ``on_type_unused``, with a type that
-    no longer has queued or running jobs nor joined slaves.
-
-    Job ids mean nothing here: a job is its `Job` object, and each owner
+    Job ids mean nothing here: a job is its `ScheduledJob`, and each owner
     keeps its own ids (two masters may use the same id at once).  Every
     operation either completes or, if a step fails, leaves the scheduler as
     it was; what an owner or a hook raises is logged and contained.
@@ -230,15 +261,27 @@ class Scheduler(Service):
 
     def __init__(self, max_retries: int = 3, clock: Optional[IReactorTime] = None,
                  default_timeout: Optional[float] = None):
+        """
+        :param max_retries: how many times a job whose attempt was lost
+            (its slave went away or it timed out) is queued again.
+        :param clock: times attempts and answers; the global reactor if None.
+        :param default_timeout: seconds an attempt may run when the job
+            names no timeout of its own, or None for no limit.
+        """
         if clock is None:
             from twisted.internet import reactor as clock
         self.max_retries = max_retries
         self.clock = clock
         self.default_timeout = default_timeout
         self.on_answer: Optional[Callable[[str, float], None]] = None
+        """Called, if set, with a job's type and the seconds from its
+        submission to its answer."""
         self.on_type_unused: Optional[Callable[[str], None]] = None
+        """Called, if set, with a type that no longer has queued or running
+        jobs nor joined slaves."""
         self.totals = dict.fromkeys(TOTALS, 0)
-        self._jobs: Set[Job] = set()
+        self._jobs: Set[ScheduledJob] = set()
+        self._serving: Dict[ISlave, str] = {}
         self._joined: Counter = Counter()
         self._queues: Dict[str, _JobQueue] = {}
         self._idle: Dict[str, OrderedDict] = {}
@@ -249,18 +292,26 @@ class Scheduler(Service):
 
     # --- masters ----------------------------------------------------------
 
-    def submit(self, owner: JobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
-               timeout: Optional[float] = None) -> Job:
-        """Queue a job, or hand it to an idle slave at once; ``owner`` will
-        hear how it ends.  Raises `ShuttingDown` once the scheduler is
-        stopping; if handing the job out fails, nothing has changed.
+    def submit(self, owner: IJobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
+               timeout: Optional[float] = None) -> ScheduledJob:
+        """Queue a job, or hand it to an idle slave at once.
+
+        :param owner: hears how the job ends.
+        :param job_id: the owner's name for the job.
+        :param job_type: the type of slave that runs it.
+        :param body: what the slave is handed.
+        :param priority: higher runs first; equal priorities run oldest first.
+        :param timeout: seconds one attempt may run; ``default_timeout`` if None.
+        :returns: the job, for `cancel`.
+        :raises ShuttingDown: once the scheduler is stopping.  If handing
+            the job out fails, nothing has changed.
         """
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
         if timeout is None:
             timeout = self.default_timeout
-        job = Job(owner, job_id, job_type, body, priority, next(self._sequence), timeout,
-                  self.clock.seconds())
+        job = ScheduledJob(owner, job_id, job_type, body, priority, next(self._sequence), timeout,
+                           self.clock.seconds())
         self._jobs.add(job)
         self.totals["submitted"] += 1
         try:
@@ -272,30 +323,33 @@ class Scheduler(Service):
             raise
         return job
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: ScheduledJob) -> None:
         """The owner withdraws the job (or went away): a queued job leaves
         the queue at once; a running one finishes or times out, and how it
-        ended is dropped.  The owner hears nothing more about it."""
+        ended is dropped.  The owner hears nothing more about it.
+
+        :param job: what `submit` returned.
+        """
         job.owner = None
         if job.state is QUEUED:
             self._end(job)
-            self.totals["cancelled"] += 1
             queue = self._queues[job.type]
             queue.discard()
             if not queue:
                 del self._queues[job.type]
                 self._maybe_unused(job.type)
 
-    def _dispatch(self, job: Job) -> None:
+    def _dispatch(self, job: ScheduledJob) -> None:
         """Hand the job to the longest-idle slave of its type, or queue it.
         If starting the attempt fails, the slave stays idle."""
         waiters = self._idle.get(job.type)
         if waiters:
-            self._start(job)
-            slave, _ = waiters.popitem(last=False)
+            slave, waiting = next(iter(waiters.items()))
+            self._start(job, slave)
+            del waiters[slave]
             if not waiters:
                 del self._idle[job.type]
-            slave.callback(job)
+            waiting.callback(job)
             return
         job.state = QUEUED
         queue = self._queues.get(job.type)
@@ -303,7 +357,7 @@ class Scheduler(Service):
             queue = self._queues[job.type] = _JobQueue()
         queue.push(job)
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: ScheduledJob, slave: ISlave) -> None:
         """Hand a job to a slave: a new attempt, timed if the job has a
         timeout.  The timer is made first, so a clock that refuses it
         leaves everything as it was."""
@@ -311,79 +365,90 @@ class Scheduler(Service):
             job.timer = self.clock.callLater(job.timeout, self._timed_out, job)
         job.state = RUNNING
         job.attempt += 1
+        job.holder = slave
         self._running[job.type] += 1
         self._busy[job.type] += 1
 
     # --- slaves -----------------------------------------------------------
 
-    def take(self, job_type: str) -> Optional[Job]:
-        """The next queued job of this type for a slave, or None if none waits."""
-        queue = self._queues.get(job_type)
-        if not queue:
-            return None
-        job = queue.pop()
-        try:
-            self._start(job)
-        except BaseException:
-            queue.push(job)
-            raise
-        if not queue:
-            del self._queues[job_type]
-        return job
+    def join(self, slave: ISlave, job_type: str) -> None:
+        """The slave serves ``job_type`` from now on, and no longer the type
+        it served before.  It asks for work with `next_job`.
 
-    def join(self, job_type: str) -> None:
-        """A slave now serves this type (counted until it calls `leave`)."""
+        :param slave: the slave.
+        :param job_type: the type of jobs it runs.
+        """
+        served = self._serving.get(slave)
+        if served == job_type:
+            return
+        self._serving[slave] = job_type
         self._joined[job_type] += 1
+        if served is not None:
+            self._stop_serving(served)
 
-    def leave(self, job_type: str) -> None:
-        """A slave no longer serves this type."""
+    def leave(self, slave: ISlave) -> None:
+        """The slave serves no type any more (it went away).  It must have
+        cancelled its wait and reported on its job first.
+
+        :param slave: a slave that joined a type, or did not.
+        """
+        served = self._serving.pop(slave, None)
+        if served is not None:
+            self._stop_serving(served)
+
+    def _stop_serving(self, job_type: str) -> None:
         _decrement(self._joined, job_type)
         self._maybe_unused(job_type)
 
-    def _maybe_unused(self, job_type: str) -> None:
-        """Tell ``on_type_unused`` once a type has no jobs and no slaves left."""
-        if (self.on_type_unused is not None and job_type not in self._joined
-                and job_type not in self._queues and job_type not in self._running
-                and job_type not in self._busy and job_type not in self._idle):
-            self._contain(self.on_type_unused, job_type)
+    def next_job(self, slave: ISlave) -> Deferred:
+        """Ask for the slave's next job, of the type it joined.
 
-    def next_job(self, job_type: str) -> Deferred:
-        """A Deferred that fires with the next job of this type for a slave.
-
-        Idle slaves are served first come, first served.  Cancelling the
-        Deferred takes the slave out of the idle set.  The slave holds the
-        job until it calls `complete`, `fail` or `release`.
+        :param slave: a slave that joined a type and holds no job.
+        :returns: a Deferred that fires with the `ScheduledJob`: at once if
+            one is queued, otherwise when one is submitted (idle slaves are
+            served first come, first served).  Cancelling it takes the
+            slave out of the idle set.  The slave holds the job until it
+            calls `complete`, `fail` or `release`.
         """
-        job = self.take(job_type)
-        if job is not None:
-            slave = Deferred()
-            slave.callback(job)
-            return slave
-        slave = Deferred(lambda d: self._forget_slave(job_type, d))
+        job_type = self._serving[slave]
+        queue = self._queues.get(job_type)
+        if queue:
+            job = queue.pop()
+            try:
+                self._start(job, slave)
+            except BaseException:
+                queue.push(job)
+                raise
+            if not queue:
+                del self._queues[job_type]
+            return succeed(job)
+        waiting = Deferred(lambda _: self._forget_idle(job_type, slave))
         if not self._stopping:
-            self._idle.setdefault(job_type, OrderedDict())[slave] = None
-        return slave
+            self._idle.setdefault(job_type, OrderedDict())[slave] = waiting
+        return waiting
 
-    def _forget_slave(self, job_type: str, slave: Deferred) -> None:
+    def _forget_idle(self, job_type: str, slave: ISlave) -> None:
         waiters = self._idle.get(job_type)
         if waiters is not None:
             waiters.pop(slave, None)
             if not waiters:
                 del self._idle[job_type]
 
-    def complete(self, job: Job, attempt: int, body: Any) -> None:
-        """The slave answered: deliver the body to the master, if still there.
+    def complete(self, slave: ISlave, job: ScheduledJob, body: Any) -> None:
+        """The slave answered the job it holds: deliver the body to the
+        job's owner, if it is still there.
 
-        Raises `AttemptGivenUp` when that attempt already timed out; the
-        answer is then dropped and the slave is free all the same.
+        :param slave: the slave that was handed the job.
+        :param job: the job it answers.
+        :param body: the answer, handed to the owner as it is.
+        :raises AttemptGivenUp: when the slave's attempt had already timed
+            out; the answer is then dropped and the slave is free all the same.
         """
         try:
-            if not self._slave_done(job, attempt):
+            if not self._attempt_over(slave, job):
                 return
-            self._end_attempt(job)
             owner = self._end(job)
             if owner is None:
-                self.totals["cancelled"] += 1
                 return
             self.totals["completed"] += 1
             if self.on_answer is not None:
@@ -396,92 +461,120 @@ class Scheduler(Service):
             if job.type not in self._joined:
                 self._maybe_unused(job.type)
 
-    def fail(self, job: Job, attempt: int, reason: str) -> None:
-        """The slave ran the job and it failed: tell the master, no retry.
+    def fail(self, slave: ISlave, job: ScheduledJob, reason: str) -> None:
+        """The slave ran the job and it failed: tell the owner, no retry.
 
-        Raises `AttemptGivenUp` like `complete`.
+        :param slave: the slave that was handed the job.
+        :param job: the job it failed.
+        :param reason: why, in the slave's words.
+        :raises AttemptGivenUp: like `complete`.
         """
         try:
-            if self._slave_done(job, attempt):
-                self._end_attempt(job)
-                self._give_up(job, reason)
+            if self._attempt_over(slave, job):
+                self._fail(job, reason)
         finally:
             if job.type not in self._joined:
                 self._maybe_unused(job.type)
 
-    def release(self, job: Job, attempt: int) -> None:
-        """The slave holding this job went away: queue it again or give up."""
+    def release(self, slave: ISlave, job: ScheduledJob) -> None:
+        """The slave went away holding the job: queue it again or give up.
+
+        :param slave: the slave that was handed the job.
+        :param job: the job it held.
+        """
         try:
-            current = self._slave_done(job, attempt)
+            current = self._attempt_over(slave, job)
         except AttemptGivenUp:
             current = False
         if current:
-            self._end_attempt(job)
             self._retry(job, "slave disconnected during the job")
         if job.type not in self._joined:
             self._maybe_unused(job.type)
 
-    def _slave_done(self, job: Job, attempt: int) -> bool:
-        """A slave stopped holding a job.  Raises `AttemptGivenUp` if its
-        attempt timed out; False if the job ended with the scheduler."""
-        _decrement(self._busy, job.type)
-        if attempt != job.attempt:
-            raise AttemptGivenUp(job.id)
-        return job.state is RUNNING
+    def _attempt_over(self, slave: ISlave, job: ScheduledJob) -> bool:
+        """The slave no longer holds the job: end its attempt.
 
-    def _end_attempt(self, job: Job) -> None:
+        :returns: whether the job is still running, to be ended or retried
+            by the caller (False once the scheduler ended it, as on stop).
+        :raises AttemptGivenUp: if the attempt was given up before.
+        """
+        _decrement(self._busy, job.type)
+        if job.holder is not slave:
+            raise AttemptGivenUp(job.id)
+        job.holder = None
         if job.state is not RUNNING:
-            return
+            return False
+        self._end_attempt(job)
+        return True
+
+    def _end_attempt(self, job: ScheduledJob) -> None:
+        """A running job's attempt is over: it is no longer counted as
+        running, and its timer is cancelled."""
         _decrement(self._running, job.type)
         if job.timer is not None:
             if job.timer.active():
                 job.timer.cancel()
             job.timer = None
 
-    def _timed_out(self, job: Job) -> None:
+    def _timed_out(self, job: ScheduledJob) -> None:
         """An attempt ran too long: give it up (its slave stays busy until it
         answers) and retry the job elsewhere."""
         job.timer = None
         self._end_attempt(job)
-        job.attempt += 1
+        slave, job.holder = job.holder, None
         self.totals["timed_out"] += 1
+        self.log.info("Job {id} ({type}) ran past its timeout of {timeout:g} s on slave {peer}",
+                      id=quoted(job.id), type=quoted(job.type), timeout=job.timeout,
+                      peer=getattr(slave, "peer", slave))
         self._retry(job, f"timeout: no answer within {job.timeout:g} s")
 
-    def _retry(self, job: Job, why: str) -> None:
+    def _retry(self, job: ScheduledJob, why: str) -> None:
         """An attempt was lost: queue the job again, or fail it for good."""
         if job.owner is None:
             self._end(job)
-            self.totals["cancelled"] += 1
             return
         if job.retries >= self.max_retries:
-            self._give_up(job, f"{why}; gave up after {job.retries + 1} attempts")
+            self._fail(job, f"{why}; gave up after {job.attempt} attempts")
             return
         try:
             self._dispatch(job)
         except Exception:
             self.log.failure("Job {id} ({type}) could not be queued again",
                              id=quoted(job.id), type=quoted(job.type))
-            self._give_up(job, f"{why}; it could not be queued again")
+            self._fail(job, f"{why}; it could not be queued again")
             return
         job.retries += 1
         self.totals["retried"] += 1
 
-    def _give_up(self, job: Job, reason: str) -> None:
-        owner = self._end(job)
-        if owner is None:
-            self.totals["cancelled"] += 1
-            return
-        self.totals["failed"] += 1
-        self.log.warn("Job {id} ({type}) failed: {reason}", id=quoted(job.id),
-                      type=quoted(job.type), reason=quoted(reason))
-        self._contain(owner.job_failed, job, JobFailed(reason))
+    def _fail(self, job: ScheduledJob, reason: str) -> None:
+        """End the job without an answer, and tell its owner why."""
+        if job.owner is not None:
+            self.log.warn("Job {id} ({type}) failed: {reason}", id=quoted(job.id),
+                          type=quoted(job.type), reason=quoted(reason))
+        self._end(job, JobFailed(reason))
 
-    def _end(self, job: Job) -> Optional[JobOwner]:
-        """The job is over: forget it, and return the owner still to be told."""
+    def _end(self, job: ScheduledJob, error: Optional[Exception] = None) -> Optional[IJobOwner]:
+        """The job is over: forget it and count how it ended.  With
+        ``error``, the owner (if still there) is told of it, and it counts
+        as failed (as cancelled if it is `ShuttingDown`).  A job whose owner
+        withdrew counts as cancelled.
+
+        :returns: the owner still to be told of an answer, or None.
+        """
         job.state = ENDED
         owner, job.owner = job.owner, None
         self._jobs.discard(job)
-        return owner
+        if error is None:
+            if owner is None:
+                self.totals["cancelled"] += 1
+            return owner
+        if owner is None or isinstance(error, ShuttingDown):
+            self.totals["cancelled"] += 1
+        else:
+            self.totals["failed"] += 1
+        if owner is not None:
+            self._contain(owner.job_failed, job, error)
+        return None
 
     def _contain(self, call: Callable, *args) -> None:
         """Call an owner or a hook; log what it raises instead of letting
@@ -495,18 +588,25 @@ class Scheduler(Service):
         """Log the exception ``call`` just raised."""
         self.log.failure("Error while reporting to {call!r}", call=call)
 
+    def _maybe_unused(self, job_type: str) -> None:
+        """Tell ``on_type_unused`` once a type has no jobs and no slaves left."""
+        if (self.on_type_unused is not None and job_type not in self._joined
+                and job_type not in self._queues and job_type not in self._running
+                and job_type not in self._busy and job_type not in self._idle):
+            self._contain(self.on_type_unused, job_type)
+
     # --- inspection and lifecycle -------------------------------------------
 
     def queued(self, job_type: str) -> int:
-        """How many jobs of this type wait for a slave."""
+        """How many jobs of type ``job_type`` wait for a slave."""
         queue = self._queues.get(job_type)
         return len(queue) if queue else 0
 
     def idle_slaves(self, job_type: str) -> int:
-        """How many slaves of this type wait for a job."""
+        """How many slaves of type ``job_type`` wait for a job."""
         return len(self._idle.get(job_type, ()))
 
-    def jobs(self) -> List[Job]:
+    def jobs(self) -> List[ScheduledJob]:
         """The queued and running jobs, oldest first."""
         return sorted(self._jobs, key=lambda job: job.sequence)
 
@@ -521,9 +621,12 @@ class Scheduler(Service):
     def types(self, limit: Optional[int] = None,
               names: Optional[Set[str]] = None) -> Dict[str, Dict[str, int]]:
         """Per type with any jobs or slaves: queued and running jobs, idle
-        and busy slaves; only the ``limit`` busiest (most jobs queued and
-        running) when a limit is given.  ``names``: `type_names`, if the
-        caller has it already."""
+        and busy slaves.
+
+        :param limit: report only this many types, those with the most jobs
+            queued and running; all if None.
+        :param names: `type_names`, if the caller has it already.
+        """
         if names is None:
             names = self.type_names()
         if limit is not None and len(names) > limit:
@@ -542,18 +645,17 @@ class Scheduler(Service):
         return self.queued(job_type) + self._running.get(job_type, 0)
 
     def stopService(self):
-        """Fail every unfinished job with `ShuttingDown` and refuse new ones."""
+        """Fail every unfinished job with `ShuttingDown`, refuse new ones,
+        and cancel the idle slaves' waits."""
         self._stopping = True
         jobs = self.jobs()
         self._queues.clear()
         for job in jobs:
-            self._end_attempt(job)
-            owner = self._end(job)
-            self.totals["cancelled"] += 1
-            if owner is not None:
-                self._contain(owner.job_failed, job, ShuttingDown("the daemon is shutting down"))
-        idle = [slave for waiters in self._idle.values() for slave in waiters]
+            if job.state is RUNNING:
+                self._end_attempt(job)
+            self._end(job, ShuttingDown("the daemon is shutting down"))
+        idle = [waiting for waiters in self._idle.values() for waiting in waiters.values()]
         self._idle.clear()
-        for slave in idle:
-            self._contain(slave.cancel)
+        for waiting in idle:
+            self._contain(waiting.cancel)
         return Service.stopService(self)

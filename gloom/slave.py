@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from typing import Optional
 
 from twisted.internet.defer import CancelledError, Deferred
+from zope.interface import implementer
 
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import AttemptGivenUp, Job
+from gloom.scheduler import AttemptGivenUp, ISlave, ScheduledJob
 
 
+class SlaveState(enum.Enum):
+    """Where a slave's connection is in its life."""
+
+    NEW = "new"
+    """Connected; has not joined a type yet."""
+    JOINED = "joined"
+    """Serves a type, holds no job and is not waiting for one (for a
+    moment while it switches types, or for good once the scheduler stopped)."""
+    WAITING = "waiting"
+    """Idle: waits on the scheduler's Deferred for its next job."""
+    BUSY = "busy"
+    """Holds one job and owes its answer."""
+    CLOSING = "closing"
+    """Being closed by the daemon: takes no new job, but may still answer
+    the one it holds."""
+
+
+# The states as module constants: reading a global is much cheaper than an
+# Enum member on CPython 3.11, and each job passes through several.
+NEW, JOINED, WAITING, BUSY, CLOSING = SlaveState
+
+
+@implementer(ISlave)
 class SlaveProtocol(GloomProtocol):
-    """One slave's connection: idle, it waits on a scheduler Deferred for a
-    job of its type; busy, it holds exactly one job until it answers."""
+    """One slave's connection: joined to a type, it waits on a scheduler
+    Deferred for a job of that type; busy, it holds exactly one job until
+    it answers.  ``state`` says which (a `SlaveState`)."""
 
     role = "slave"
     other_role = "master"
@@ -23,28 +49,25 @@ class SlaveProtocol(GloomProtocol):
 
     def __init__(self) -> None:
         super().__init__()
+        self.state = NEW
         self.job_type: Optional[str] = None
-        self.job: Optional[Job] = None
-        self.attempt = 0
+        self.job: Optional[ScheduledJob] = None
         self._waiting: Optional[Deferred] = None
-        self._closing = False
 
     def do_join(self, message: wire.Message) -> None:
-        """Serve a type.  While a job is held the switch waits for its answer."""
+        """Serve a type.  An idle slave joining its own type again keeps
+        its place; while a job is held, the switch waits for its answer."""
         job_type = sys.intern(wire.required_name(message, "type"))
-        if self._waiting is not None and job_type == self.job_type:
+        state = self.state
+        if state is WAITING and job_type == self.job_type:
             self.sendString(wire.OK)
             return
-        if self._waiting is not None:
+        if state is WAITING:
             self._waiting.cancel()
-        scheduler = self.factory.scheduler
-        if job_type != self.job_type:
-            scheduler.join(job_type)
-            old_type, self.job_type = self.job_type, job_type
-            if old_type is not None:
-                scheduler.leave(old_type)
+        self.factory.scheduler.join(self, job_type)
+        self.job_type = job_type
         self.sendString(wire.OK)
-        if self.job is None:
+        if self.state is NEW or self.state is JOINED:
             self._ask()
 
     def do_respond(self, message: wire.Message) -> None:
@@ -52,21 +75,23 @@ class SlaveProtocol(GloomProtocol):
         if job is None or message.id is not wire.MISSING:
             job = self._held_job(message, "respond")
         body = wire.required_body(message, job.id)
-        self._finish(self.factory.scheduler.complete, body)
+        self._report(self.factory.scheduler.complete, job, body)
 
     def do_fail(self, message: wire.Message) -> None:
         job = self.job
         if job is None or message.id is not wire.MISSING:
             job = self._held_job(message, "fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
-        self._finish(self.factory.scheduler.fail, reason)
+        self._report(self.factory.scheduler.fail, job, reason)
 
-    def _finish(self, report, outcome) -> None:
+    def _report(self, report, job: ScheduledJob, outcome) -> None:
         """Hand the held job's outcome to the scheduler, then take new work.
         An attempt that already timed out is refused with ``timed_out``."""
-        job, self.job = self.job, None
+        self.job = None
+        if self.state is BUSY:
+            self.state = JOINED
         try:
-            report(job, self.attempt, outcome)
+            report(self, job, outcome)
         except AttemptGivenUp:
             self.sendString(wire.error(
                 wire.TIMED_OUT,
@@ -76,9 +101,10 @@ class SlaveProtocol(GloomProtocol):
             ))
         else:
             self.sendString(wire.OK)
-        self._ask()
+        if self.state is JOINED:
+            self._ask()
 
-    def _held_job(self, message: wire.Message, action: str) -> Job:
+    def _held_job(self, message: wire.Message, action: str) -> ScheduledJob:
         """The job a respond or fail is for.  With an ``"id"``, it must be
         the held job's: a stray answer must not answer the next job."""
         job_id = wire.optional_name(message, "id")
@@ -97,48 +123,47 @@ class SlaveProtocol(GloomProtocol):
         return job
 
     def _ask(self) -> None:
-        """Take a queued job at once, or wait for one on a Deferred."""
-        if self._closing:
-            return
-        scheduler = self.factory.scheduler
-        job = scheduler.take(self.job_type)
-        if job is not None:
-            self._assigned(job)
-            return
-        self._waiting = waiting = scheduler.next_job(self.job_type)
+        """Wait for the next job of the joined type (it may come at once)."""
+        self.state = WAITING
+        self._waiting = waiting = self.factory.scheduler.next_job(self)
         waiting.addCallbacks(self._assigned, self._stopped_waiting)
 
-    def _assigned(self, job: Job) -> None:
+    def _assigned(self, job: ScheduledJob) -> None:
         self._waiting = None
+        self.state = BUSY
         self.job = job
-        self.attempt = job.attempt
         self.sendString(job.body)
 
     def _stopped_waiting(self, failure) -> None:
+        """The wait was cancelled: by this slave switching types or going
+        away, or by the scheduler stopping."""
         failure.trap(CancelledError)
         self._waiting = None
+        if self.state is WAITING:
+            self.state = JOINED
 
     def closing(self) -> None:
         """A slave being closed gets no more jobs: it leaves the idle set."""
-        self._closing = True
-        if self._waiting is not None:
-            self._waiting.cancel()
+        waiting = self._waiting
+        self.state = CLOSING
+        if waiting is not None:
+            waiting.cancel()
 
     def connectionLost(self, reason) -> None:
         """Leave the idle set, give the held job back, stop serving the type."""
         scheduler = self.factory.scheduler
         try:
-            if self._waiting is not None:
-                self._waiting.cancel()
+            self.closing()
             if self.job is not None:
                 job, self.job = self.job, None
-                scheduler.release(job, self.attempt)
-            if self.job_type is not None:
-                scheduler.leave(self.job_type)
+                scheduler.release(self, job)
+            scheduler.leave(self)
         except Exception:
             self.log.failure("Releasing slave {peer}", peer=self.peer)
         super().connectionLost(reason)
 
 
 class SlaveFactory(GloomFactory):
+    """Slaves' connections."""
+
     protocol = SlaveProtocol

@@ -6,11 +6,16 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
 from gloom.scheduler import (
     ENDED,
-    AttemptGivenUp,
     QUEUED,
     RUNNING,
+    AttemptGivenUp,
+    IJobOwner,
+    ISlave,
     JobFailed,
     Scheduler,
     ShuttingDown,
@@ -30,6 +35,7 @@ class Outcome:
         return bool(self.results or self.failures)
 
 
+@implementer(IJobOwner)
 class Answer:
     """A job's owner that records how the job ended."""
 
@@ -61,14 +67,29 @@ def submit(scheduler, *args, **kwargs):
     return answer
 
 
+@implementer(ISlave)
+class Slave:
+    """A slave as the scheduler sees it."""
+
+    def __init__(self, name="slave"):
+        self.peer = name
+
+
+def waiting(scheduler, job_type):
+    """A new slave of this type asks for a job: the scheduler's Deferred."""
+    slave = Slave()
+    scheduler.join(slave, job_type)
+    return scheduler.next_job(slave)
+
+
 def take(scheduler, job_type):
-    """The job an idle slave of this type gets now, or None."""
+    """The job a new slave of this type gets now (its ``holder``), or None."""
     jobs = []
-    waiting = scheduler.next_job(job_type)
-    waiting.addCallback(jobs.append)
+    asked = waiting(scheduler, job_type)
+    asked.addCallback(jobs.append)
     if not jobs:
-        waiting.cancel()
-        waiting.addErrback(lambda f: f.trap(CancelledError))
+        asked.addErrback(lambda f: f.trap(CancelledError))
+        asked.cancel()
         return None
     return jobs[0]
 
@@ -98,17 +119,20 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued("y"), 1)
         self.assertEqual(self.drain("y"), ["y1"])
 
-    def test_take_hands_over_a_queued_job_without_waiting(self):
-        self.assertIsNone(self.scheduler.take("t"))
+    def test_a_queued_job_is_handed_over_without_waiting(self):
+        self.assertIsNone(take(self.scheduler, "t"))
         submit(self.scheduler, "a", "t", None, 1)
         submit(self.scheduler, "b", "t", None, 2)
-        job = self.scheduler.take("t")
-        self.assertEqual((job.id, job.state, job.attempt), ("b", RUNNING, 1))
+        slave = Slave()
+        self.scheduler.join(slave, "t")
+        got = Outcome(self.scheduler.next_job(slave))
+        (job,) = got.results
+        self.assertEqual((job.id, job.state, job.attempt, job.holder), ("b", RUNNING, 1, slave))
         self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
 
     def test_submit_reaches_a_waiting_slave_at_once(self):
-        got = Outcome(self.scheduler.next_job("t"))
+        got = Outcome(waiting(self.scheduler, "t"))
         self.assertFalse(got.fired)
         submit(self.scheduler, "a", "t", "body")
         (job,) = got.results
@@ -116,7 +140,7 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued("t"), 0)
 
     def test_idle_slaves_served_in_arrival_order(self):
-        first, second = Outcome(self.scheduler.next_job("t")), Outcome(self.scheduler.next_job("t"))
+        first, second = Outcome(waiting(self.scheduler, "t")), Outcome(waiting(self.scheduler, "t"))
         self.assertEqual(self.scheduler.idle_slaves("t"), 2)
         submit(self.scheduler, "a", "t", None)
         self.assertTrue(first.fired)
@@ -126,7 +150,7 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
 
     def test_cancelled_slave_gets_nothing(self):
-        gone = self.scheduler.next_job("t")
+        gone = waiting(self.scheduler, "t")
         gone.addErrback(lambda f: f.trap(CancelledError))
         gone.cancel()
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
@@ -163,7 +187,7 @@ class QueueOrderTests(SynchronousTestCase):
                         answers.pop(job_id).cancel()
                 elif roll < 0.75 and running:
                     job = running.pop(rng.randrange(len(running)))
-                    scheduler.release(job, job.attempt)
+                    scheduler.release(job.holder, job)
                 else:
                     queued = [a.job for a in answers.values() if a.job.state is QUEUED]
                     expected = min(queued, key=lambda j: (-j.priority, order[j.id]), default=None)
@@ -177,9 +201,9 @@ class QueueOrderTests(SynchronousTestCase):
     def test_empty_types_are_forgotten(self):
         answer = submit(self.scheduler, "a", "t", None)
         answer.cancel()
-        waiting = self.scheduler.next_job("u")
-        waiting.addErrback(lambda f: f.trap(CancelledError))
-        waiting.cancel()
+        asked = waiting(self.scheduler, "u")
+        asked.addErrback(lambda f: f.trap(CancelledError))
+        asked.cancel()
         self.assertEqual((self.scheduler._queues, self.scheduler._idle), ({}, {}))
 
 
@@ -191,7 +215,7 @@ class JobLifeTests(SynchronousTestCase):
         answer = submit(self.scheduler, "a", "t", "in")
         job = take(self.scheduler, "t")
         self.assertIn("a", live_ids(self.scheduler))
-        self.scheduler.complete(job, job.attempt, "out")
+        self.scheduler.complete(job.holder, job, "out")
         self.assertEqual(answer.results, ["out"])
         self.assertNotIn("a", live_ids(self.scheduler))
         self.assertEqual(job.state, ENDED)
@@ -202,15 +226,15 @@ class JobLifeTests(SynchronousTestCase):
         first = submit(self.scheduler, "a", "t", "first")
         second = submit(self.scheduler, "a", "t", "second")
         job = take(self.scheduler, "t")
-        self.scheduler.complete(job, job.attempt, "one")
+        self.scheduler.complete(job.holder, job, "one")
         job = take(self.scheduler, "t")
-        self.scheduler.complete(job, job.attempt, "two")
+        self.scheduler.complete(job.holder, job, "two")
         self.assertEqual((first.results, second.results), (["one"], ["two"]))
 
     def test_failed_job_errbacks_without_retry(self):
         answer = submit(self.scheduler, "a", "t", None)
         job = take(self.scheduler, "t")
-        self.scheduler.fail(job, job.attempt, "boom")
+        self.scheduler.fail(job.holder, job, "boom")
         (failure,) = answer.failures
         self.assertIsInstance(failure, JobFailed)
         self.assertEqual(failure.reason, "boom")
@@ -230,7 +254,7 @@ class JobLifeTests(SynchronousTestCase):
         answer.cancel()
         self.assertFalse(answer.fired)
         self.assertIn("a", live_ids(self.scheduler))
-        self.scheduler.complete(job, job.attempt, "late")
+        self.scheduler.complete(job.holder, job, "late")
         self.assertNotIn("a", live_ids(self.scheduler))
 
     def test_released_job_goes_ahead_of_later_jobs_of_its_priority(self):
@@ -238,7 +262,7 @@ class JobLifeTests(SynchronousTestCase):
         job = take(self.scheduler, "t")
         submit(self.scheduler, "b", "t", None)
         submit(self.scheduler, "c", "t", None, 1)
-        self.scheduler.release(job, job.attempt)
+        self.scheduler.release(job.holder, job)
         self.assertEqual(job.state, QUEUED)
         self.assertEqual(job.retries, 1)
         self.assertEqual([take(self.scheduler, "t").id for _ in range(3)], ["c", "a", "b"])
@@ -246,8 +270,8 @@ class JobLifeTests(SynchronousTestCase):
     def test_released_job_goes_to_a_waiting_slave(self):
         submit(self.scheduler, "a", "t", None)
         job = take(self.scheduler, "t")
-        other = Outcome(self.scheduler.next_job("t"))
-        self.scheduler.release(job, job.attempt)
+        other = Outcome(waiting(self.scheduler, "t"))
+        self.scheduler.release(job.holder, job)
         self.assertIs(other.results[0], job)
 
     def test_retries_run_out(self):
@@ -256,7 +280,7 @@ class JobLifeTests(SynchronousTestCase):
         while not answer.fired:
             job = take(self.scheduler, "t")
             attempts += 1
-            self.scheduler.release(job, job.attempt)
+            self.scheduler.release(job.holder, job)
         self.assertEqual(attempts, 3)
         failure = answer.failures[0]
         self.assertIsInstance(failure, JobFailed)
@@ -268,14 +292,14 @@ class JobLifeTests(SynchronousTestCase):
         scheduler = Scheduler(max_retries=0, clock=Clock())
         answer = submit(scheduler, "a", "t", None)
         job = take(scheduler, "t")
-        scheduler.release(job, job.attempt)
+        scheduler.release(job.holder, job)
         self.assertIsInstance(answer.failures[0], JobFailed)
 
     def test_released_job_of_a_departed_master_ends(self):
         answer = submit(self.scheduler, "a", "t", None)
         job = take(self.scheduler, "t")
         answer.cancel()
-        self.scheduler.release(job, job.attempt)
+        self.scheduler.release(job.holder, job)
         self.assertNotIn("a", live_ids(self.scheduler))
         self.assertEqual(self.scheduler.queued("t"), 0)
 
@@ -287,13 +311,13 @@ class StopTests(SynchronousTestCase):
         queued = submit(scheduler, "q", "t", None)
         running = submit(scheduler, "r", "u", None)
         job = take(scheduler, "u")
-        idle = Outcome(scheduler.next_job("v"))
+        idle = Outcome(waiting(scheduler, "v"))
         scheduler.stopService()
         for outcome in (queued, running):
             self.assertIsInstance(outcome.failures[0], ShuttingDown)
         self.assertTrue(idle.failures[0].check(CancelledError))
         self.assertRaises(ShuttingDown, submit, scheduler, "n", "t", None)
-        scheduler.complete(job, job.attempt, "late")
+        scheduler.complete(job.holder, job, "late")
         self.assertNotIn("r", live_ids(scheduler))
         self.assertEqual(scheduler.types(), {})
 
@@ -306,7 +330,7 @@ class TimeoutTests(SynchronousTestCase):
     def test_attempt_past_its_timeout_is_retried_elsewhere(self):
         answer = submit(self.scheduler, "a", "t", "in", timeout=2.5)
         slow = take(self.scheduler, "t")
-        slow_attempt = slow.attempt
+        slow_slave = slow.holder
         self.clock.advance(2.4)
         self.assertEqual(self.scheduler.queued("t"), 0)
         self.clock.advance(0.1)
@@ -315,9 +339,9 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 0, "idle_slaves": 0, "busy_slaves": 1})
         fast = take(self.scheduler, "t")
         self.assertIs(fast, slow)
-        self.assertRaises(AttemptGivenUp, self.scheduler.complete, slow, slow_attempt, "late")
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, slow_slave, slow, "late")
         self.assertFalse(answer.fired)
-        self.scheduler.complete(fast, fast.attempt, "on time")
+        self.scheduler.complete(fast.holder, fast, "on time")
         self.assertEqual(answer.results, ["on time"])
         self.assertEqual(self.scheduler.types(), {})
 
@@ -337,7 +361,7 @@ class TimeoutTests(SynchronousTestCase):
     def test_answer_in_time_cancels_the_timer(self):
         answer = submit(self.scheduler, "a", "t", None, timeout=1)
         job = take(self.scheduler, "t")
-        self.scheduler.complete(job, job.attempt, "done")
+        self.scheduler.complete(job.holder, job, "done")
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(answer.results, ["done"])
 
@@ -346,7 +370,7 @@ class TimeoutTests(SynchronousTestCase):
         self.clock.advance(100)
         job = take(self.scheduler, "t")
         self.clock.advance(0.9)
-        self.scheduler.complete(job, job.attempt, "done")
+        self.scheduler.complete(job.holder, job, "done")
         self.assertEqual(answer.results, ["done"])
 
     def test_default_timeout_and_its_override(self):
@@ -362,22 +386,24 @@ class TimeoutTests(SynchronousTestCase):
     def test_late_failure_and_late_departure(self):
         submit(self.scheduler, "a", "t", None, timeout=1)
         job = take(self.scheduler, "t")
-        first = job.attempt
+        first = job.holder
         self.clock.advance(1)
-        self.assertRaises(AttemptGivenUp, self.scheduler.fail, job, first, "too late")
+        self.assertRaises(AttemptGivenUp, self.scheduler.fail, first, job, "too late")
         second = take(self.scheduler, "t")
-        self.scheduler.release(second, first)
+        self.assertEqual(second.attempt, 2)
+        self.scheduler.release(first, second)
         self.assertEqual(job.state, RUNNING)
         self.assertEqual(self.scheduler.totals["retried"], 1)
 
     def test_withdrawn_running_job_frees_its_id_at_timeout(self):
         answer = submit(self.scheduler, "a", "t", None, timeout=1)
         job = take(self.scheduler, "t")
+        slave = job.holder
         answer.cancel()
         self.clock.advance(1)
         self.assertNotIn("a", live_ids(self.scheduler))
         self.assertEqual(self.scheduler.queued("t"), 0)
-        self.assertRaises(AttemptGivenUp, self.scheduler.complete, job, 1, "late")
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, slave, job, "late")
 
 
 class FigureTests(SynchronousTestCase):
@@ -390,13 +416,13 @@ class FigureTests(SynchronousTestCase):
             submit(scheduler, str(i), "t", None)
         clock.advance(3)
         job = take(scheduler, "t")
-        scheduler.complete(job, job.attempt, "ok")
+        scheduler.complete(job.holder, job, "ok")
         job = take(scheduler, "t")
-        scheduler.fail(job, job.attempt, "no")
+        scheduler.fail(job.holder, job, "no")
         job = take(scheduler, "t")
-        scheduler.release(job, job.attempt)
+        scheduler.release(job.holder, job)
         job = take(scheduler, "t")
-        scheduler.release(job, job.attempt)
+        scheduler.release(job.holder, job)
         queued = submit(scheduler, "q", "t", None)
         queued.cancel()
         take(scheduler, "t")
@@ -405,3 +431,67 @@ class FigureTests(SynchronousTestCase):
         self.assertEqual(answered, [("t", 3.0)])
         self.assertEqual(scheduler.types(), {"t": {"queued": 2, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
         self.assertEqual(len(scheduler), 3)
+
+
+class SlaveTests(SynchronousTestCase):
+    def setUp(self):
+        self.scheduler = Scheduler(clock=Clock())
+        self.unused = []
+        self.scheduler.on_type_unused = self.unused.append
+
+    def test_the_daemons_connections_provide_the_interfaces(self):
+        from tests.support import Daemon
+
+        daemon = Daemon()
+        verifyObject(IJobOwner, daemon.master().protocol)
+        verifyObject(ISlave, daemon.slave().protocol)
+        verifyObject(IJobOwner, Answer(self.scheduler))
+
+    def test_a_slave_serves_the_type_it_joined_last(self):
+        slave = Slave()
+        self.scheduler.join(slave, "t")
+        self.scheduler.join(slave, "u")
+        self.assertEqual(self.unused, ["t"])
+        submit(self.scheduler, "a", "t", None)
+        submit(self.scheduler, "b", "u", None)
+        got = Outcome(self.scheduler.next_job(slave))
+        self.assertEqual(got.results[0].id, "b")
+
+    def test_joining_the_same_type_again_changes_nothing(self):
+        slave = Slave()
+        self.scheduler.join(slave, "t")
+        self.scheduler.join(slave, "t")
+        self.scheduler.leave(slave)
+        self.assertEqual(self.unused, ["t"])
+        self.scheduler.leave(slave)
+        self.assertEqual(self.unused, ["t"])
+
+    def test_a_type_is_unused_once_its_last_slave_left_and_its_jobs_ended(self):
+        slave = Slave()
+        self.scheduler.join(slave, "t")
+        answer = submit(self.scheduler, "a", "t", None)
+        job = Outcome(self.scheduler.next_job(slave)).results[0]
+        self.scheduler.leave(slave)
+        self.assertEqual(self.unused, [])
+        self.scheduler.complete(slave, job, "done")
+        self.assertEqual(answer.results, ["done"])
+        self.assertEqual(self.unused, ["t"])
+
+    def test_only_the_holder_may_answer(self):
+        answer = submit(self.scheduler, "a", "t", None)
+        job = take(self.scheduler, "t")
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, Slave("other"), job, "stray")
+        self.scheduler.complete(job.holder, job, "right")
+        self.assertEqual(answer.results, ["right"])
+
+    def test_each_hand_out_is_one_attempt(self):
+        clock = Clock()
+        scheduler = Scheduler(max_retries=5, clock=clock)
+        submit(scheduler, "a", "t", None, timeout=1)
+        attempts = []
+        for _ in range(3):
+            job = take(scheduler, "t")
+            attempts.append(job.attempt)
+            clock.advance(1)
+        self.assertEqual(attempts, [1, 2, 3])
+        self.assertEqual(job.retries, 3)

@@ -7,7 +7,6 @@ import socket
 from struct import Struct, unpack_from
 from typing import List, Optional, Set
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
@@ -15,7 +14,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
-from gloom import wire
+from gloom import transport, wire
 from gloom.quoting import shortened
 from gloom.scheduler import Scheduler
 
@@ -49,8 +48,9 @@ KEEPALIVE_PROBES = 6
 
 
 def tune_connection(transport) -> None:
-    """TCP_NODELAY (the protocol is many small frames; without it a round
-    trip waits on delayed ACKs) and keepalive, where the transport is TCP."""
+    """Set TCP_NODELAY (the protocol is many small frames; without it a
+    round trip waits on delayed ACKs) and keepalive on ``transport``, if it
+    is TCP."""
     for setting in ("setTcpNoDelay", "setTcpKeepAlive"):
         setter = getattr(transport, setting, None)
         if setter is not None:
@@ -69,20 +69,11 @@ def tune_connection(transport) -> None:
         pass
 
 
-def sends_directly(transport) -> bool:
-    """Whether `GloomProtocol` may send on this transport's socket itself
-    when the transport's buffer is empty: Twisted's own TCP connections
-    (not TLS, not a test transport), whose buffer it can see."""
-    return (isinstance(transport, tcp.Connection)
-            and all(hasattr(transport, name) for name in ("dataBuffer", "_tempDataBuffer",
-                                                         "writeSomeData")))
-
-
 _HEADER = Struct("!I")
 
 
 def address_name(address) -> str:
-    """``host:port`` for an IP address, the address itself otherwise."""
+    """``host:port`` for an IP ``address``, the address itself otherwise."""
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is not None and port is not None:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -207,12 +198,12 @@ class GloomProtocol(FrameReceiver):
         self._stall_call = None
         self._handshake_call = None
         self._last_progress = 0.0
-        self._sends_directly = False
-        self._replies: Optional[List[bytes]] = None
+        self._writer: Optional[transport.TransportWriter] = None
+        self._outgoing: Optional[List[bytes]] = None
         self._log_window_start = None
         self._logged = 0
         self._unlogged = 0
-        self._held: Optional[List[bytes]] = None
+        self._held_frames: Optional[List[bytes]] = None
         self._turn = -1
         self.closed: Deferred = Deferred()
 
@@ -220,35 +211,33 @@ class GloomProtocol(FrameReceiver):
         """Frames this connection's own requests produce while its data is
         handled (acks for a run of submits; a slave's ok and its next job)
         go out in one write at the end, instead of one write each."""
-        if self._replies is not None:
+        if self._outgoing is not None:
             return super().dataReceived(data)
-        self._replies = []
+        self._outgoing = []
         try:
             super().dataReceived(data)
         finally:
-            self._write_replies()
-            self._replies = None
+            self._write_outgoing()
+            self._outgoing = None
 
-    def _write_replies(self) -> None:
-        replies = self._replies
-        if replies:
-            if self._sends_directly:
-                self._send(b"".join(replies))
+    def _write_outgoing(self) -> None:
+        outgoing = self._outgoing
+        if outgoing:
+            if self._writer.direct:
+                self._send(b"".join(outgoing))
             else:
-                self.transport.writeSequence(replies)
-            replies.clear()
+                self._writer.send_all(outgoing)
+            outgoing.clear()
 
-    def _write_replies_now(self) -> None:
+    def _write_outgoing_now(self) -> None:
         """Write this read's replies so far at once, behind anything held:
         a transport whose buffer is full then pauses the connection, and no
         more of its frames are handled until the peer reads."""
-        replies = self._replies
-        if self._sends_directly:
+        outgoing = self._outgoing
+        if self._writer.direct:
             self.write_held()
-            self._transmit(b"".join(replies))
-        else:
-            self.transport.writeSequence(replies)
-        replies.clear()
+        self._writer.send_all(outgoing)
+        outgoing.clear()
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` now if this connection has not sent yet in this
@@ -256,62 +245,44 @@ class GloomProtocol(FrameReceiver):
         connection, until the turn ends.  A lone frame (a round trip's)
         goes out at once, and the answers several slaves return in one
         turn to one master go out in one system call."""
-        held = self._held
+        held = self._held_frames
         if held is not None:
             held.append(data)
             return
         outbox = self.factory.outbox
         if self._turn == outbox.turn:
-            self._held = [data]
+            self._held_frames = [data]
             outbox.hold(self)
             return
         self._turn = outbox.turn
         outbox.end_turn_soon()
-        self._transmit(data)
+        self._writer.send(data)
 
     def write_held(self) -> None:
         """Send what was held for the end of the turn."""
-        held, self._held = self._held, None
+        held, self._held_frames = self._held_frames, None
         if held:
-            self._transmit(b"".join(held))
-
-    def _transmit(self, data: bytes) -> None:
-        """Write ``data``; with nothing waiting in the TCP transport's
-        buffer, send it on the socket now.  Twisted's TCP transport only
-        buffers a write and sends it on the next reactor turn, registering
-        the socket for writability and unregistering it after: two
-        epoll_ctl calls per burst, as many system calls as the sends.
-        Whatever the socket does not take at once goes to the transport's
-        buffer, so nothing written later overtakes it."""
-        transport = self.transport
-        if (self._sends_directly and transport.connected
-                and not transport.dataBuffer and not transport._tempDataBuffer):
-            sent = transport.writeSomeData(data)
-            if type(sent) is int:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+            self._writer.send_all(held)
 
     def sendString(self, frame: bytes) -> None:
-        replies = self._replies
-        if replies is not None:
+        outgoing = self._outgoing
+        if outgoing is not None:
             size = len(frame)
-            replies.append(_HEADER.pack(size))
-            replies.append(frame)
-            if size > REPLY_WRITTEN_AT_ONCE or len(replies) > 2 * REPLIES_HELD:
-                self._write_replies_now()
-        elif self._sends_directly:
+            outgoing.append(_HEADER.pack(size))
+            outgoing.append(frame)
+            if size > REPLY_WRITTEN_AT_ONCE or len(outgoing) > 2 * REPLIES_HELD:
+                self._write_outgoing_now()
+        elif self._writer.direct:
             self._send(_HEADER.pack(len(frame)) + frame)
         else:
-            self.transport.write(_HEADER.pack(len(frame)) + frame)
+            self._writer.send(_HEADER.pack(len(frame)) + frame)
 
     # --- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.factory.max_frame
         tune_connection(self.transport)
-        self._sends_directly = sends_directly(self.transport)
+        self._writer = self.factory.writer_for(self.transport)
         self.transport.registerProducer(self, True)
         self.peer = address_name(self.transport.getPeer())
         self.factory.connections.add(self)
@@ -365,6 +336,7 @@ class GloomProtocol(FrameReceiver):
 
     def connectionLost(self, reason) -> None:
         self.factory.connections.discard(self)
+        self._held_frames = None  # nowhere to send them now
         for call in (self._abort_call, self._stall_call, self._handshake_call):
             if call is not None and call.active():
                 call.cancel()
@@ -394,7 +366,7 @@ class GloomProtocol(FrameReceiver):
         self.closing()
         if self._stall_call is not None and self._stall_call.active():
             self._stall_call.cancel()
-        self._write_replies()
+        self._write_outgoing()
         self.write_held()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -459,40 +431,59 @@ class GloomProtocol(FrameReceiver):
 
 class Outbox:
     """Marks the reactor turns for the connections that send on their
-    sockets themselves, and writes what they held back when a turn ends.
-    One per daemon: the master and slave factories share it."""
+    sockets themselves (through a `transport.DirectTCPWriter`), and writes
+    what they held back when a turn ends.  One per daemon: the master and
+    slave factories share it."""
 
     def __init__(self, clock: IReactorTime):
+        """
+        :param clock: where the end of a turn is scheduled (``callLater(0)``).
+        """
         self.clock = clock
         self.turn = 0
-        self._held: List[GloomProtocol] = []
+        self._holding: List[GloomProtocol] = []
         self._call = None
 
     def end_turn_soon(self) -> None:
+        """Make sure this turn's end is marked (by a ``callLater(0)``)."""
         if self._call is None:
             self._call = self.clock.callLater(0, self._end_turn)
 
     def hold(self, connection: GloomProtocol) -> None:
-        self._held.append(connection)
+        """Call ``connection.write_held()`` when this turn ends."""
+        self._holding.append(connection)
         self.end_turn_soon()
 
     def _end_turn(self) -> None:
         self._call = None
         self.turn += 1
-        held, self._held = self._held, []
-        for connection in held:
+        holding, self._holding = self._holding, []
+        for connection in holding:
             connection.write_held()
 
 
 class GloomFactory(Factory):
     """Builds one kind of Gloom protocol around the shared scheduler (and
-    the `Outbox` the daemon's factories share)."""
+    the `Outbox` the daemon's factories share), and tracks its connections
+    so the daemon can close them when it stops."""
 
     noisy = False
+
+    writer_for = staticmethod(transport.writer_for)
+    """Chooses how a new connection writes: a `transport.TransportWriter`
+    for its transport."""
 
     def __init__(self, scheduler: Scheduler, clock: IReactorTime,
                  max_frame: int = wire.DEFAULT_MAX_FRAME, outbox: Optional[Outbox] = None,
                  frame_timeout: float = DEFAULT_FRAME_TIMEOUT):
+        """
+        :param scheduler: the daemon's scheduler.
+        :param clock: for timeouts and the end of a reactor turn.
+        :param max_frame: the largest frame a peer may send, in bytes.
+        :param outbox: the daemon's `Outbox`; a new one if None.
+        :param frame_timeout: seconds a peer may stay part way through a
+            frame (or a TLS handshake) without sending more.
+        """
         self.scheduler = scheduler
         self.clock = clock
         self.max_frame = max_frame
@@ -502,7 +493,10 @@ class GloomFactory(Factory):
 
     def close_all(self, timeout: float) -> Deferred:
         """Close every connection after its pending frames are written;
-        abort those still open after ``timeout`` seconds."""
+        abort those still open after ``timeout`` seconds.
+
+        :returns: a Deferred that fires once every connection is closed.
+        """
         connections = list(self.connections)
         for connection in connections:
             connection.close()

@@ -6,6 +6,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.protocol import ABORT_AFTER_ERROR
+from gloom.transport import TransportWriter
 from tests.support import Daemon, frame, live_ids, unframe
 
 
@@ -521,48 +522,56 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(transport.settings, {"nodelay": True, "keepalive": True})
 
 
-class SocketTransport(StringTransport):
-    """Shaped like Twisted's TCP transport, where a Gloom connection sends on
-    the socket itself: ``sends`` lists what each send put on the wire (at
-    most ``room`` bytes each), ``write`` fills the transport's own buffer."""
+class RecordingWriter(TransportWriter):
+    """A writer that sends at once, as a `DirectTCPWriter` does with an
+    empty transport buffer: ``sends`` lists what each send put on the wire."""
 
-    def __init__(self):
-        super().__init__()
-        self.connected = True
-        self.dataBuffer = b""
-        self._tempDataBuffer = []
+    direct = True
+
+    def __init__(self, transport):
+        super().__init__(transport)
         self.sends = []
-        self.room = None
 
-    def writeSomeData(self, data):
-        taken = bytes(data if self.room is None else data[: self.room])
-        self.sends.append(taken)
-        return len(taken)
+    def send(self, data):
+        self.sends.append(bytes(data))
+        self.transport.write(data)
 
-    def write(self, data):
-        self._tempDataBuffer.append(data)
+    def send_all(self, pieces):
+        self.send(b"".join(pieces))
 
 
 class SendTests(SynchronousTestCase):
+    """How a connection that may send at once groups its frames by
+    reactor turn (the writer itself is tested on real TCP in test_transport)."""
+
     def setUp(self):
         self.daemon = Daemon()
+        self.daemon.masters.writer_for = RecordingWriter
         self.master = self.daemon.masters.buildProtocol(None)
-        self.transport = SocketTransport()
+        self.transport = StringTransport()
         self.master.makeConnection(self.transport)
-        self.master._sends_directly = True
+        self.writer = self.master._writer
 
     def turn_ends(self):
         self.daemon.clock.advance(0)
 
+    def sent(self):
+        return [unframe(s) for s in self.writer.sends]
+
+    def test_other_transports_are_written_through_their_interface(self):
+        protocol = Daemon().masters.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertIs(type(protocol._writer), TransportWriter)
+
     def test_one_send_per_connection_per_turn(self):
         for n in (1, 2, 3):
             self.master.sendString(b'{"n":%d}' % n)
-        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}]])
+        self.assertEqual(self.sent(), [[{"n": 1}]])
         self.turn_ends()
-        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}], [{"n": 2}, {"n": 3}]])
+        self.assertEqual(self.sent(), [[{"n": 1}], [{"n": 2}, {"n": 3}]])
         self.master.sendString(b'{"n":4}')
-        self.assertEqual(unframe(self.transport.sends[-1]), [{"n": 4}])
-        self.assertEqual(self.transport._tempDataBuffer, [])
+        self.assertEqual(self.sent()[-1], [{"n": 4}])
+        self.assertEqual(unframe(self.transport.value()), [{"n": n} for n in (1, 2, 3, 4)])
 
     def test_answers_of_one_turn_go_out_together_after_the_acks(self):
         slaves = [self.daemon.slave("t") for _ in range(3)]
@@ -572,32 +581,21 @@ class SendTests(SynchronousTestCase):
             (job,) = slave.received()
             slave.send({"action": "respond", "body": job["id"]})
         self.turn_ends()
-        self.assertEqual([unframe(s) for s in self.transport.sends], [
+        self.assertEqual(self.sent(), [
             [{"ok": True, "id": "0"}, {"ok": True, "id": "1"}, {"ok": True, "id": "2"}],
             [{"id": "0", "body": "0"}, {"id": "1", "body": "1"}, {"id": "2", "body": "2"}],
         ])
 
-    def test_what_the_socket_does_not_take_waits_in_the_transport(self):
-        self.transport.room = 5
-        self.master.sendString(b'{"n":1}')
-        self.assertEqual(self.transport.sends, [b'\x00\x00\x00\x07{'])
-        self.assertEqual(self.transport._tempDataBuffer, [b'"n":1}'])
-        self.turn_ends()
-        self.master.sendString(b'{"n":2}')
-        self.assertEqual(len(self.transport.sends), 1)
-        self.assertEqual(b"".join(self.transport._tempDataBuffer), b'"n":1}\x00\x00\x00\x07{"n":2}')
-
     def test_nothing_is_sent_on_a_connection_lost_before_the_turn_ends(self):
         self.master.sendString(b'{"n":1}')
         self.master.sendString(b'{"n":2}')
-        self.transport.connected = False
         self.master.connectionLost(None)
         self.turn_ends()
-        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}]])
+        self.assertEqual(self.sent(), [[{"n": 1}]])
 
     def test_close_sends_what_was_held(self):
         self.master.sendString(b'{"n":1}')
         self.master.sendString(b'{"n":2}')
         self.master.close()
-        self.assertEqual([unframe(s) for s in self.transport.sends], [[{"n": 1}], [{"n": 2}]])
+        self.assertEqual(self.sent(), [[{"n": 1}], [{"n": 2}]])
         self.assertTrue(self.transport.disconnecting)

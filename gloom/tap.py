@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 from typing import Optional
 
-from twisted.application.service import MultiService, Service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import gloom
-from gloom import wire
+from gloom import transport, wire
 from gloom.master import DEFAULT_MAX_QUEUED, MasterFactory
 from gloom.protocol import DEFAULT_FRAME_TIMEOUT, Outbox, address_name
 from gloom.scheduler import Scheduler
@@ -133,63 +135,82 @@ class Options(usage.Options):
                 ) from None
 
 
-class ListenService(Service):
-    """Listens on one endpoint; a port that cannot be bound stops start-up
-    with one clear line instead of a daemon that silently serves nothing."""
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that tells its `ListenService` how listening went."""
+
+    def __init__(self, endpoint, service: "ListenService"):
+        """
+        :param endpoint: the server endpoint that listens.
+        :param service: told through its ``listened`` and ``refused``.
+        """
+        self.endpoint = endpoint
+        self.service = service
+
+    def listen(self, factory):
+        return self.endpoint.listen(factory).addCallbacks(self.service.listened,
+                                                          self.service.refused)
+
+
+class ListenService(StreamServerEndpointService):
+    """Twisted's endpoint service, saying what it listens for.  A port that
+    cannot be bound stops start-up with one clear line (twistd prints a
+    ``SystemExit`` message as its own start-up errors) instead of a daemon
+    that serves nothing; one that fails later, with an endpoint that
+    listens asynchronously, stops the reactor."""
 
     log = Logger()
 
-    def __init__(self, role: str, description: str, endpoint, factory):
+    def __init__(self, role: str, description: str, endpoint, factory, reactor):
+        """
+        :param role: ``master``, ``slave`` or ``http``: the service's name.
+        :param description: the endpoint string, for messages.
+        :param endpoint: the server endpoint to listen on.
+        :param factory: the protocol factory to listen with.
+        :param reactor: stopped if listening fails after start-up.
+        """
+        StreamServerEndpointService.__init__(self, _ReportingEndpoint(endpoint, self), factory)
         self.name = role
         self.audience = {"master": "masters", "slave": "slaves"}.get(role, role.upper())
         self.description = description
-        self.endpoint = endpoint
-        self.factory = factory
+        self.reactor = reactor
         self.port = None
-        self._listening = None
+        self._starting = False
+        self._refusal: Optional[str] = None
 
     def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)
-        self._listening = self.endpoint.listen(self.factory)
-        outcome = []
-        self._listening.addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            raise SystemExit(self._refusal(outcome[0]))
-        if outcome:
-            self._listened(outcome[0])
-        else:
-            self._listening.addCallbacks(self._listened, self._failed_later)
+        self._starting = True
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        finally:
+            self._starting = False
+        if self._refusal is not None:
+            raise SystemExit(self._refusal)
 
-    def startService(self) -> None:
-        Service.startService(self)
-        if self._listening is None:
-            self.privilegedStartService()
-
-    def _listened(self, port) -> None:
+    def listened(self, port):
+        """The endpoint is listening on ``port``."""
         self.port = port
         self.log.info("Listening for {audience} on {address} ({description})",
                       audience=self.audience, address=address_name(port.getHost()),
                       description=self.description)
+        return port
 
-    def _failed_later(self, failure: Failure) -> None:
-        self.log.critical("{message}", message=self._refusal(failure))
-        from twisted.internet import reactor
-
-        reactor.stop()
-
-    def _refusal(self, failure: Failure) -> str:
+    def refused(self, failure: Failure) -> None:
+        """The endpoint could not listen: say why, in one line."""
+        if failure.check(CancelledError):
+            return None
         error = failure.value
         if isinstance(error, CannotListenError) and error.socketError is not None:
             error = error.socketError
-        return f"gloom: cannot listen for {self.audience} on {self.description}: {error}"
+        self._refusal = f"gloom: cannot listen for {self.audience} on {self.description}: {error}"
+        if not self._starting:
+            self.log.critical("{message}", message=self._refusal)
+            self.reactor.stop()
+        return None
 
     def stopService(self):
-        Service.stopService(self)
-        self._listening = None
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        self.port = None
+        return StreamServerEndpointService.stopService(self)
 
 
 def nursery_advice(implementation: str, environ) -> Optional[str]:
@@ -215,6 +236,11 @@ class GloomService(MultiService):
     name = "gloom"
 
     def __init__(self, scheduler: Scheduler, factories, reactor):
+        """
+        :param scheduler: the daemon's scheduler, started and stopped as a child.
+        :param factories: the master and slave factories, in that order.
+        :param reactor: the reactor, for the clock.
+        """
         MultiService.__init__(self)
         self.scheduler = scheduler
         self.factories = factories
@@ -225,7 +251,6 @@ class GloomService(MultiService):
     def stopService(self):
         stopped = MultiService.stopService(self)
         stopped.addCallback(lambda _: self._close_connections())
-        stopped.addCallback(self._stopped_cleanly)
         return stopped
 
     def privilegedStartService(self) -> None:
@@ -233,6 +258,10 @@ class GloomService(MultiService):
         advice = nursery_advice(platform.python_implementation(), os.environ)
         if advice:
             self.log.warn("{advice}", advice=advice)
+        if not transport.direct_sends_available():
+            self.log.warn("Connections write through Twisted's transport interface only, "
+                          "with more system calls per job: {why}",
+                          why=transport.why_direct_sends_unavailable())
         self.started_at = self.reactor.seconds()
         MultiService.privilegedStartService(self)
 
@@ -254,13 +283,6 @@ class GloomService(MultiService):
 
     def _close_connections(self):
         return gatherResults([f.close_all(CLOSE_TIMEOUT) for f in self.factories])
-
-    def _stopped_cleanly(self, _) -> None:
-        """SIGTERM is the ordinary way to stop the daemon, and by now every
-        master has been told and every connection closed: exit with status
-        0 rather than twistd's default of dying by the signal again."""
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-            self.reactor._exitSignal = None
 
 
 def makeService(config, reactor: Optional[object] = None) -> GloomService:
@@ -291,5 +313,5 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
         listeners.append(("http", make_site(root.stats, latency, registry)))
     for role, factory in listeners:
         endpoint = endpoints.serverFromString(reactor, config[role])
-        ListenService(role, config[role], endpoint, factory).setServiceParent(root)
+        ListenService(role, config[role], endpoint, factory, reactor).setServiceParent(root)
     return root

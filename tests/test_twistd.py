@@ -80,7 +80,8 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual((reply["error"], reply["id"]), ("shutdown", "never"))
         self.assertEqual(waiting.sock.recv(1), b"")
         status, output = daemon.finish()
-        self.assertEqual(status, 0, output)
+        self.assertEqual(status, -signal.SIGTERM, output)
+        self.assertIn("Main loop terminated", output)
         self.assertIn("Gloom ", output)
         self.assertNotIn("Traceback", output)
 
@@ -137,7 +138,8 @@ class TacTests(SynchronousTestCase):
         run_a_job(self, *daemon.ports())
         daemon.process.send_signal(signal.SIGTERM)
         status, output = daemon.finish()
-        self.assertEqual(status, 0, output)
+        self.assertEqual(status, -signal.SIGTERM, output)
+        self.assertIn("Main loop terminated", output)
 
 
 class OptionsTests(SynchronousTestCase):

@@ -101,11 +101,27 @@ class _LoadMaster(_BenchConnection):
 
 
 def percentile(values: List[float], fraction: float) -> float:
-    """The value below which ``fraction`` of the (sorted) values fall."""
+    """The value below which ``fraction`` of the (sorted) values fall.
+
+    :param values: the values, sorted, at least one.
+    :param fraction: from 0 to 1; 0.5 for the median.
+    """
     return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
 class BenchResult:
+    """What a `Bench` run measured.
+
+    :param jobs: how many jobs were settled: answered, failed or refused.
+    :param seconds: how long answering them took (after queueing them, in
+        drain mode).
+    :param latencies: each answered job's seconds from submit to answer.
+    :param errors: the error frames received, as dicts.
+    :param settings: the run's ``masters``, ``slaves``, ``window`` and
+        ``body_size``, reported with the figures.
+    :param queue_seconds: in drain mode, how long queueing every job took.
+    """
+
     def __init__(self, jobs: int, seconds: float, latencies: List[float], errors: list, settings: dict,
                  queue_seconds: Optional[float] = None):
         self.jobs = jobs
@@ -117,9 +133,13 @@ class BenchResult:
 
     @property
     def jobs_per_second(self) -> float:
+        """Jobs settled per second."""
         return self.jobs / self.seconds if self.seconds else 0.0
 
     def figures(self) -> dict:
+        """The figures as a JSON-able dict (``gloom bench --json``):
+        throughput, latency percentiles in milliseconds, the error count and
+        the settings."""
         lat = self.latencies
         ms = (lambda f: round(percentile(lat, f) * 1000, 3)) if lat else (lambda f: None)
         return {"jobs": self.jobs, "seconds": round(self.seconds, 3),
@@ -131,6 +151,7 @@ class BenchResult:
                    if self.queue_seconds else {})}
 
     def table(self) -> str:
+        """The figures as a few lines of text, as ``gloom bench`` prints them."""
         f = self.figures()
         lines = [
             f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s"
@@ -148,7 +169,24 @@ class BenchResult:
 
 
 class Bench:
-    """One benchmark run against a daemon at ``master``/``slave`` addresses."""
+    """One benchmark run against a daemon at ``master``/``slave`` addresses.
+
+    :param reactor: the reactor to run on.
+    :param master: the daemon's master port, as
+        `gloom.txclient.client_endpoint` takes it.
+    :param slave: the daemon's slave port, likewise.
+    :param masters: how many master connections submit jobs (one in drain
+        mode).
+    :param slaves: how many slave connections echo them.
+    :param window: how many jobs each master keeps in flight (every job, in
+        drain mode).
+    :param body_size: the length of each job's body (a string), in
+        characters.
+    :param jobs: how many jobs in all.
+    :param progress: a text file to draw a progress bar on, or None.
+    :param drain: queue every job first, with no slave connected, then
+        connect the slaves to drain the queue.
+    """
 
     def __init__(self, reactor, master, slave, masters=4, slaves=8, window=64, body_size=64,
                  jobs=20000, progress=None, drain=False):
@@ -198,6 +236,12 @@ class Bench:
 
     @defer.inlineCallbacks
     def run(self):
+        """Connect, run the jobs, disconnect.
+
+        :returns: a Deferred that fires with the `BenchResult`, or fails
+            with ``TransportError`` if a connection cannot be made or is
+            lost.
+        """
         connections = []
         queue_seconds = None
         drawing: Optional[task.LoopingCall] = None

@@ -327,7 +327,12 @@ def _duration(seconds: float) -> str:
 
 
 def format_status(stats: dict) -> str:
-    """The stats as a readable table."""
+    """The stats as a readable table.
+
+    :param stats: the daemon's figures, as the stats action returns them.
+    :returns: a table of the types, then the connections, the uptime and
+        the job totals, as ``gloom status`` prints them.
+    """
     headings = ("TYPE", "QUEUED", "RUNNING", "IDLE SLAVES", "BUSY SLAVES")
     rows = [(name, str(t["queued"]), str(t["running"]), str(t["idle_slaves"]), str(t["busy_slaves"]))
             for name, t in sorted(stats["types"].items())]
@@ -407,6 +412,13 @@ def _split_command(argv: List[str]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``gloom`` command: parse the arguments, run the reactor until
+    the subcommand is done, and report any error on standard error.
+
+    :param argv: the arguments, without the program name; by default,
+        ``sys.argv[1:]``.
+    :returns: the exit status (see the module's documentation).
+    """
     own, command = _split_command(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(own)
     args.argv = command

@@ -67,7 +67,12 @@ class ProtocolError(GloomError):
 
 
 class ServerError(GloomError):
-    """The daemon answered with an error frame (``error``, ``reason``, ``id``)."""
+    """The daemon answered with an error frame (``error``, ``reason``, ``id``).
+
+    :param error: the frame's error code, such as ``"unknown_job"``.
+    :param reason: the frame's reason, for people to read.
+    :param id: the id of the job it concerns, if any.
+    """
 
     def __init__(self, error: str, reason: str = "", id: Optional[str] = None):
         super().__init__(f"{error}: {reason}" if reason else error)
@@ -77,6 +82,7 @@ class ServerError(GloomError):
 
     @classmethod
     def from_frame(cls, frame: dict) -> "ServerError":
+        """The error a decoded error frame (or failed answer) reports."""
         return cls(frame.get("error", "unknown"), frame.get("reason", ""), frame.get("id"))
 
 
@@ -103,7 +109,15 @@ class Job(dict):
 def client_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
                    keyfile: Optional[str] = None) -> ssl.SSLContext:
     """A TLS context that checks the server's certificate and name against
-    ``cafile`` (or the system's CAs) and presents a client certificate if given."""
+    ``cafile`` (or the system's CAs) and presents a client certificate if given.
+
+    :param cafile: a PEM file of the CA certificates to trust; by default,
+        the system's.
+    :param certfile: a PEM file with the client certificate to present
+        (and any intermediates); by default, none.
+    :param keyfile: the PEM file with the client certificate's private key,
+        if it is not in ``certfile``.
+    """
     context = ssl.create_default_context(cafile=cafile)
     if certfile is not None:
         context.load_cert_chain(certfile, keyfile)
@@ -206,14 +220,22 @@ class _Client:
 class Master(_Client):
     """Submits jobs and collects their answers over one connection.
 
-    ``tls`` is None (plain TCP), True (TLS checked against the system's CAs)
-    or an ``ssl.SSLContext`` (see `client_context`).
+    :param addr: the daemon's master port, ``(host, port)``.
+    :keyword tls: None for plain TCP, True for TLS checked against the
+        system's CAs, or an ``ssl.SSLContext`` (see `client_context`).
+    :keyword server_hostname: the name the server's certificate must carry;
+        by default, the host of ``addr``.
+    :keyword connect_timeout: seconds to wait for the connection, 10 by
+        default (None waits as long as the system does).
+    :raises TransportError: if the connection (or TLS) cannot be made.
     """
 
     def __init__(self, addr: Address = ("127.0.0.1", 9998), **kwargs):
         super().__init__(addr, **kwargs)
         self._answers: deque = deque()
-        self._replies: Dict[Optional[str], Optional[dict]] = {}
+        # Requests waiting for their reply, by job id (None: stats or an
+        # error without an id), with the reply once it came.
+        self._awaited_replies: Dict[Optional[str], Optional[dict]] = {}
 
     # --- frames --------------------------------------------------------------
 
@@ -222,10 +244,10 @@ class Master(_Client):
         frame = self._connection.read(deadline)
         job_id = frame.get("id")
         if "stats" in frame or ("error" in frame and job_id is None):
-            self._replies[None] = frame
-        elif job_id in self._replies and self._replies[job_id] is None and (
+            self._awaited_replies[None] = frame
+        elif job_id in self._awaited_replies and self._awaited_replies[job_id] is None and (
                 frame.get("ok") or "error" in frame):
-            self._replies[job_id] = frame
+            self._awaited_replies[job_id] = frame
         elif "body" in frame or "error" in frame:
             self._answers.append(Job(frame))
         elif not frame.get("ok"):
@@ -233,14 +255,14 @@ class Master(_Client):
 
     def _request(self, message: dict, key: Optional[str], timeout: Optional[float] = None) -> dict:
         """Send a request and wait for its direct reply (raising its error)."""
-        self._replies[key] = None
+        self._awaited_replies[key] = None
         self._connection.send(message)
         deadline = _deadline(timeout)
         try:
-            while self._replies[key] is None:
+            while self._awaited_replies[key] is None:
                 self._read_one(deadline)
         finally:
-            reply = self._replies.pop(key)
+            reply = self._awaited_replies.pop(key)
         if "error" in reply:
             raise ServerError.from_frame(reply)
         return reply
@@ -260,25 +282,42 @@ class Master(_Client):
 
     def submit(self, id: Optional[str] = None, type: Optional[str] = None, body: Any = None,
                priority: Optional[int] = None, timeout: Optional[float] = None) -> str:
-        """Submit a job and wait for its ack; return its id (a fresh uuid4
-        hex if none is given).  ``timeout`` is the job's own time limit on a
-        slave, in seconds.  Raises `ServerError` if the daemon refuses it."""
+        """Submit a job and wait for its ack.
+
+        :param id: the job's id, unique among this master's unfinished
+            jobs; by default a fresh uuid4 hex.
+        :param type: the job's type (required).
+        :param body: the job's body: any value ``json.dumps`` takes.
+        :param priority: higher runs first; the daemon's default is 0.
+        :param timeout: the job's own time limit on a slave, in seconds.
+        :returns: the job's id.
+        :raises ServerError: if the daemon refuses the job.
+        """
         message = self._submission(id, type, body, priority, timeout)
         self._request(message, message["id"])
         return message["id"]
 
     def receive(self, timeout: Optional[float] = None) -> Job:
         """The next answer to any of this master's jobs, as a `Job`; a failed
-        job comes back with ``error`` and ``reason``.  Raises `Timeout`."""
+        job comes back with ``error`` and ``reason``.
+
+        :param timeout: seconds to wait; by default, for ever.
+        :raises Timeout: if no answer came in time.
+        """
         deadline = _deadline(timeout)
         while not self._answers:
             self._read_one(deadline)
         return self._answers.popleft()
 
     def do_many(self, jobs: Iterable, timeout: Optional[float] = None) -> Iterator[Job]:
-        """Submit every job (dicts with ``type``, ``body`` and optionally
-        ``id``, ``priority``, ``timeout``; or ``(type, body)`` pairs), then
-        yield their answers as they arrive.  ``timeout`` bounds each wait."""
+        """Submit every job, then yield their answers (as `Job`) as they
+        arrive.
+
+        :param jobs: dicts with ``type``, ``body`` and optionally ``id``,
+            ``priority`` and ``timeout`` (as `submit` takes them), or
+            ``(type, body)`` pairs.
+        :param timeout: seconds each wait for an answer may take.
+        """
         count = 0
         for job in jobs:
             if not isinstance(job, dict):
@@ -294,8 +333,17 @@ class Master(_Client):
 
     def run(self, type: str, body: Any = None, priority: Optional[int] = None,
             timeout: Optional[float] = None, wait: Optional[float] = None) -> Any:
-        """Submit one job and wait (up to ``wait`` seconds) for its answer
-        body; `ServerError` if it failed.  Other answers stay for `receive`."""
+        """Submit one job and wait for its answer body.  Answers to other
+        jobs that arrive meanwhile stay for `receive`.
+
+        :param type: the job's type.
+        :param body: the job's body.
+        :param priority: as `submit` takes it.
+        :param timeout: the job's own time limit on a slave, in seconds.
+        :param wait: seconds to wait for the answer; by default, for ever.
+        :raises ServerError: if the job was refused or failed.
+        :raises Timeout: if the answer did not come within ``wait``.
+        """
         job_id = self.submit(None, type, body, priority, timeout)
         deadline = _deadline(wait)
         seen = 0
@@ -311,8 +359,16 @@ class Master(_Client):
     def map(self, type: str, bodies: Iterable, window: int = 64, priority: Optional[int] = None,
             timeout: Optional[float] = None, wait: Optional[float] = None) -> Iterator[Any]:
         """Run one job per body with up to ``window`` in flight; yield the
-        answers in the order of ``bodies``.  A failed job raises `ServerError`
-        when its turn comes.  ``wait`` bounds each wait for a frame."""
+        answer bodies in the order of ``bodies``.  A failed job raises
+        `ServerError` when its turn comes.
+
+        :param type: the type of every job.
+        :param bodies: the jobs' bodies; read only as jobs are submitted.
+        :param window: the most jobs submitted and not yet answered.
+        :param priority: as `submit` takes it, for every job.
+        :param timeout: each job's own time limit on a slave, in seconds.
+        :param wait: seconds each wait for a frame may take.
+        """
         if window < 1:
             raise ValueError("window must be at least 1")
         order: deque = deque()
@@ -327,7 +383,7 @@ class Master(_Client):
                     exhausted = True
                     break
                 message = self._submission(None, type, body, priority, timeout)
-                self._replies[message["id"]] = None
+                self._awaited_replies[message["id"]] = None
                 self._connection.send(message)
                 order.append(message["id"])
             if not order:
@@ -341,20 +397,24 @@ class Master(_Client):
     def _take_map_frames(self, order, results, deadline) -> None:
         self._read_one(deadline)
         for job_id in list(order):
-            reply = self._replies.get(job_id)
+            reply = self._awaited_replies.get(job_id)
             if reply is not None:
-                del self._replies[job_id]
+                del self._awaited_replies[job_id]
                 if "error" in reply:
                     results[job_id] = Job(reply)
         while self._answers:
             answer = self._answers.popleft()
-            if answer.id in self._replies:
-                self._replies.pop(answer.id)
+            if answer.id in self._awaited_replies:
+                self._awaited_replies.pop(answer.id)
             results[answer.id] = answer
 
     def cancel(self, id: str) -> None:
-        """Withdraw one of this master's unfinished jobs (`ServerError`
-        ``unknown_job`` if it has none by that id)."""
+        """Withdraw one of this master's unfinished jobs.
+
+        :param id: the job's id.
+        :raises ServerError: ``unknown_job`` if this master has no
+            unfinished job by that id.
+        """
         self._request({"action": "cancel", "id": id}, id)
 
     def stats(self) -> dict:
@@ -363,7 +423,17 @@ class Master(_Client):
 
 
 class Slave(_Client):
-    """Takes jobs of one type, one at a time, and answers them."""
+    """Takes jobs of one type, one at a time, and answers them.
+
+    :param addr: the daemon's slave port, ``(host, port)``.
+    :keyword tls: None for plain TCP, True for TLS checked against the
+        system's CAs, or an ``ssl.SSLContext`` (see `client_context`).
+    :keyword server_hostname: the name the server's certificate must carry;
+        by default, the host of ``addr``.
+    :keyword connect_timeout: seconds to wait for the connection, 10 by
+        default (None waits as long as the system does).
+    :raises TransportError: if the connection (or TLS) cannot be made.
+    """
 
     def __init__(self, addr: Address = ("127.0.0.1", 9999), **kwargs):
         super().__init__(addr, **kwargs)
@@ -385,11 +455,19 @@ class Slave(_Client):
                 raise ProtocolError(f"unexpected frame {frame!r}")
 
     def join(self, type: str) -> None:
-        """Serve jobs of this type (switching type if already joined)."""
+        """Serve jobs of this type (switching type if already joined).
+
+        :param type: the job type to take.
+        """
         self._reply({"action": "join", "type": type})
 
     def job(self, timeout: Optional[float] = None) -> Job:
-        """Wait for the next job.  Raises `Timeout`."""
+        """Wait for the next job; it becomes the current job, which
+        `respond` or `fail` answers.
+
+        :param timeout: seconds to wait; by default, for ever.
+        :raises Timeout: if no job came in time.
+        """
         deadline = _deadline(timeout)
         while not self._jobs:
             frame = self._connection.read(deadline)
@@ -400,12 +478,19 @@ class Slave(_Client):
         return self.current
 
     def respond(self, body: Any = None) -> None:
-        """Answer the current job.  `ServerError` ``timed_out`` means the job
-        had run past its timeout and the answer was discarded."""
+        """Answer the current job.
+
+        :param body: the answer: any value ``json.dumps`` takes.
+        :raises ServerError: ``timed_out`` if the job had run past its
+            timeout and the answer was discarded.
+        """
         self._reply(self._answer({"action": "respond", "body": body}))
 
     def fail(self, reason: str) -> None:
-        """Report that the current job failed (the master is told; no retry)."""
+        """Report that the current job failed (the master is told; no retry).
+
+        :param reason: why, for the master; made a string.
+        """
         self._reply(self._answer({"action": "fail", "reason": str(reason)}))
 
     def _answer(self, request: dict) -> dict:
@@ -416,9 +501,15 @@ class Slave(_Client):
         return request
 
     def serve(self, handler: Callable[[Job], Any], type: Optional[str] = None) -> None:
-        """Join ``type`` (if given) and answer jobs for ever: respond with
-        ``handler(job)``, or fail with the text of the exception it raises.
-        Returns when the daemon closes the connection."""
+        """Join ``type`` (if given) and answer jobs for ever.  Returns when
+        the daemon closes the connection.
+
+        :param handler: called with each `Job`; what it returns is the
+            answer, and an exception it raises fails the job with the
+            exception's text.
+        :param type: the job type to join first; by default, the one
+            already joined.
+        """
         if type is not None:
             self.join(type)
         while True:

@@ -29,12 +29,21 @@ _TOTAL_HELP = {
 
 
 class StatsCollector:
-    """Counters and gauges read from the daemon's stats at scrape time."""
+    """Counters and gauges read from the daemon's stats at scrape time (a
+    ``prometheus_client`` custom collector).
+
+    :param stats: returns the daemon's figures, as /status shows them but
+        with every type included (the daemon's ``GloomService.stats``, in
+        ``gloom.tap``, with ``types_limit=None``).
+    """
 
     def __init__(self, stats: Callable[[], dict]):
         self.stats = stats
 
     def collect(self):
+        """Read the figures once and yield them as metric families: the job
+        totals, the per-type queue and slave gauges, the connected masters
+        and slaves, and the uptime."""
         figures = self.stats()
         for name in TOTALS:
             counter = CounterMetricFamily(f"gloom_jobs_{name}", _TOTAL_HELP[name])
@@ -62,7 +71,10 @@ class StatsCollector:
 class LatencyHistogram:
     """Seconds from submit to answer, per type.  A type's series is dropped
     (`forget`, called by the scheduler) as soon as the type has no jobs and
-    no slaves, so short-lived type names do not accumulate."""
+    no slaves, so short-lived type names do not accumulate.
+
+    :param registry: the Prometheus registry the histogram is registered in.
+    """
 
     def __init__(self, registry: CollectorRegistry):
         self.histogram = Histogram("gloom_job_latency_seconds", "Seconds from submit to answer.",
@@ -70,10 +82,16 @@ class LatencyHistogram:
         self._types: Set[str] = set()
 
     def observe(self, job_type: str, seconds: float) -> None:
+        """Count one answered job.
+
+        :param job_type: the job's type, the series' ``type`` label.
+        :param seconds: how long the job took from submit to answer.
+        """
         self.histogram.labels(job_type).observe(seconds)
         self._types.add(job_type)
 
     def forget(self, job_type: str) -> None:
+        """Drop the series of ``job_type``, if it has one."""
         if job_type in self._types:
             self._types.discard(job_type)
             self.histogram.remove(job_type)
@@ -110,7 +128,17 @@ class _QuietSite(Site):
 
 def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
               registry: CollectorRegistry) -> Site:
-    """The HTTP site: /status (JSON) and /metrics (Prometheus)."""
+    """The HTTP site: /status (JSON) and /metrics (Prometheus).
+
+    :param stats: returns the daemon's figures (``GloomService.stats``);
+        called with no argument for /status and with ``types_limit=None``
+        (every type) for /metrics.
+    :param latency: the job latency histogram; it is in ``registry``
+        already, which is how /metrics shows it.
+    :param registry: the Prometheus registry /metrics renders; the figures
+        of ``stats`` are added to it.
+    :returns: a site with no per-request access log.
+    """
 
     def status() -> bytes:
         return json.dumps(stats(), indent=2).encode() + b"\n"

@@ -10,7 +10,12 @@ MAX_QUOTED = 200
 
 
 def quoted(value: Any) -> str:
-    """``repr(value)``, cut to about `MAX_QUOTED` characters."""
+    """``repr(value)``, cut to about `MAX_QUOTED` characters.
+
+    :param value: anything a peer sent, decoded or not.
+    :returns: the ``repr``; a long string is cut before quoting (so the
+        quotes stay balanced) and says how long it was.
+    """
     if type(value) is str and len(value) > MAX_QUOTED:
         return repr(value[:MAX_QUOTED]) + f"... ({len(value)} characters)"
     text = repr(value)
@@ -20,7 +25,13 @@ def quoted(value: Any) -> str:
 
 
 def shortened(text: str) -> str:
-    """``text`` itself when short, else its first `MAX_QUOTED` characters and a note."""
+    """``text`` itself when short, else its first `MAX_QUOTED` characters and
+    a note of the whole length.
+
+    :param text: a message of Gloom's own, such as an error's reason, which
+        may quote a peer's input (quote the peer's values themselves with
+        `quoted`).
+    """
     if len(text) <= MAX_QUOTED:
         return text
     return text[:MAX_QUOTED] + f"... ({len(text)} characters in all)"

@@ -42,8 +42,15 @@ _NOT_CONTINUATION = bytes(c for c in range(256) if not 0x80 <= c <= 0xBF)
 
 
 class JSONError(ValueError):
-    """Not JSON; reads like the standard library's `json.JSONDecodeError`,
-    with the position counted in characters."""
+    """Not JSON; reads like the standard library's ``json.JSONDecodeError``,
+    with the position counted in characters.
+
+    :param msg: what is wrong, without the position.
+    :param data: the whole text, to count lines and characters in when the
+        error is shown.
+    :param pos: where in ``data`` it is wrong, in bytes (None for nowhere
+        in particular).
+    """
 
     def __init__(self, msg: str, data: bytes, pos: int):
         self.msg = msg
@@ -79,7 +86,10 @@ def _characters(data: bytes, start: int, end: int) -> int:
 
 def first_invalid_utf8(data: bytes) -> Optional[int]:
     """The offset of the first byte of ``data`` that is not valid UTF-8
-    (a lone surrogate encoded in UTF-8 is not), or None."""
+    (a lone surrogate encoded in UTF-8 is not), or None.
+
+    :param data: the bytes to check (bytes or a bytes-like object).
+    """
     size = len(data)
     if size <= _UTF8_CHUNK:
         try:
@@ -103,15 +113,26 @@ def first_invalid_utf8(data: bytes) -> Optional[int]:
 def scan_object(data: bytes, wanted: Dict[bytes, str],
                 max_depth: int = MAX_DEPTH) -> Dict[str, Tuple[int, int]]:
     """Check that ``data`` is exactly one JSON object in UTF-8, and
-    return ``{name: (start, end)}``: where the value of each top-level member
-    whose key ``wanted`` names starts and ends (the last, when a key is
-    repeated, as `json.loads` keeps the last).  ``wanted`` maps the keys as
-    bytes (unescaped, ASCII) to the names to return.
+    return where the value of each top-level member whose key ``wanted``
+    names starts and ends (the last, when a key is repeated, as
+    ``json.loads`` keeps the last).
 
-    Raises `JSONError`, `NestsTooDeeply`, or `NotAnObject` (after checking
-    that the whole text is valid JSON).  What is not valid UTF-8 is refused
-    too, but not necessarily as such, nor where it starts: when ``data`` is
-    refused and is not ASCII, see `first_invalid_utf8` first.
+    What is not valid UTF-8 is refused too, but not necessarily as such, nor
+    where it starts: when ``data`` is refused and is not ASCII, see
+    `first_invalid_utf8` first.
+
+    :param data: the JSON text.
+    :param wanted: maps the keys to look for, as bytes (unescaped, ASCII),
+        to the names to return them under.
+    :param max_depth: how many arrays and objects may nest, the top-level
+        object included.
+    :returns: ``{name: (start, end)}``, the slice of ``data`` that holds
+        each wanted member's value; members not in ``wanted`` are checked
+        and skipped.
+    :raises JSONError: if ``data`` is not JSON.
+    :raises NestsTooDeeply: if it nests more than ``max_depth`` deep.
+    :raises NotAnObject: if it is valid JSON but not an object (checked
+        after the whole text).
     """
     n = len(data)
     ws = _WS
@@ -200,9 +221,15 @@ def scan_object(data: bytes, wanted: Dict[bytes, str],
 
 
 def skip_value(data: bytes, i: int, max_depth: int = MAX_DEPTH) -> int:
-    """The index just past the JSON value that starts at ``data[i]``, which
-    may nest at most ``max_depth`` arrays and objects; checked as
-    `scan_object` checks its text."""
+    """The index just past the JSON value that starts at ``data[i]``,
+    checked as `scan_object` checks its text.
+
+    :param data: the JSON text.
+    :param i: where the value starts (whitespace before it is skipped).
+    :param max_depth: how many arrays and objects the value may nest.
+    :raises JSONError: if no valid JSON value starts there.
+    :raises NestsTooDeeply: if it nests more than ``max_depth`` deep.
+    """
     n = len(data)
     ws, digit = _WS, _DIGIT
     stack = bytearray(max_depth + 2)  # the opening byte of each open container

@@ -44,7 +44,14 @@ _ENDPOINT_STRING = re.compile(r"^[a-zA-Z0-9]+:.*=|^(tcp|tcp6|tls|ssl|unix):")
 
 def client_endpoint(reactor, address, default_host: str = "127.0.0.1") -> IStreamClientEndpoint:
     """An endpoint from ``host:port``, ``[v6addr]:port``, ``:port``, a client
-    endpoint string, or an endpoint itself."""
+    endpoint string, or an endpoint itself.
+
+    :param reactor: the reactor the endpoint connects with.
+    :param address: the address, as text, or an ``IStreamClientEndpoint``
+        (returned as it is).
+    :param default_host: the host for ``:port``.
+    :raises ValueError: if ``address`` is none of these.
+    """
     if IStreamClientEndpoint.providedBy(address):
         return address
     if _ENDPOINT_STRING.match(address):
@@ -57,7 +64,11 @@ def client_endpoint(reactor, address, default_host: str = "127.0.0.1") -> IStrea
 
 
 def describe_failure(failure: Failure) -> str:
-    """One line for a connection failure, without a traceback."""
+    """One line for a connection failure, without a traceback.
+
+    :param failure: why a connection attempt failed or a connection was
+        lost.
+    """
     error = failure.value
     os_error = getattr(error, "osError", None)
     if isinstance(os_error, int):
@@ -104,10 +115,18 @@ class _MasterConnection(_Connection):
 class MasterClient:
     """Submits jobs over one (re)connecting master connection.
 
-    ``fail_after`` is how many failed connection attempts a submit waits
-    through before failing with `TransportError` (None: wait for ever).
     Jobs in flight when the connection drops fail with `TransportError`:
-    the daemon drops a disconnected master's jobs.
+    the daemon drops a disconnected master's jobs.  Nothing connects before
+    `start`.
+
+    :param address: the daemon's master port: ``host:port``, a client
+        endpoint string or an endpoint (see `client_endpoint`).
+    :param reactor: the reactor; by default, the global one.
+    :param fail_after: how many failed connection attempts a submit waits
+        through before failing with `TransportError` (None: wait for ever).
+    :param retry_policy: how long to wait before each new connection
+        attempt, as ``ClientService`` takes it; by default, backoff from
+        0.5 s to 30 s.
     """
 
     def __init__(self, address="127.0.0.1:9998", reactor=None, fail_after: Optional[int] = None,
@@ -127,6 +146,7 @@ class MasterClient:
         self._stats: deque = deque()
 
     def start(self) -> None:
+        """Connect, and reconnect whenever the connection is lost."""
         self._service.startService()
 
     def stop(self) -> Deferred:
@@ -154,9 +174,19 @@ class MasterClient:
 
     def submit(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
                timeout: Optional[float] = None) -> Deferred:
-        """Submit a job: a Deferred that fires with the answer body, or fails
-        with `ServerError` (refused, or ``job_failed``) or `TransportError`.
-        Cancelling the Deferred cancels the job."""
+        """Submit a job, once connected.  Cancelling the Deferred cancels the
+        job.
+
+        :param type: the job's type.
+        :param body: the job's body: any value ``json.dumps`` takes.
+        :param priority: larger runs first.
+        :param id: the job's id, unique among this client's jobs in flight;
+            by default a fresh uuid4 hex.
+        :param timeout: the job's own time limit on a slave, in seconds.
+        :returns: a Deferred that fires with the answer body, or fails with
+            `ServerError` (refused, or ``job_failed``) or `TransportError`.
+        :raises ValueError: if a job with that id is in flight already.
+        """
         job_id = id or uuid.uuid4().hex
         if job_id in self._pending:
             raise ValueError(f"job {job_id!r} is already in flight")
@@ -186,7 +216,11 @@ class MasterClient:
             connection.send({"action": "cancel", "id": job_id})
 
     def cancel(self, job_id: str) -> None:
-        """Cancel a job by id (the same as cancelling its Deferred)."""
+        """Cancel a job by id (the same as cancelling its Deferred).
+
+        :param job_id: the id the job was submitted with; a job not in
+            flight is ignored.
+        """
         pending = self._pending.get(job_id)
         if pending is not None:
             pending.cancel()
@@ -350,7 +384,23 @@ class _Slot:
 
 
 class Worker:
-    """``concurrency`` slave connections of one type sharing a handler."""
+    """``concurrency`` slave connections of one type sharing a handler.
+    Nothing connects before `start`.
+
+    :param job_type: the type of jobs to take.
+    :param handler: called with each `Job`; returns the answer body or a
+        Deferred for it, and an exception or failure fails the job with its
+        text.
+    :param concurrency: how many connections, so how many jobs at once.
+    :param address: the daemon's slave port: ``host:port``, a client
+        endpoint string or an endpoint (see `client_endpoint`).
+    :param reactor: the reactor; by default, the global one.
+    :param retry_policy: as `MasterClient` takes it.
+    :param report: called with a line of text when a connection attempt
+        fails, when one succeeds after that, and when a connection is lost;
+        by default, a warning is logged.
+    :raises ValueError: if ``concurrency`` is below 1.
+    """
 
     log = Logger()
 
@@ -370,6 +420,7 @@ class Worker:
         self.slots: List[_Slot] = [_Slot(self, endpoint, policy) for _ in range(concurrency)]
 
     def start(self) -> None:
+        """Connect every slave connection, and reconnect each when lost."""
         for slot in self.slots:
             slot.service.startService()
 
@@ -386,8 +437,17 @@ class Worker:
 def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, address="127.0.0.1:9999",
          reactor=None) -> Worker:
     """Start ``concurrency`` slave connections answering jobs of ``type``
-    with ``handler(job)`` (a value or a Deferred; an exception or failure
-    sends ``fail`` with its text).  Returns the started `Worker`."""
+    with ``handler(job)``.
+
+    :param type: the type of jobs to take.
+    :param handler: called with each `Job`; returns the answer body or a
+        Deferred for it (an exception or failure sends ``fail`` with its
+        text).
+    :param concurrency: how many jobs at once, each on its own connection.
+    :param address: the daemon's slave port, as `Worker` takes it.
+    :param reactor: the reactor; by default, the global one.
+    :returns: the started `Worker`.
+    """
     worker = Worker(type, handler, concurrency, address, reactor)
     worker.start()
     return worker

@@ -98,6 +98,7 @@ ERROR_CODES = (
     WRONG_JOB,
     INTERNAL_ERROR,
 )
+"""Every ``error`` code an error frame may carry."""
 
 MAX_NAME_BYTES = 1024
 """Longest id or type a peer may send, in bytes of UTF-8."""
@@ -107,7 +108,10 @@ MAX_TIMEOUT = 30 * 24 * 3600
 
 
 MASTER_ACTIONS = frozenset({"submit", "cancel", "stats"})
+"""The actions a master may send (on the master port)."""
+
 SLAVE_ACTIONS = frozenset({"join", "respond", "fail"})
+"""The actions a slave may send (on the slave port)."""
 
 # Longest digit string converted to a Python int; longer ones stay text.
 # Python refuses (and would take quadratic time) to convert more than 4300.
@@ -115,7 +119,13 @@ _MAX_INT_DIGITS = 4000
 
 
 class MessageError(Exception):
-    """A frame or message that breaks the protocol; becomes an error frame."""
+    """A frame or message that breaks the protocol; becomes an error frame.
+
+    :param code: the error code, one of `ERROR_CODES`.
+    :param reason: what was wrong, for people to read; anything of the
+        peer's it quotes should go through `quoted`.
+    :param job_id: the id of the job the error concerns, if any.
+    """
 
     def __init__(self, code: str, reason: str, job_id: Optional[str] = None):
         super().__init__(code, reason, job_id)
@@ -126,7 +136,10 @@ class MessageError(Exception):
 
 class RawNumber:
     """A JSON number kept as its original text because no Python number
-    represents it exactly (a huge integer, or a float beyond a double)."""
+    represents it exactly (a huge integer, or a float beyond a double).
+
+    :param text: the number exactly as the peer wrote it.
+    """
 
     __slots__ = ("text",)
 
@@ -178,6 +191,7 @@ copy.  On PyPy a view saves nothing (the copy is made when the body is
 spliced into the frame that carries it on) and costs time."""
 
 MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason")
+"""The fields of a request that Gloom reads; any others are ignored."""
 _FIELD_KEYS = {name.encode("ascii"): name for name in MESSAGE_FIELDS}
 
 
@@ -261,7 +275,13 @@ else:
 
 
 def message(**fields) -> "Message":
-    """A Message from decoded field values (a body is encoded here)."""
+    """A `Message` from decoded field values (a body is encoded here).
+
+    :param fields: the message's fields by name, such as ``action="submit"``;
+        names not in `MESSAGE_FIELDS` are left out, and ``body`` is any
+        value `encode_body` takes.
+    :raises MessageError: if the body nests too deeply.
+    """
     if "body" in fields:
         job_id = fields.get("id")
         fields["body"] = encode_body(fields["body"], job_id if type(job_id) is str else None)
@@ -269,7 +289,14 @@ def message(**fields) -> "Message":
 
 
 def decode(frame: bytes) -> "Message":
-    """Parse one frame into a `Message`, or raise `MessageError`."""
+    """Parse one frame into a `Message`, or raise `MessageError`.
+
+    :param frame: the frame's bytes, without its length prefix (any
+        bytes-like object).
+    :returns: the request's fields, checked only for being valid JSON in an
+        object; the functions below check each field.
+    :raises MessageError: with code `INVALID_JSON` or `INVALID_MESSAGE`.
+    """
     if _fast_decode is not None and len(frame) <= MAX_DEPTH and frame.isascii():
         # Most frames: too short to nest too deeply, and ASCII, so valid UTF-8.
         try:
@@ -457,7 +484,8 @@ def _scalar(raw: bytes) -> Any:
 
 
 def _slow_parts(value: Any) -> Iterator[str]:
-    """Encode a value holding `RawNumber`s; the stdlib encoder cannot."""
+    """Encode a value holding `RawNumber` values, which the standard
+    library's encoder cannot, as pieces of JSON text."""
     if type(value) is RawNumber:
         yield value.text
     elif type(value) is dict:
@@ -484,7 +512,11 @@ def _slow_parts(value: Any) -> Iterator[str]:
 
 def encode_id(job_id: str) -> bytes:
     """A job id (or type) as JSON, to be spliced into frames: UTF-8, no
-    longer than the id in UTF-8 plus its quotes and escapes."""
+    longer than the id in UTF-8 plus its quotes and escapes.
+
+    :param job_id: the id, as `required_name` returned it.
+    :returns: the JSON string, quotes included.
+    """
     if job_id.isascii():
         if _fast_encode is not None:
             return _fast_encode(job_id)
@@ -497,7 +529,12 @@ def encode_value(value: Any) -> bytes:
 
     Characters are written as themselves, not as ``\\uXXXX`` escapes (which
     would make the text up to three times longer); a lone surrogate, which
-    UTF-8 cannot hold, is written as its ``\\uXXXX`` escape."""
+    UTF-8 cannot hold, is written as its ``\\uXXXX`` escape.
+
+    :param value: a value as ``json.loads`` returns them, which may also
+        hold `RawNumber` values.
+    :raises RecursionError: if the value nests too deeply to encode.
+    """
     try:
         text = _fast_dumps(value)  # the faster on PyPy, and the same for ASCII
         if "\\u" in text:
@@ -508,7 +545,12 @@ def encode_value(value: Any) -> bytes:
 
 
 def encode_body(value: Any, job_id: Optional[str] = None) -> bytes:
-    """Encode a body given as a Python value; refuse one that nests too deeply."""
+    """Encode a body given as a Python value; refuse one that nests too deeply.
+
+    :param value: the body, as `encode_value` takes it.
+    :param job_id: the id of the job it belongs to, named in the error.
+    :raises MessageError: with code `INVALID_MESSAGE` if it nests too deeply.
+    """
     try:
         return encode_value(value)
     except RecursionError:
@@ -521,7 +563,10 @@ def encode_body(value: Any, job_id: Optional[str] = None) -> bytes:
 
 
 def action_of(message: "Message") -> str:
-    """The message's "action", which must be a string."""
+    """The message's ``action``, which must be a string.
+
+    :raises MessageError: if it is missing or not a string.
+    """
     action = message.action
     if action is MISSING:
         raise MessageError(INVALID_MESSAGE, "missing field 'action'")
@@ -534,7 +579,16 @@ def required_string(
     message: "Message", field: str, job_id: Optional[str] = None, allow_empty: bool = False
 ) -> str:
     """A field that must be present and a string of valid Unicode (no lone
-    surrogates), non-empty unless allowed."""
+    surrogates), non-empty unless allowed.
+
+    :param message: the request, from `decode`.
+    :param field: the field's name, one of `MESSAGE_FIELDS`.
+    :param job_id: the id of the job the request concerns, named in the
+        error.
+    :param allow_empty: whether an empty string will do.
+    :raises MessageError: with code `INVALID_MESSAGE` if the field is not
+        such a string.
+    """
     value = getattr(message, field)
     if type(value) is not str or not value:
         if value is MISSING:
@@ -550,7 +604,15 @@ def required_string(
 
 def required_name(message: "Message", field: str, job_id: Optional[str] = None) -> str:
     """An id or a type: a non-empty string of valid Unicode, at most
-    `MAX_NAME_BYTES` bytes long in UTF-8."""
+    `MAX_NAME_BYTES` bytes long in UTF-8.
+
+    :param message: the request, from `decode`.
+    :param field: the field's name: ``"id"`` or ``"type"``.
+    :param job_id: the id of the job the request concerns, named in the
+        error.
+    :raises MessageError: with code `INVALID_MESSAGE` if the field is not
+        such a string.
+    """
     value = getattr(message, field)
     if type(value) is str and value and len(value) <= MAX_NAME_BYTES and value.isascii():
         return value
@@ -564,7 +626,11 @@ def required_name(message: "Message", field: str, job_id: Optional[str] = None) 
 
 
 def optional_name(message: "Message", field: str) -> Optional[str]:
-    """Like `required_name`, but None when the field is absent."""
+    """Like `required_name`, but None when the field is absent.
+
+    :param message: the request, from `decode`.
+    :param field: the field's name: ``"id"`` or ``"type"``.
+    """
     if getattr(message, field) is MISSING:
         return None
     return required_name(message, field)
@@ -582,7 +648,14 @@ def _utf8_length(value: str, field: str, job_id: Optional[str]) -> int:
 
 
 def required_body(message: "Message", job_id: Optional[str] = None):
-    """The message's "body" (any JSON value, null included) as encoded JSON."""
+    """The message's ``body`` (any JSON value, null included) as encoded JSON
+    (bytes-like): the peer's own text, for a request from `decode`.
+
+    :param message: the request, from `decode`.
+    :param job_id: the id of the job the request concerns, named in the
+        error.
+    :raises MessageError: if the request has no body.
+    """
     body = message.body
     if body is MISSING:
         raise MessageError(INVALID_MESSAGE, "missing field 'body'", job_id)
@@ -590,7 +663,13 @@ def required_body(message: "Message", job_id: Optional[str] = None):
 
 
 def optional_priority(message: "Message", job_id: Optional[str] = None) -> int:
-    """The message's "priority": a JSON integer (not a bool or float), default 0."""
+    """The message's ``priority``: a JSON integer (not a bool or float), default 0.
+
+    :param message: the request, from `decode`.
+    :param job_id: the id of the job the request concerns, named in the
+        error.
+    :raises MessageError: if the priority is not an integer Python holds.
+    """
     priority = message.priority
     if type(priority) is not int:
         if priority is MISSING:
@@ -606,7 +685,14 @@ def optional_priority(message: "Message", job_id: Optional[str] = None) -> int:
 
 
 def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Optional[float]:
-    """The message's "timeout": seconds, a positive JSON number, or None if absent."""
+    """The message's ``timeout``: seconds, a positive JSON number, or None if absent.
+
+    :param message: the request, from `decode`.
+    :param job_id: the id of the job the request concerns, named in the
+        error.
+    :raises MessageError: if the timeout is not a number of seconds above 0
+        and at most `MAX_TIMEOUT`.
+    """
     timeout = message.timeout
     if timeout is MISSING:
         return None
@@ -622,30 +708,53 @@ def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Option
 # --- writing frames -------------------------------------------------------
 
 OK = b'{"ok":true}'
+"""The reply to a request that succeeded and has nothing more to say."""
 
 
 def ack(id_json: bytes) -> bytes:
-    """Accepted a submit or a cancel (``id_json`` from `encode_id`)."""
+    """Accepted a submit or a cancel.
+
+    :param id_json: the job's id, from `encode_id`.
+    """
     return b'{"ok":true,"id":' + id_json + b"}"
 
 
 def stats(figures: dict) -> bytes:
-    """The daemon's figures, for the stats action."""
+    """The daemon's figures, for the stats action.
+
+    :param figures: the figures, a JSON-able dict.
+    """
     return encode_value({"ok": True, "stats": figures})
 
 
 def job(id_json: bytes, type_json: bytes, body) -> bytes:
-    """Hand a job to a slave."""
+    """Hand a job to a slave.
+
+    :param id_json: the job's id, from `encode_id`.
+    :param type_json: the job's type, from `encode_id`.
+    :param body: the body as encoded JSON (bytes-like), as the master sent
+        it.
+    """
     return b'{"action":"job","id":' + id_json + b',"type":' + type_json + b',"body":' + body + b"}"
 
 
 def answer(id_json: bytes, body) -> bytes:
-    """Deliver a slave's answer to the master."""
+    """Deliver a slave's answer to the master.
+
+    :param id_json: the job's id, from `encode_id`.
+    :param body: the answer as encoded JSON (bytes-like), as the slave sent
+        it.
+    """
     return b'{"id":' + id_json + b',"body":' + body + b"}"
 
 
 def error(code: str, reason: str, job_id: Optional[str] = None) -> bytes:
-    """An error frame, naming the job when the error concerns one."""
+    """An error frame, naming the job when the error concerns one.
+
+    :param code: the error code, one of `ERROR_CODES`.
+    :param reason: what was wrong, for people to read.
+    :param job_id: the id of the job the error concerns, if any.
+    """
     frame = {"error": code, "reason": reason}
     if job_id is not None:
         frame["id"] = job_id

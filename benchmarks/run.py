@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -44,12 +45,6 @@ def pinned(command, core):
     return command
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def resident_kib(pid):
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -58,27 +53,43 @@ def resident_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
+LISTENING = re.compile(r"Listening for (master|slave)s on 127\.0\.0\.1:(\d+)")
+
+
 class Daemon:
+    """``twistd -n gloom`` on ports it picks itself (``tcp:0``), read back
+    from its log.  (A port found free beforehand may be taken by anything
+    else on the machine before the daemon binds it.)"""
+
     def __init__(self, venv):
-        self.master, self.slave = free_port(), free_port()
         command = [os.path.join(venv, "bin", "twistd"), "--pidfile=", "-n", "gloom",
-                   "--master", f"tcp:{self.master}:interface=127.0.0.1",
-                   "--slave", f"tcp:{self.slave}:interface=127.0.0.1",
+                   "--master", "tcp:0:interface=127.0.0.1",
+                   "--slave", "tcp:0:interface=127.0.0.1",
                    "--max-queued", "2000000"]  # one master queues a million jobs
         environment = dict(os.environ)
         environment.setdefault("PYPY_GC_NURSERY", "32MB")  # as README and etc/gloom.service advise
-        self.process = subprocess.Popen(pinned(command, 0), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, env=environment)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.slave), 0.5).close()
-                socket.create_connection(("127.0.0.1", self.master), 0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise SystemExit("the daemon did not start")
+        self.process = subprocess.Popen(pinned(command, 0), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, env=environment)
+        self.ports = {}
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(30) or len(self.ports) < 2:
+            self.stop()
+            raise SystemExit("the daemon did not start")
+        self.master, self.slave = self.ports["master"], self.ports["slave"]
+
+    def _read_log(self):
+        """Note the ports the daemon says it listens on, then keep reading
+        its log (one line per connection) so that it never blocks on a
+        full pipe."""
+        for line in self.process.stdout:
+            found = LISTENING.search(line.decode(errors="replace"))
+            if found:
+                self.ports[found.group(1)] = int(found.group(2))
+                if len(self.ports) == 2:
+                    self._listening.set()
+        self._listening.set()  # the daemon exited
 
     @property
     def pid(self):
@@ -91,6 +102,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._reader.join(30)
+        self.process.stdout.close()
 
 
 def bench(client_venv, daemon, *arguments):

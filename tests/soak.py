@@ -196,15 +196,28 @@ class Soak:
         self.problems = []
         self.settling = False
         self.slaves = set()
+        self.connecting = set()  # slaves' connection attempts under way
         self.masters = []
 
     def _endpoint(self, port):
         return endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port)
 
     def _add_slave(self, job_type):
+        """Connect a slave; a failure is a problem, not an unhandled error."""
         slave = SoakSlave(self, job_type)
         self.slaves.add(slave)
-        return endpoints.connectProtocol(self._endpoint(self.slave_port), slave)
+        attempt = endpoints.connectProtocol(self._endpoint(self.slave_port), slave)
+        self.connecting.add(attempt)
+
+        def failed(failure):
+            self.slaves.discard(slave)
+            self.problems.append(f"a {job_type} slave could not connect: {failure.getErrorMessage()}")
+
+        def done(result):
+            self.connecting.discard(attempt)
+            return result
+
+        return attempt.addErrback(failed).addBoth(done)
 
     def slave_left(self, slave):
         self.slaves.discard(slave)
@@ -224,14 +237,16 @@ class Soak:
             quota = quota - master.submitted if master.walked_away else 0
 
     @defer.inlineCallbacks
-    def stats(self):
+    def stats(self, timeout=30):
         """The daemon's stats, through the stats action."""
         master = _StatsClient()
         yield endpoints.connectProtocol(self._endpoint(self.master_port), master)
         master.send({"action": "stats"})
-        reply = yield master.reply
-        master.transport.loseConnection()
-        yield master.lost
+        try:
+            reply = yield master.reply.addTimeout(timeout, self.reactor)
+        finally:
+            master.transport.loseConnection()
+            yield master.lost
         return reply["stats"]
 
     @defer.inlineCallbacks
@@ -241,12 +256,19 @@ class Soak:
             yield self._add_slave(TYPES[i % len(TYPES)])
         shares = [self.jobs // self.master_count] * self.master_count
         shares[0] += self.jobs - sum(shares)
-        running = defer.gatherResults([self._run_master(i, q) for i, q in enumerate(shares)])
+        # consumeErrors: when the time limit cancels the masters, their
+        # CancelledErrors are not left unhandled.
+        runs = [self._run_master(i, q) for i, q in enumerate(shares)]
+        running = defer.gatherResults(runs, consumeErrors=True)
         running.addTimeout(self.limit, self.reactor)
         try:
             yield running
         except defer.TimeoutError:
             self.problems.append(f"masters did not get all their outcomes within {self.limit} s")
+        except defer.FirstError as e:
+            self.problems.append(f"a master failed: {e.subFailure.getErrorMessage()}")
+            for run in runs:
+                run.cancel()
         self.settling = True
         deadline = time.monotonic() + 30
         while True:
@@ -255,8 +277,11 @@ class Soak:
             if not busy or time.monotonic() > deadline:
                 break
             yield task.deferLater(self.reactor, 0.02, lambda: None)
-        kept = [m for m in self.masters if not m.walked_away]
+        kept = [m for m in self.masters if not m.walked_away and m.transport is not None]
         self._check(kept, stats)
+        # A slave replacing one that vanished just before settling may still
+        # be connecting: let it finish (or fail) before closing everything.
+        yield defer.DeferredList(list(self.connecting))
         for slave in list(self.slaves):
             slave.transport.loseConnection()
         for master in kept:

@@ -183,6 +183,55 @@ def occupied_port(test) -> int:
     return taken.getsockname()[1]
 
 
+def reserved_port(test) -> int:
+    """A loopback port held for this test by a socket that is bound but
+    never listens.  Connecting to it is refused; no other socket is given it
+    (binds to port 0 and outgoing connections skip a bound port); yet a
+    daemon can listen on it, and listen on it again after a restart, since
+    Twisted's listening sockets set SO_REUSEADDR as this one does.
+
+    A port that was bound and closed again is free for anything on the
+    machine to take before the test uses it: never count on one."""
+    holder = socket.socket()
+    test.addCleanup(holder.close)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    return holder.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used so far (Linux /proc), in seconds.
+
+    To bound how long a daemon in a subprocess keeps others waiting, count
+    the CPU time it spent meanwhile, not the wall-clock time: on a loaded
+    machine the wall clock also counts the time it waited for a CPU."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def accepted(factory, client_transport):
+    """The daemon's protocol for the connection whose client end is
+    ``client_transport``, or None while the daemon has not accepted it."""
+    local = client_transport.getHost()
+    for connection in factory.connections:
+        peer = connection.transport.getPeer()
+        if (peer.host, peer.port) == (local.host, local.port):
+            return connection
+    return None
+
+
+def daemon_side(factory, client_transport):
+    """The daemon's protocol for the connection whose client end is
+    ``client_transport`` (the daemon must have accepted it already: a
+    round trip on the connection makes sure)."""
+    connection = accepted(factory, client_transport)
+    if connection is None:
+        raise AssertionError(f"the daemon has no connection from {client_transport.getHost()}")
+    return connection
+
+
 LISTENING = re.compile(r"Listening for (master|slave)s on 127\.0\.0\.1:(\d+)")
 ANY_PORT = ["--master", "tcp:0:interface=127.0.0.1", "--slave", "tcp:0:interface=127.0.0.1"]
 

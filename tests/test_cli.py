@@ -11,7 +11,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
-from gloom.tap import makeService
+from tests.support import reserved_port
 from tests.test_integration import DaemonTestCase, wait_until
 
 
@@ -25,6 +25,7 @@ class _Run(protocol.ProcessProtocol):
         self.stdin = stdin
         self.out, self.err = [], []
         self.ended = defer.Deferred()
+        self._watches = []
 
     def connectionMade(self):
         self.transport.write(self.stdin)
@@ -32,12 +33,35 @@ class _Run(protocol.ProcessProtocol):
 
     def outReceived(self, data):
         self.out.append(data)
+        self._check()
 
     def errReceived(self, data):
         self.err.append(data)
+        self._check()
+
+    def printed(self, predicate, timeout=30):
+        """A Deferred that fires once ``predicate(stdout, stderr)`` (the
+        bytes so far) holds, checked as output arrives; it fails if the
+        process ends first."""
+        watch = defer.Deferred(lambda d: self._watches.remove(entry))
+        entry = (predicate, watch)
+        self._watches.append(entry)
+        self._check()
+        return watch.addTimeout(timeout, reactor)
+
+    def _check(self):
+        out, err = b"".join(self.out), b"".join(self.err)
+        for entry in list(self._watches):
+            if entry[0](out, err):
+                self._watches.remove(entry)
+                entry[1].callback(None)
 
     def processEnded(self, reason):
-        self.ended.callback((b"".join(self.out).decode(), b"".join(self.err).decode(), reason.value.exitCode))
+        out, err = b"".join(self.out).decode(), b"".join(self.err).decode()
+        for _, watch in self._watches:
+            watch.errback(AssertionError(f"the process ended without printing that:\n{out}\n{err}"))
+        self._watches = []
+        self.ended.callback((out, err, reason.value.exitCode))
 
 
 class CLITestCase(DaemonTestCase):
@@ -68,7 +92,7 @@ class CLITestCase(DaemonTestCase):
     @inlineCallbacks
     def worker(self, job_type, *command, options=(), count=1):
         run = self.start("worker", job_type, *options, *self.slave_arg(), "--", *command)
-        yield wait_until(lambda: self.scheduler.idle_slaves(job_type) == count, timeout=20)
+        yield self.until(lambda: self.scheduler.idle_slaves(job_type) == count)
         return run
 
 
@@ -98,14 +122,13 @@ class SubmitTests(CLITestCase):
         job = yield self.gloom("submit", "nobody", "1", "--timeout", "0", *self.master_arg())
         self.assertEqual(job[2], 2)
         running = self.start("submit", "nobody", "7", "--priority", "9", "--timeout", "30", *self.master_arg())
-        yield wait_until(lambda: len(self.scheduler) == 1)
+        yield self.until(lambda: len(self.scheduler) == 1)
         (queued,) = self.scheduler.jobs()
         self.assertEqual((queued.priority, queued.timeout), (9, 30.0))
         running.transport.signalProcess("KILL")
 
     @inlineCallbacks
     def test_clear_errors_without_tracebacks(self):
-        port = self.port("master")
         cases = [
             (["submit", "upper", "not json", *self.master_arg()], 2, "BODY is not valid JSON"),
             (["submit", "upper", "1", "--master", "nonsense"], 2, "neither host:port nor"),
@@ -119,7 +142,7 @@ class SubmitTests(CLITestCase):
             self.assertEqual(status, expected_status, (args, err))
             self.assertIn(message, err)
             self.assertNotIn("Traceback", err)
-        yield self.service.stopService()
+        port = reserved_port(self)  # bound, never listening: connections are refused
         for command in (["submit", "upper", "1"], ["status"]):
             out, err, status = yield self.gloom(*command, "--master", f"127.0.0.1:{port}")
             self.assertEqual(status, 3, err)
@@ -160,31 +183,37 @@ class WorkerTests(CLITestCase):
     def test_sigterm_finishes_the_job_in_hand(self):
         import tempfile
 
-        started = os.path.join(tempfile.mkdtemp(), "started")
-        self.addCleanup(shutil.rmtree, os.path.dirname(started), True)
-        worker = yield self.worker("slow", "sh", "-c", f"touch {started}; sleep 0.5; cat")
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch, True)
+        started, release = (os.path.join(scratch, name) for name in ("started", "release"))
+        # Two connections: one runs the job, the other idles.  The command
+        # runs until the test releases it.
+        worker = yield self.worker("slow", "sh", "-c",
+                                   f"touch {started}; until [ -e {release} ]; do sleep 0.01; done; cat",
+                                   options=["-c", "2"], count=2)
         answer = self.gloom("submit", "slow", '{"a": 1}', *self.master_arg())
         # Only once its command runs does the worker hold the job: a SIGTERM
         # before that rightly leaves the job to the daemon to queue again.
         yield wait_until(lambda: os.path.exists(started))
         worker.transport.signalProcess("TERM")
+        # The worker has taken the signal once its idle connection is gone;
+        # the job in hand is still running.
+        yield self.until(lambda: self.scheduler.idle_slaves("slow") == 0)
+        self.assertFalse(answer.called)
+        with open(release, "w"):
+            pass
         out, err, status = yield answer
         self.assertEqual((json.loads(out), status), ({"a": 1}, 0), err)
         _, worker_err, worker_status = yield worker.ended
         self.assertEqual(worker_status, 0, worker_err)
-        self.assertNotIn("slow", self.scheduler.types())
+        yield self.until(lambda: "slow" not in self.scheduler.types())
 
     @inlineCallbacks
     def test_reconnects_when_the_daemon_restarts(self):
-        master_port, slave_port = self.port("master"), self.port("slave")
         yield self.worker("upper", "tr", "a-z", "A-Z")
         yield self.service.stopService()
-        self.service = makeService({"master": f"tcp:{master_port}:interface=127.0.0.1",
-                                    "slave": f"tcp:{slave_port}:interface=127.0.0.1",
-                                    "max-frame": 1 << 20, "retries": 3}, reactor)
-        self.service.startService()
-        self.scheduler = self.service.scheduler
-        yield wait_until(lambda: self.scheduler.idle_slaves("upper") == 1, timeout=20)
+        self.start_daemon()  # on the same ports, reserved meanwhile
+        yield self.until(lambda: self.scheduler.idle_slaves("upper") == 1)
         out, err, status = yield self.gloom("submit", "upper", '"again"', *self.master_arg())
         self.assertEqual(out, '"AGAIN"\n', err)
 
@@ -193,7 +222,7 @@ class StatusAndBenchTests(CLITestCase):
     @inlineCallbacks
     def test_status_table_and_json(self):
         submitter = self.start("submit", "queued-type", "1", *self.master_arg())
-        yield wait_until(lambda: len(self.scheduler) == 1)
+        yield self.until(lambda: len(self.scheduler) == 1)
         out, err, status = yield self.gloom("status", *self.master_arg())
         self.assertEqual(status, 0, err)
         lines = out.splitlines()
@@ -208,7 +237,7 @@ class StatusAndBenchTests(CLITestCase):
     @inlineCallbacks
     def test_status_watch_refreshes(self):
         watcher = self.start("status", "--watch", "0.1", *self.master_arg())
-        yield wait_until(lambda: b"".join(watcher.out).count(b"TYPE") >= 3)
+        yield watcher.printed(lambda out, err: out.count(b"TYPE") >= 3)
         watcher.transport.signalProcess(signal.SIGINT)
         out, err, status = yield watcher.ended
         self.assertNotIn("Traceback", err)
@@ -251,7 +280,7 @@ class TLSTests(CLITestCase):
         slave = (f"tls:localhost:{self.port('slave')}:trustRoots={self.trust}:"
                  f"certificate={self.client_cert}:privateKey={self.client_key}")
         self.start("worker", "upper", "--slave", slave, "--", "tr", "a-z", "A-Z")
-        yield wait_until(lambda: self.scheduler.idle_slaves("upper") == 1, timeout=20)
+        yield self.until(lambda: self.scheduler.idle_slaves("upper") == 1)
         master = f"tls:localhost:{self.port('master')}:trustRoots={self.trust}"
         out, err, status = yield self.gloom("submit", "upper", '"secret"', "--master", master)
         self.assertEqual((out, status), ('"SECRET"\n', 0), err)
@@ -262,8 +291,14 @@ class TLSTests(CLITestCase):
         shutil.copy(untrusted, os.path.join(self.trust, "ca.pem"))
         slave = f"tls:localhost:{self.port('slave')}:trustRoots={self.trust}"
         worker = self.start("worker", "upper", "--slave", slave, "--", "cat")
-        yield wait_until(lambda: b"certificate verify failed" in b"".join(worker.err), timeout=20)
-        self.assertIn(b"; reconnecting", b"".join(worker.err))
+
+        def refusal(err):
+            """The first whole line of stderr that reports the failed verification."""
+            lines = err.split(b"\n")[:-1]
+            return next((line for line in lines if b"certificate verify failed" in line), None)
+
+        yield worker.printed(lambda out, err: refusal(err) is not None)
+        self.assertTrue(refusal(b"".join(worker.err)).endswith(b"; reconnecting"), worker.err)
 
 
 class BenchDrainTests(CLITestCase):

@@ -9,7 +9,8 @@ import tempfile
 import threading
 import time
 
-from twisted.internet.threads import deferToThread
+from twisted.internet import reactor
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.client import (
@@ -24,7 +25,7 @@ from gloom.client import (
     client_context,
 )
 from tests.certs import Authority
-from tests.support import record_answers
+from tests.support import record_answers, reserved_port
 from tests.test_integration import DaemonTestCase
 
 
@@ -33,15 +34,25 @@ class ClientTestCase(DaemonTestCase):
         return ("127.0.0.1", self.port("master")), ("127.0.0.1", self.port("slave"))
 
     def serve_in_background(self, handler, job_type, **kwargs):
-        """A Slave.serve loop in its own thread, closed at cleanup."""
+        """A Slave.serve loop in its own thread (call from the test's
+        thread).  At cleanup the daemon drops the connection, which ends
+        the loop as a daemon going away would; the client's socket is
+        closed only once the thread is done with it."""
+        slaves = self.service.factories[1]
+        before = blockingCallFromThread(reactor, lambda: set(slaves.connections))
         slave = Slave(self.addresses()[1], **kwargs)
-        slave.join(job_type)
+        slave.join(job_type)  # a round trip: the daemon has the connection now
+        (connection,) = blockingCallFromThread(reactor, lambda: set(slaves.connections) - before)
         thread = threading.Thread(target=slave.serve, args=(handler,), daemon=True)
         thread.start()
 
-        def stop():
+        def stopped(_):
+            self.assertFalse(thread.is_alive(), "Slave.serve went on after the daemon closed the connection")
             slave.disconnect()
-            return deferToThread(thread.join, 5)
+
+        def stop():
+            connection.transport.abortConnection()
+            return deferToThread(thread.join, 30).addCallback(stopped)
 
         self.addCleanup(stop)
         return slave
@@ -178,6 +189,7 @@ class MasterAndSlaveTests(ClientTestCase):
             return master
 
         def close_daemon(master):
+            self.addCleanup(master.disconnect)
             stopped = self.service.stopService()
             return stopped.addCallback(lambda _: deferToThread(
                 lambda: self.assertRaises(TransportError, master.receive, 5)))
@@ -252,10 +264,7 @@ class FramingTests(SynchronousTestCase):
             self.assertRaises(ProtocolError, master.submit, "x", "t", None)
 
     def test_connection_refused(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        address = listener.getsockname()
-        listener.close()
+        address = ("127.0.0.1", reserved_port(self))  # bound, never listening
         error = self.assertRaises(TransportError, Master, address)
         self.assertIn("cannot connect", str(error))
         self.assertIn(str(address[1]), str(error))

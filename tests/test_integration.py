@@ -3,16 +3,18 @@
 import socket
 import struct
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from gloom.tap import makeService
-from tests.support import connect, live_ids, occupied_port
+from tests.support import accepted, connect, daemon_side, live_ids, occupied_port, reserved_port
 
 
-def wait_until(predicate, timeout=5.0):
-    """Poll the reactor until ``predicate()`` is true."""
+def wait_until(predicate, timeout=30.0):
+    """Poll the reactor until ``predicate()`` is true.  Only for conditions
+    no event signals (a file a subprocess writes): wait on a Deferred, or
+    `DaemonTestCase.until`, whenever there is one."""
     deadline = reactor.seconds() + timeout
 
     @inlineCallbacks
@@ -20,48 +22,124 @@ def wait_until(predicate, timeout=5.0):
         while not predicate():
             if reactor.seconds() > deadline:
                 raise AssertionError("condition not reached in time")
-            yield task.deferLater(reactor, 0.005, lambda: None)
+            yield task.deferLater(reactor, 0.02, lambda: None)
 
     return poll()
 
 
 class DaemonTestCase(TestCase):
-    """A daemon from makeService on loopback ports; ``options`` adds settings."""
+    """A daemon from makeService on loopback ports; ``options`` adds settings.
+
+    Its master and slave ports are reserved for the whole test (see
+    `reserved_port`): they stay the daemon's after it stops, so a test may
+    restart it there (`start_daemon`) or count on a refused connection."""
 
     max_frame = 64 * 1024
     retries = 3
     options: dict = {}
 
     def setUp(self):
+        self.clients = []
+        self._waiters = []
+        self._check_call = None
+        self.endpoints = {role: f"tcp:{reserved_port(self)}:interface=127.0.0.1"
+                          for role in ("master", "slave")}
+        self.start_daemon()
+        self.addCleanup(self.stop)
+
+    def start_daemon(self):
+        """Start the daemon (again, once stopped) on this test's endpoints."""
         self.service = makeService(
             dict({
-                "master": "tcp:0:interface=127.0.0.1",
-                "slave": "tcp:0:interface=127.0.0.1",
+                "master": self.endpoints["master"],
+                "slave": self.endpoints["slave"],
                 "max-frame": self.max_frame,
                 "retries": self.retries,
             }, **self.options),
             reactor,
         )
+        for factory in self.service.factories:
+            factory.buildProtocol = self._watched(factory.buildProtocol)
         self.service.startService()
         self.scheduler = self.service.scheduler
-        self.clients = []
-        self.addCleanup(self.stop)
 
     @inlineCallbacks
     def stop(self):
+        if self._check_call is not None:
+            self._check_call.cancel()
+            self._check_call = None
         if self.service.running:
             yield self.service.stopService()
         for client in self.clients:
             client.transport.loseConnection()
         yield DeferredList([c.lost for c in self.clients])
 
+    # --- waiting on the daemon's state, without polling ----------------------
+
+    def until(self, predicate, timeout=30.0):
+        """A Deferred that fires once ``predicate()`` holds.  It is checked
+        now, and then after each new connection of the daemon and each
+        read, disconnection, pause and resume of one: whatever changes the
+        daemon's state in answer to its peers (not its own timers, such as
+        a job's timeout; wait for what the peers see of those instead)."""
+        if predicate():
+            return defer.succeed(None)
+        waiter = defer.Deferred(lambda d: self._waiters.remove(entry))
+        entry = (predicate, waiter)
+        self._waiters.append(entry)
+
+        def timed_out(failure):
+            failure.trap(defer.TimeoutError)
+            raise AssertionError(f"the daemon did not reach the condition in {timeout} s")
+
+        return waiter.addTimeout(timeout, reactor).addErrback(timed_out)
+
+    def _watched(self, build):
+        """Wrap a factory's buildProtocol: the daemon's protocols check the
+        `until` waiters after each event (on the next reactor turn, outside
+        the daemon's own call)."""
+
+        def buildProtocol(address):
+            protocol = build(address)
+            if protocol is not None:
+                for name in ("connectionMade", "dataReceived", "connectionLost", "pauseProducing",
+                             "resumeProducing"):
+                    setattr(protocol, name, self._then_check(getattr(protocol, name)))
+            return protocol
+
+        return buildProtocol
+
+    def _then_check(self, method):
+        def checked(*args):
+            try:
+                return method(*args)
+            finally:
+                if self._waiters and self._check_call is None:
+                    self._check_call = reactor.callLater(0, self._check_waiters)
+
+        return checked
+
+    def _check_waiters(self):
+        self._check_call = None
+        for entry in list(self._waiters):
+            predicate, waiter = entry
+            if predicate():
+                self._waiters.remove(entry)
+                waiter.callback(None)
+
+    # --- clients ---------------------------------------------------------------
+
     def port(self, role):
         return self.service.getServiceNamed(role).port.getHost().port
 
     @inlineCallbacks
     def client(self, role):
+        """A FrameClient connected to the daemon, once the daemon has
+        accepted the connection (the client's end can be up first)."""
         client = yield connect(self.port(role))
         self.clients.append(client)
+        factory = self.service.factories[0 if role == "master" else 1]
+        yield self.until(lambda: accepted(factory, client.transport) is not None)
         return client
 
     @inlineCallbacks
@@ -171,9 +249,11 @@ class ErrorTests(DaemonTestCase):
 
         master.send({"action": "submit", "id": "pending", "type": "none-such", "body": 1})
         yield master.next()
+        server = daemon_side(self.service.factories[0], master.transport)
         yield self.expect_error(master, b"x" * 1025, "size_error")
         yield master.lost
-        yield wait_until(lambda: "pending" not in live_ids(self.scheduler))
+        yield server.closed
+        self.assertNotIn("pending", live_ids(self.scheduler))
 
     @inlineCallbacks
     def test_shutdown_frames(self):
@@ -201,6 +281,7 @@ class ErrorTests(DaemonTestCase):
         bad = yield self.client("master")
         bad.send({"action": "submit", "id": "b1", "type": "t", "body": 1})
         yield bad.next()
+        bad_server = daemon_side(self.service.factories[0], bad.transport)
         self.assertEqual((yield slave.next())["id"], "b1")
         bad.transport.write(b"\x00\x00\x00\x05{{{{{" + struct.pack("!I", 10**9) + b"zzz")
         good.send({"action": "submit", "id": "g1", "type": "t", "body": 2})
@@ -211,7 +292,9 @@ class ErrorTests(DaemonTestCase):
         slave.send({"action": "respond", "body": "to g1"})
         self.assertEqual((yield good.next()), {"id": "g1", "body": "to g1"})
         yield bad.lost
-        yield wait_until(lambda: len(self.service.factories[0].connections) == 1)
+        yield bad_server.closed
+        masters = self.service.factories[0]
+        self.assertEqual(masters.connections, {daemon_side(masters, good.transport)})
 
     def test_port_in_use_stops_start_up_with_one_line(self):
         port = occupied_port(self)
@@ -237,8 +320,10 @@ class DisconnectTests(DaemonTestCase):
         yield master.next()
         yield master.next()
         self.assertEqual((yield slave.next())["id"], "run")
+        server = daemon_side(self.service.factories[0], master.transport)
         yield master.close()
-        yield wait_until(lambda: "queued" not in live_ids(self.scheduler))
+        yield server.closed
+        self.assertNotIn("queued", live_ids(self.scheduler))
         self.assertIn("run", live_ids(self.scheduler))
         slave.send({"action": "respond", "body": "nobody listens"})
         self.assertEqual((yield slave.next()), {"ok": True})

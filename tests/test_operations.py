@@ -6,14 +6,14 @@ import socket
 import tempfile
 import shutil
 
-from twisted.internet import endpoints, reactor, ssl, task
+from twisted.internet import endpoints, reactor, ssl
 from twisted.internet.defer import inlineCallbacks
 from twisted.web.client import Agent, readBody
 
 from gloom import protocol as gloom_protocol
 from tests.certs import Authority
-from tests.support import FrameClient
-from tests.test_integration import DaemonTestCase, wait_until
+from tests.support import FrameClient, daemon_side
+from tests.test_integration import DaemonTestCase
 
 
 class TimeoutTests(DaemonTestCase):
@@ -154,8 +154,10 @@ class StatsTests(DaemonTestCase):
         yield master.next()
         _, _, text = yield self.fetch("/metrics")
         self.assertIn('type="brief"', text)
+        server = daemon_side(self.service.factories[1], slave.transport)
         yield slave.close()
-        yield wait_until(lambda: "brief" not in self.scheduler.types())
+        yield server.closed
+        self.assertNotIn("brief", self.scheduler.types())
         _, _, text = yield self.fetch("/metrics")
         self.assertNotIn('type="brief"', text)
 
@@ -240,16 +242,24 @@ class BackpressureTests(DaemonTestCase):
 
         slave.frames.put = echo
         master = yield self.client("master")
+        master.send({"action": "stats"})
+        yield master.next()  # a round trip: the daemon has accepted the connection
+        server_master = daemon_side(self.service.factories[0], master.transport)
         master.transport.pauseProducing()
         jobs = 2000
         load = "y" * 16384
         master.send(*({"action": "submit", "id": str(i), "type": "big", "body": load} for i in range(jobs)))
-        server_master = next(iter(self.service.factories[0].connections))
         totals = self.scheduler.totals
-        yield wait_until(lambda: server_master.paused and totals["completed"] == totals["submitted"] > 0,
-                         timeout=20)
+        yield self.until(lambda: server_master.paused and totals["completed"] == totals["submitted"] > 0)
         settled = totals["submitted"]
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        # Nothing more can happen until the master reads: the daemon has
+        # stopped reading its connection, and has no job left for the slave.
+        self.assertNotIn(server_master.transport, reactor.getReaders())
+        self.assertEqual((self.scheduler.queued("big"), self.scheduler.idle_slaves("big")), (0, 1))
+        # Other masters are still served meanwhile, and that one still not read.
+        other = yield self.client("master")
+        other.send({"action": "stats"})
+        self.assertEqual((yield other.next())["stats"]["totals"]["submitted"], settled)
         self.assertTrue(server_master.paused)
         self.assertEqual(totals["submitted"], settled)
         self.assertLess(settled, jobs)
@@ -269,22 +279,6 @@ class BackpressureTests(DaemonTestCase):
                 acked.append(reply["id"])
         self.assertEqual(acked, [str(i) for i in range(jobs)])
         self.assertEqual(answered, acked)
-
-
-class DirectSendTests(DaemonTestCase):
-    @inlineCallbacks
-    def test_frames_go_out_at_once_and_never_overtake_buffered_ones(self):
-        master = yield self.client("master")
-        (server,) = self.service.factories[0].connections
-        transport = server.transport
-        self.assertTrue(gloom_protocol.sends_directly(transport))
-        server.sendString(b'{"n":1}')
-        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
-        transport.write(b'\x00\x00\x00\x07{"n":2}')
-        server.sendString(b'{"n":3}')
-        server.sendString(b'{"n":4}')
-        received = yield self.frames(master, 4)
-        self.assertEqual(received, [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}])
 
 
 class KeepaliveTests(DaemonTestCase):

@@ -2,13 +2,16 @@
 
 The scheduler knows jobs, types, priorities, retries and timeouts; it knows
 nothing about sockets or JSON (a job's body is an opaque value it carries).
-Jobs come from an `IJobOwner` (a master's connection), which hears how each
-one ended through one method call and withdraws it with `Scheduler.cancel`.
-Slaves are `ISlave` providers: one that asks for work gets a Deferred that
-fires with its next job, at once if one is queued; while it waits it is an
-idle slave, and cancelling the Deferred takes it out of the idle set.  A
-queued job costs a few hundred bytes, which is why it carries no Deferred
-and callback chain of its own.
+The scheduler tells both sides what happens with one method call each:
+jobs come from an `IJobOwner` (a master's connection), which hears how each
+one ended and withdraws it with `Scheduler.cancel`; slaves are `ISlave`
+providers, which ask for work with `Scheduler.want_job` and are handed each
+job through `ISlave.job_assigned`.  A slave that asks while no job is
+queued is idle: it waits on a Deferred, which fires with its job when one
+is submitted, and which `Scheduler.stop_waiting` cancels.  A queued job
+costs a few hundred bytes, which is why it carries no Deferred and callback
+chain of its own, and a slave handed a queued job at once needs no Deferred
+either.
 
 No operation grows with the number of queued jobs beyond O(log p), p being
 the number of distinct priorities queued for the type: each type keeps a
@@ -27,7 +30,7 @@ from collections import Counter, OrderedDict, deque
 from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
@@ -143,10 +146,16 @@ class IJobOwner(Interface):
 
 class ISlave(Interface):
     """A slave as the scheduler sees it: it joins one type at a time, asks
-    for jobs with `Scheduler.next_job` and reports on each job it holds.
-    The scheduler uses it as a key and names it in its log lines."""
+    for work with `Scheduler.want_job`, and reports on each job it holds
+    with `Scheduler.complete`, `Scheduler.fail` or `Scheduler.release`."""
 
     peer = Attribute("Where the slave connects from, for log lines.")
+
+    def job_assigned(job):
+        """Run this job (the answer to `Scheduler.want_job`).  Must not raise.
+
+        :param job: the `ScheduledJob`; the slave holds it until it reports.
+        """
 
 
 class _JobQueue:
@@ -238,6 +247,11 @@ def _position(level: deque, sequence: int) -> int:
             break
         position += 1
     return position
+
+
+def _stopped_waiting(failure):
+    """An idle slave's wait was cancelled: it gets no job, and is not told."""
+    failure.trap(CancelledError)
 
 
 def _decrement(counter: Counter, key: str) -> None:
@@ -373,7 +387,8 @@ class Scheduler(Service):
 
     def join(self, slave: ISlave, job_type: str) -> None:
         """The slave serves ``job_type`` from now on, and no longer the type
-        it served before.  It asks for work with `next_job`.
+        it served before (if it was waiting for a job of that type, it no
+        longer is).  It asks for work with `want_job`.
 
         :param slave: the slave.
         :param job_type: the type of jobs it runs.
@@ -381,17 +396,20 @@ class Scheduler(Service):
         served = self._serving.get(slave)
         if served == job_type:
             return
+        if served is not None:
+            self.stop_waiting(slave)
         self._serving[slave] = job_type
         self._joined[job_type] += 1
         if served is not None:
             self._stop_serving(served)
 
     def leave(self, slave: ISlave) -> None:
-        """The slave serves no type any more (it went away).  It must have
-        cancelled its wait and reported on its job first.
+        """The slave serves no type any more (it went away): it stops
+        waiting for a job.  It must have reported on the job it held first.
 
         :param slave: a slave that joined a type, or did not.
         """
+        self.stop_waiting(slave)
         served = self._serving.pop(slave, None)
         if served is not None:
             self._stop_serving(served)
@@ -400,15 +418,13 @@ class Scheduler(Service):
         _decrement(self._joined, job_type)
         self._maybe_unused(job_type)
 
-    def next_job(self, slave: ISlave) -> Deferred:
-        """Ask for the slave's next job, of the type it joined.
+    def want_job(self, slave: ISlave) -> None:
+        """The slave wants its next job, of the type it joined: it is handed
+        one through ``slave.job_assigned``, at once if one is queued.
+        Otherwise it waits, idle (idle slaves are served first come, first
+        served), until a job comes or it calls `stop_waiting`.
 
         :param slave: a slave that joined a type and holds no job.
-        :returns: a Deferred that fires with the `ScheduledJob`: at once if
-            one is queued, otherwise when one is submitted (idle slaves are
-            served first come, first served).  Cancelling it takes the
-            slave out of the idle set.  The slave holds the job until it
-            calls `complete`, `fail` or `release`.
         """
         job_type = self._serving[slave]
         queue = self._queues.get(job_type)
@@ -421,11 +437,25 @@ class Scheduler(Service):
                 raise
             if not queue:
                 del self._queues[job_type]
-            return succeed(job)
+            slave.job_assigned(job)
+            return
+        if self._stopping:
+            return
         waiting = Deferred(lambda _: self._forget_idle(job_type, slave))
-        if not self._stopping:
-            self._idle.setdefault(job_type, OrderedDict())[slave] = waiting
-        return waiting
+        waiting.addCallbacks(slave.job_assigned, _stopped_waiting)
+        self._idle.setdefault(job_type, OrderedDict())[slave] = waiting
+
+    def stop_waiting(self, slave: ISlave) -> None:
+        """The slave no longer wants a job: it leaves the idle set, if it
+        was in it (its wait is cancelled).
+
+        :param slave: a slave that called `want_job`, or did not.
+        """
+        waiters = self._idle.get(self._serving.get(slave))
+        if waiters is not None:
+            waiting = waiters.get(slave)
+            if waiting is not None:
+                waiting.cancel()
 
     def _forget_idle(self, job_type: str, slave: ISlave) -> None:
         waiters = self._idle.get(job_type)

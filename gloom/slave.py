@@ -6,7 +6,6 @@ import enum
 import sys
 from typing import Optional
 
-from twisted.internet.defer import CancelledError, Deferred
 from zope.interface import implementer
 
 from gloom import wire
@@ -20,10 +19,11 @@ class SlaveState(enum.Enum):
     NEW = "new"
     """Connected; has not joined a type yet."""
     JOINED = "joined"
-    """Serves a type, holds no job and is not waiting for one (for a
-    moment while it switches types, or for good once the scheduler stopped)."""
+    """Serves a type, holds no job and has not asked for one (for a moment,
+    between jobs or while it switches types)."""
     WAITING = "waiting"
-    """Idle: waits on the scheduler's Deferred for its next job."""
+    """Has asked the scheduler for its next job and not been handed one:
+    an idle slave (or, once the scheduler stopped, one that never will be)."""
     BUSY = "busy"
     """Holds one job and owes its answer."""
     CLOSING = "closing"
@@ -38,9 +38,9 @@ NEW, JOINED, WAITING, BUSY, CLOSING = SlaveState
 
 @implementer(ISlave)
 class SlaveProtocol(GloomProtocol):
-    """One slave's connection: joined to a type, it waits on a scheduler
-    Deferred for a job of that type; busy, it holds exactly one job until
-    it answers.  ``state`` says which (a `SlaveState`)."""
+    """One slave's connection: joined to a type, it asks the scheduler for
+    a job of that type; busy, it holds exactly one job until it answers.
+    ``state`` says which (a `SlaveState`)."""
 
     role = "slave"
     other_role = "master"
@@ -52,22 +52,18 @@ class SlaveProtocol(GloomProtocol):
         self.state = NEW
         self.job_type: Optional[str] = None
         self.job: Optional[ScheduledJob] = None
-        self._waiting: Optional[Deferred] = None
 
     def do_join(self, message: wire.Message) -> None:
         """Serve a type.  An idle slave joining its own type again keeps
         its place; while a job is held, the switch waits for its answer."""
         job_type = sys.intern(wire.required_name(message, "type"))
-        state = self.state
-        if state is WAITING and job_type == self.job_type:
+        if job_type == self.job_type:
             self.sendString(wire.OK)
             return
-        if state is WAITING:
-            self._waiting.cancel()
         self.factory.scheduler.join(self, job_type)
         self.job_type = job_type
         self.sendString(wire.OK)
-        if self.state is NEW or self.state is JOINED:
+        if self.state is not BUSY and self.state is not CLOSING:
             self._ask()
 
     def do_respond(self, message: wire.Message) -> None:
@@ -123,31 +119,21 @@ class SlaveProtocol(GloomProtocol):
         return job
 
     def _ask(self) -> None:
-        """Wait for the next job of the joined type (it may come at once)."""
+        """Ask for the next job of the joined type (it may come at once)."""
         self.state = WAITING
-        self._waiting = waiting = self.factory.scheduler.next_job(self)
-        waiting.addCallbacks(self._assigned, self._stopped_waiting)
+        self.factory.scheduler.want_job(self)
 
-    def _assigned(self, job: ScheduledJob) -> None:
-        self._waiting = None
+    def job_assigned(self, job: ScheduledJob) -> None:
+        """The scheduler hands this slave its job: send it."""
         self.state = BUSY
         self.job = job
         self.sendString(job.body)
 
-    def _stopped_waiting(self, failure) -> None:
-        """The wait was cancelled: by this slave switching types or going
-        away, or by the scheduler stopping."""
-        failure.trap(CancelledError)
-        self._waiting = None
-        if self.state is WAITING:
-            self.state = JOINED
-
     def closing(self) -> None:
         """A slave being closed gets no more jobs: it leaves the idle set."""
-        waiting = self._waiting
+        if self.state is WAITING:
+            self.factory.scheduler.stop_waiting(self)
         self.state = CLOSING
-        if waiting is not None:
-            waiting.cancel()
 
     def connectionLost(self, reason) -> None:
         """Leave the idle set, give the held job back, stop serving the type."""

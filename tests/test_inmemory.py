@@ -182,7 +182,8 @@ class ConversationTests(SynchronousTestCase):
         self.daemon.flush()
         self.assertEqual(sorted((f["error"], f["id"]) for f in master.take()),
                          [("shutdown", "run"), ("shutdown", "wait")])
-        self.assertEqual(idle_server.state, SlaveState.JOINED)
+        self.assertEqual(idle_server.state, SlaveState.WAITING)
+        self.assertEqual(self.daemon.scheduler.idle_slaves("u"), 0)
         slave.send(action="respond", body="after the stop")
         self.daemon.flush()
         self.assertEqual(slave.take(), [job("run", None), {"ok": True}])

@@ -2,7 +2,6 @@
 
 import random
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,18 +20,6 @@ from gloom.scheduler import (
     ShuttingDown,
 )
 from tests.support import live_ids
-
-
-class Outcome:
-    """Records how a Deferred fired."""
-
-    def __init__(self, deferred):
-        self.results, self.failures = [], []
-        deferred.addCallbacks(self.results.append, self.failures.append)
-
-    @property
-    def fired(self):
-        return bool(self.results or self.failures)
 
 
 @implementer(IJobOwner)
@@ -69,29 +56,42 @@ def submit(scheduler, *args, **kwargs):
 
 @implementer(ISlave)
 class Slave:
-    """A slave as the scheduler sees it."""
+    """A slave as the scheduler sees it: records the jobs it is handed."""
 
-    def __init__(self, name="slave"):
+    def __init__(self, scheduler, name="slave"):
+        self.scheduler = scheduler
         self.peer = name
+        self.results = []
+
+    def job_assigned(self, job):
+        self.results.append(job)
+
+    @property
+    def fired(self):
+        return bool(self.results)
+
+    def ask(self):
+        self.scheduler.want_job(self)
+        return self
+
+    def cancel(self):
+        self.scheduler.stop_waiting(self)
 
 
 def waiting(scheduler, job_type):
-    """A new slave of this type asks for a job: the scheduler's Deferred."""
-    slave = Slave()
+    """A new slave of this type that asked for a job."""
+    slave = Slave(scheduler)
     scheduler.join(slave, job_type)
-    return scheduler.next_job(slave)
+    return slave.ask()
 
 
 def take(scheduler, job_type):
     """The job a new slave of this type gets now (its ``holder``), or None."""
-    jobs = []
-    asked = waiting(scheduler, job_type)
-    asked.addCallback(jobs.append)
-    if not jobs:
-        asked.addErrback(lambda f: f.trap(CancelledError))
-        asked.cancel()
+    slave = waiting(scheduler, job_type)
+    if not slave.results:
+        slave.cancel()
         return None
-    return jobs[0]
+    return slave.results[0]
 
 
 class QueueOrderTests(SynchronousTestCase):
@@ -123,16 +123,15 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertIsNone(take(self.scheduler, "t"))
         submit(self.scheduler, "a", "t", None, 1)
         submit(self.scheduler, "b", "t", None, 2)
-        slave = Slave()
+        slave = Slave(self.scheduler)
         self.scheduler.join(slave, "t")
-        got = Outcome(self.scheduler.next_job(slave))
-        (job,) = got.results
+        (job,) = slave.ask().results
         self.assertEqual((job.id, job.state, job.attempt, job.holder), ("b", RUNNING, 1, slave))
         self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
 
     def test_submit_reaches_a_waiting_slave_at_once(self):
-        got = Outcome(waiting(self.scheduler, "t"))
+        got = (waiting(self.scheduler, "t"))
         self.assertFalse(got.fired)
         submit(self.scheduler, "a", "t", "body")
         (job,) = got.results
@@ -140,7 +139,7 @@ class QueueOrderTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued("t"), 0)
 
     def test_idle_slaves_served_in_arrival_order(self):
-        first, second = Outcome(waiting(self.scheduler, "t")), Outcome(waiting(self.scheduler, "t"))
+        first, second = (waiting(self.scheduler, "t")), (waiting(self.scheduler, "t"))
         self.assertEqual(self.scheduler.idle_slaves("t"), 2)
         submit(self.scheduler, "a", "t", None)
         self.assertTrue(first.fired)
@@ -151,7 +150,6 @@ class QueueOrderTests(SynchronousTestCase):
 
     def test_cancelled_slave_gets_nothing(self):
         gone = waiting(self.scheduler, "t")
-        gone.addErrback(lambda f: f.trap(CancelledError))
         gone.cancel()
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
         submit(self.scheduler, "a", "t", None)
@@ -201,9 +199,7 @@ class QueueOrderTests(SynchronousTestCase):
     def test_empty_types_are_forgotten(self):
         answer = submit(self.scheduler, "a", "t", None)
         answer.cancel()
-        asked = waiting(self.scheduler, "u")
-        asked.addErrback(lambda f: f.trap(CancelledError))
-        asked.cancel()
+        waiting(self.scheduler, "u").cancel()
         self.assertEqual((self.scheduler._queues, self.scheduler._idle), ({}, {}))
 
 
@@ -270,7 +266,7 @@ class JobLifeTests(SynchronousTestCase):
     def test_released_job_goes_to_a_waiting_slave(self):
         submit(self.scheduler, "a", "t", None)
         job = take(self.scheduler, "t")
-        other = Outcome(waiting(self.scheduler, "t"))
+        other = (waiting(self.scheduler, "t"))
         self.scheduler.release(job.holder, job)
         self.assertIs(other.results[0], job)
 
@@ -311,11 +307,12 @@ class StopTests(SynchronousTestCase):
         queued = submit(scheduler, "q", "t", None)
         running = submit(scheduler, "r", "u", None)
         job = take(scheduler, "u")
-        idle = Outcome(waiting(scheduler, "v"))
+        idle = (waiting(scheduler, "v"))
         scheduler.stopService()
         for outcome in (queued, running):
             self.assertIsInstance(outcome.failures[0], ShuttingDown)
-        self.assertTrue(idle.failures[0].check(CancelledError))
+        self.assertEqual(scheduler.idle_slaves("v"), 0)
+        self.assertFalse(idle.fired)
         self.assertRaises(ShuttingDown, submit, scheduler, "n", "t", None)
         scheduler.complete(job.holder, job, "late")
         self.assertNotIn("r", live_ids(scheduler))
@@ -448,17 +445,16 @@ class SlaveTests(SynchronousTestCase):
         verifyObject(IJobOwner, Answer(self.scheduler))
 
     def test_a_slave_serves_the_type_it_joined_last(self):
-        slave = Slave()
+        slave = Slave(self.scheduler)
         self.scheduler.join(slave, "t")
         self.scheduler.join(slave, "u")
         self.assertEqual(self.unused, ["t"])
         submit(self.scheduler, "a", "t", None)
         submit(self.scheduler, "b", "u", None)
-        got = Outcome(self.scheduler.next_job(slave))
-        self.assertEqual(got.results[0].id, "b")
+        self.assertEqual(slave.ask().results[0].id, "b")
 
     def test_joining_the_same_type_again_changes_nothing(self):
-        slave = Slave()
+        slave = Slave(self.scheduler)
         self.scheduler.join(slave, "t")
         self.scheduler.join(slave, "t")
         self.scheduler.leave(slave)
@@ -467,10 +463,10 @@ class SlaveTests(SynchronousTestCase):
         self.assertEqual(self.unused, ["t"])
 
     def test_a_type_is_unused_once_its_last_slave_left_and_its_jobs_ended(self):
-        slave = Slave()
+        slave = Slave(self.scheduler)
         self.scheduler.join(slave, "t")
         answer = submit(self.scheduler, "a", "t", None)
-        job = Outcome(self.scheduler.next_job(slave)).results[0]
+        job = slave.ask().results[0]
         self.scheduler.leave(slave)
         self.assertEqual(self.unused, [])
         self.scheduler.complete(slave, job, "done")
@@ -480,7 +476,7 @@ class SlaveTests(SynchronousTestCase):
     def test_only_the_holder_may_answer(self):
         answer = submit(self.scheduler, "a", "t", None)
         job = take(self.scheduler, "t")
-        self.assertRaises(AttemptGivenUp, self.scheduler.complete, Slave("other"), job, "stray")
+        self.assertRaises(AttemptGivenUp, self.scheduler.complete, Slave(self.scheduler, "other"), job, "stray")
         self.scheduler.complete(job.holder, job, "right")
         self.assertEqual(answer.results, ["right"])
 

@@ -425,13 +425,9 @@ class Master(_Client):
 class Slave(_Client):
     """Takes jobs of one type, one at a time, and answers them.
 
-    :param addr: the daemon's slave port, ``(host, port)``.
-    :keyword tls: None for plain TCP, True for TLS checked against the
-        system's CAs, or an ``ssl.SSLContext`` (see `client_context`).
-    :keyword server_hostname: the name the server's certificate must carry;
-        by default, the host of ``addr``.
-    :keyword connect_timeout: seconds to wait for the connection, 10 by
-        default (None waits as long as the system does).
+    :param addr: the daemon's slave port, ``(host, port)``.  The keywords
+        (``tls``, ``server_hostname``, ``connect_timeout``) are those of
+        `Master`.
     :raises TransportError: if the connection (or TLS) cannot be made.
     """
 

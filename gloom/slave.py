@@ -57,13 +57,13 @@ class SlaveProtocol(GloomProtocol):
         """Serve a type.  An idle slave joining its own type again keeps
         its place; while a job is held, the switch waits for its answer."""
         job_type = sys.intern(wire.required_name(message, "type"))
-        if job_type == self.job_type:
-            self.sendString(wire.OK)
-            return
-        self.factory.scheduler.join(self, job_type)
-        self.job_type = job_type
+        switching = job_type != self.job_type
+        if switching:
+            self.factory.scheduler.join(self, job_type)  # ends a wait for the old type
+            self.job_type = job_type
         self.sendString(wire.OK)
-        if self.state is not BUSY and self.state is not CLOSING:
+        state = self.state
+        if state is NEW or state is JOINED or (switching and state is WAITING):
             self._ask()
 
     def do_respond(self, message: wire.Message) -> None:
@@ -119,9 +119,15 @@ class SlaveProtocol(GloomProtocol):
         return job
 
     def _ask(self) -> None:
-        """Ask for the next job of the joined type (it may come at once)."""
+        """Ask for the next job of the joined type (it may come at once).
+        If asking fails, the slave has not asked: joining again asks anew."""
         self.state = WAITING
-        self.factory.scheduler.want_job(self)
+        try:
+            self.factory.scheduler.want_job(self)
+        except BaseException:
+            if self.state is WAITING:
+                self.state = JOINED
+            raise
 
     def job_assigned(self, job: ScheduledJob) -> None:
         """The scheduler hands this slave its job: send it."""

@@ -113,7 +113,7 @@ class ExceptionSafetyTests(SynchronousTestCase):
         self.assertEqual(slave.send({"action": "respond", "id": "j", "body": 2}), [{"ok": True}])
         self.assertEqual(master.received(), [{"id": "j", "body": 2}])
 
-    def test_failed_take_keeps_the_job_queued(self):
+    def test_failed_hand_out_keeps_the_job_queued(self):
         master = self.daemon.master()
         self.clock.refuse = False
         master.send(submit(timeout=5))
@@ -126,6 +126,18 @@ class ExceptionSafetyTests(SynchronousTestCase):
         self.clock.refuse = False
         later = self.daemon.slave("t")
         self.assertEqual(later.received()[0]["id"], "j")
+
+    def test_a_slave_whose_ask_failed_asks_again_when_it_joins_again(self):
+        master = self.daemon.master()
+        slave = self.daemon.slave()
+        self.clock.refuse = False
+        master.send(submit(timeout=5))
+        self.clock.refuse = True
+        self.assertEqual(slave.send({"action": "join", "type": "t"})[-1]["error"], "internal_error")
+        self.flushLoggedErrors(OverflowError)
+        self.clock.refuse = False
+        self.assertEqual([f.get("id") for f in slave.send({"action": "join", "type": "t"})],
+                         [None, "j"])
 
     def test_stopping_completes_when_an_owner_raises(self):
         class Broken:

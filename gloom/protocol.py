@@ -319,7 +319,7 @@ class GloomProtocol(FrameReceiver):
                       role=self.role, peer=self.peer, what=what,
                       timeout=self.factory.frame_timeout)
         self.closing()
-        self.transport.abortConnection()
+        self.abort()
 
     def handshakeCompleted(self) -> None:
         """TLS is up (only then does any frame reach the protocol)."""
@@ -356,7 +356,7 @@ class GloomProtocol(FrameReceiver):
         self.sendString(wire.error(wire.SIZE_ERROR, reason))
         self.close()
         self._abort_call = self.factory.clock.callLater(
-            ABORT_AFTER_ERROR, self.transport.abortConnection
+            ABORT_AFTER_ERROR, self.abort
         )
 
     def close(self) -> None:
@@ -370,6 +370,13 @@ class GloomProtocol(FrameReceiver):
         self.write_held()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, and anything not yet sent.  From here on
+        the connection writes only through the transport's interface, which
+        an aborted transport ignores, never on its socket directly."""
+        self._writer = transport.TransportWriter(self.transport)
+        self.transport.abortConnection()
 
     def closing(self) -> None:
         """The daemon is closing this connection: take on no new work."""
@@ -510,7 +517,7 @@ class GloomFactory(Factory):
     def _abort(connections) -> None:
         for connection in connections:
             if not connection.closed.called:
-                connection.transport.abortConnection()
+                connection.abort()
 
 
 def _cancel_if_active(result, call):

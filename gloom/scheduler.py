@@ -13,13 +13,16 @@ costs a few hundred bytes, which is why it carries no Deferred and callback
 chain of its own, and a slave handed a queued job at once needs no Deferred
 either.
 
-No operation grows with the number of queued jobs beyond O(log p), p being
-the number of distinct priorities queued for the type: each type keeps a
-first-in, first-out queue per priority and a heap of those priorities;
-cancelled queued jobs are deleted lazily (the queues are compacted once they
-are the majority); idle slaves wait in an insertion-ordered dict per type;
-and every count the stats report is kept up to date rather than counted on
-demand.
+Submitting, taking and withdrawing a job cost O(log p), p being the number
+of distinct priorities queued for the type: each type keeps a first-in,
+first-out queue per priority and a heap of those priorities; cancelled
+queued jobs are deleted lazily (the queues are compacted, in time
+proportional to their length, once they are the majority, which amortises
+to O(1) per withdrawal); idle slaves wait in an insertion-ordered dict per
+type; and every count the stats report is kept up to date rather than
+counted on demand.  A job coming back after a lost attempt goes ahead of
+the younger jobs of its priority, found by a scan from the front of that
+priority's queue (short in practice: most of the queue is younger).
 """
 
 from __future__ import annotations
@@ -437,13 +440,24 @@ class Scheduler(Service):
                 raise
             if not queue:
                 del self._queues[job_type]
-            slave.job_assigned(job)
+            self._hand_over(job, slave)
             return
         if self._stopping:
             return
         waiting = Deferred(lambda _: self._forget_idle(job_type, slave))
-        waiting.addCallbacks(slave.job_assigned, _stopped_waiting)
+        waiting.addCallbacks(self._hand_over, _stopped_waiting, callbackArgs=(slave,))
         self._idle.setdefault(job_type, OrderedDict())[slave] = waiting
+
+    def _hand_over(self, job: ScheduledJob, slave: ISlave) -> None:
+        """Tell the slave its job.  If that fails (``job_assigned`` must not
+        raise), the slave is taken not to hold it, and the job is retried."""
+        try:
+            slave.job_assigned(job)
+        except Exception:
+            self.log.failure("Slave {peer} could not take job {id} ({type})",
+                             peer=getattr(slave, "peer", slave), id=quoted(job.id),
+                             type=quoted(job.type))
+            self.release(slave, job)
 
     def stop_waiting(self, slave: ISlave) -> None:
         """The slave no longer wants a job: it leaves the idle set, if it

@@ -19,8 +19,9 @@ class SlaveState(enum.Enum):
     NEW = "new"
     """Connected; has not joined a type yet."""
     JOINED = "joined"
-    """Serves a type, holds no job and has not asked for one (for a moment,
-    between jobs or while it switches types)."""
+    """Serves a type, holds no job and has not asked for one: for a moment
+    between jobs or while it switches types, or until it joins again if
+    asking failed (the daemon answered ``internal_error``)."""
     WAITING = "waiting"
     """Has asked the scheduler for its next job and not been handed one:
     an idle slave (or, once the scheduler stopped, one that never will be)."""

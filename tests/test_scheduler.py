@@ -491,3 +491,24 @@ class SlaveTests(SynchronousTestCase):
             clock.advance(1)
         self.assertEqual(attempts, [1, 2, 3])
         self.assertEqual(job.retries, 3)
+
+    def test_a_slave_that_cannot_take_its_job_gives_it_back(self):
+        class Refusing(Slave):
+            def job_assigned(self, job):
+                raise RuntimeError("no room")
+
+        answer = submit(self.scheduler, "a", "t", None)
+        refusing = Refusing(self.scheduler)
+        self.scheduler.join(refusing, "t")
+        refusing.ask()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((self.scheduler.queued("t"), answer.job.retries), (1, 1))
+        idle = waiting(self.scheduler, "u")
+        submit(self.scheduler, "b", "u", None)
+        self.assertEqual(idle.results[0].id, "b")
+        self.scheduler.join(refusing, "u")
+        refusing.ask()
+        submit(self.scheduler, "c", "u", None)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.scheduler.queued("u"), 1)
+        self.assertEqual(self.scheduler.types()["u"]["busy_slaves"], 1)

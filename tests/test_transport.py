@@ -151,3 +151,12 @@ class DaemonWriterTests(DaemonTestCase):
         server.sendString(b'{"n":4}')
         received = yield self.frames(master, 4)
         self.assertEqual(received, [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}])
+
+    @inlineCallbacks
+    def test_nothing_is_sent_once_a_connection_is_aborted(self):
+        master = yield self.client("master")
+        (server,) = self.service.factories[0].connections
+        server.abort()  # the transport stays "connected" until the next turn
+        server.sendString(b'{"n":1}')
+        yield master.lost
+        self.assertEqual((master.buffer, master.frames.pending), (b"", []))

@@ -5,7 +5,7 @@ import socket
 import threading
 import types
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -76,7 +76,7 @@ class RealConnectionTests(TestCase):
         reader = threading.Thread(target=lambda: got.append(self.receive(len(expected))))
         reader.start()
         while reader.is_alive():  # let the reactor send the rest
-            yield deferLater(0.01)
+            yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(len(got[0]), len(expected))
         self.assertTrue(got[0] == expected, "bytes arrived out of order")
 
@@ -88,12 +88,6 @@ class RealConnectionTests(TestCase):
         self.transport.loseConnection()
         yield lost
         DirectTCPWriter(self.transport).send(b"into the void")
-
-
-def deferLater(seconds):
-    from twisted.internet.task import deferLater as later
-
-    return later(reactor, seconds, lambda: None)
 
 
 class FallbackTests(SynchronousTestCase):

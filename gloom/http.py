@@ -25,6 +25,7 @@ _TOTAL_HELP = {
     "cancelled": "Jobs withdrawn by cancel, by their master disconnecting or by the daemon stopping.",
     "retried": "Times a job was queued again after losing its slave or timing out.",
     "timed_out": "Attempts given up for running past their timeout.",
+    "released": "Jobs a slave handed back unrun (release), queued again at the front.",
 }
 
 
@@ -102,6 +103,8 @@ class LatencyHistogram:
 
 
 class _Page(Resource):
+    """A page of figures, built afresh for each request."""
+
     isLeaf = True
 
     def __init__(self, content_type: str, render: Callable[[], bytes]):
@@ -112,6 +115,13 @@ class _Page(Resource):
     def render_GET(self, request):
         request.setHeader(b"Content-Type", self.content_type.encode())
         return self.render_body()
+
+    def render_HEAD(self, request):
+        """The headers of GET, the length of its body included, and no
+        body (Twisted Web warns of a HEAD that returns one)."""
+        body = self.render_GET(request)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return b""
 
 
 class _Root(Resource):

@@ -14,6 +14,7 @@ from gloom.scheduler import IJobOwner, ScheduledJob, ShuttingDown
 DEFAULT_MAX_QUEUED = 100_000
 
 MAX_NAME = wire.MAX_NAME_BYTES
+_MISSING = wire.MISSING
 
 
 @implementer(IJobOwner)
@@ -63,7 +64,11 @@ class MasterProtocol(GloomProtocol):
         except ShuttingDown as e:
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         unfinished[job_id] = job
-        self.sendString(wire.ack(id_json))
+        ref = message.ref
+        if ref is _MISSING:
+            self.sendString(wire.ack(id_json))
+        else:
+            self.sendString(wire.with_ref(wire.ack(id_json), ref))
 
     def do_cancel(self, message: wire.Message) -> None:
         """Withdraw one of this master's jobs: queued, it leaves the queue;
@@ -76,10 +81,12 @@ class MasterProtocol(GloomProtocol):
                 job_id,
             )
         self.factory.scheduler.cancel(job)
-        self.sendString(wire.ack(wire.encode_id(job_id)))
+        self.reply(wire.ack(wire.encode_id(job_id)), message.ref)
 
     def do_stats(self, message: wire.Message) -> None:
-        self.sendString(self.factory.stats_frame())
+        """Send the daemon's figures (built at most once per reactor turn;
+        a ref is added to the frame already built)."""
+        self.reply(self.factory.stats_frame(), message.ref)
 
     def job_answered(self, job: ScheduledJob, body: Any) -> None:
         self._unfinished.pop(job.id, None)

@@ -8,6 +8,7 @@ from struct import Struct, unpack_from
 from typing import List, Optional, Set
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -70,6 +71,24 @@ def tune_connection(transport) -> None:
 
 
 _HEADER = Struct("!I")
+_MISSING = wire.MISSING
+
+
+def handshake_failure(reason) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words where it gave some
+    (``peer did not return a certificate``, ``certificate verify failed``).
+
+    :param reason: the ``Failure`` the connection was lost with.
+    """
+    error = getattr(reason, "value", reason)
+    if isinstance(error, (ConnectionDone, ConnectionLost)):
+        return "the connection closed before the handshake completed"
+    details = error.args[0] if error.args and isinstance(error.args[0], list) else None
+    if details is not None:  # OpenSSL's errors: (library, function, reason) each
+        texts = [str(item[-1]) for item in details if isinstance(item, tuple) and item]
+        if texts:
+            return shortened("; ".join(texts))
+    return shortened(str(error) or type(error).__name__)
 
 
 def address_name(address) -> str:
@@ -205,6 +224,8 @@ class GloomProtocol(FrameReceiver):
         self._unlogged = 0
         self._held_frames: Optional[List[bytes]] = None
         self._turn = -1
+        self._handshaking = False  # TLS, and the handshake is not over yet
+        self._ended_unseen = False  # closed for a stalled handshake: nothing more to log
         self.closed: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
@@ -264,6 +285,15 @@ class GloomProtocol(FrameReceiver):
         if held:
             self._writer.send_all(held)
 
+    def reply(self, frame: bytes, ref) -> None:
+        """Send the frame that answers a request, with the request's ``ref``
+        added if it carried one.
+
+        :param frame: the reply (an ok or an error frame).
+        :param ref: the request's ``ref`` (checked), or ``MISSING``.
+        """
+        self.sendString(frame if ref is _MISSING else wire.with_ref(frame, ref))
+
     def sendString(self, frame: bytes) -> None:
         outgoing = self._outgoing
         if outgoing is not None:
@@ -286,10 +316,13 @@ class GloomProtocol(FrameReceiver):
         self.transport.registerProducer(self, True)
         self.peer = address_name(self.transport.getPeer())
         self.factory.connections.add(self)
-        self.log.info("{role} connected from {peer}", role=self.role, peer=self.peer)
         if ISSLTransport.providedBy(self.transport):
+            # Said once the handshake is over: "connected", or why it failed.
+            self._handshaking = True
             self._handshake_call = self.factory.clock.callLater(
                 self.factory.frame_timeout, self._stalled, "its TLS handshake")
+        else:
+            self.log.info("{role} connected from {peer}", role=self.role, peer=self.peer)
 
     def inside_frame(self) -> None:
         """The peer is part way through a frame: it has `frame_timeout`
@@ -315,6 +348,9 @@ class GloomProtocol(FrameReceiver):
     def _stalled(self, what: str) -> None:
         """Close a connection that stopped part way through ``what``."""
         self._handshake_call = None
+        if self._handshaking:
+            self._handshaking = False  # this is all that is said of it
+            self._ended_unseen = True
         self.log.warn("{role} {peer}: no progress in {what} for {timeout:g} s; closing",
                       role=self.role, peer=self.peer, what=what,
                       timeout=self.factory.frame_timeout)
@@ -322,17 +358,20 @@ class GloomProtocol(FrameReceiver):
         self.abort()
 
     def handshakeCompleted(self) -> None:
-        """TLS is up (only then does any frame reach the protocol)."""
+        """TLS is up (only then does any frame reach the protocol): the
+        connection is logged now, with the certificate the client presented."""
         if self._handshake_call is not None:
             if self._handshake_call.active():
                 self._handshake_call.cancel()
             self._handshake_call = None
+        self._handshaking = False
         certificate = self.transport.getPeerCertificate()
         who = "no client certificate"
         if certificate is not None:
             subject = certificate.to_cryptography().subject.rfc4514_string()
             who = f"client certificate {subject!r}"
-        self.log.info("{role} {peer}: TLS established, {who}", role=self.role, peer=self.peer, who=who)
+        self.log.info("{role} connected from {peer} (TLS established, {who})", role=self.role,
+                      peer=self.peer, who=who)
 
     def connectionLost(self, reason) -> None:
         self.factory.connections.discard(self)
@@ -342,7 +381,11 @@ class GloomProtocol(FrameReceiver):
                 call.cancel()
         if self._unlogged:
             self._log_unlogged()
-        self.log.info("{role} {peer} disconnected", role=self.role, peer=self.peer)
+        if self._handshaking:
+            self.log.info("{role} {peer}: TLS handshake failed: {why}", role=self.role,
+                          peer=self.peer, why=handshake_failure(reason))
+        elif not self._ended_unseen:
+            self.log.info("{role} {peer} disconnected", role=self.role, peer=self.peer)
         self.closed.callback(None)
 
     # --- framing ----------------------------------------------------------
@@ -386,8 +429,14 @@ class GloomProtocol(FrameReceiver):
         cls._handlers = {action: getattr(cls, "do_" + action) for action in cls.actions}
 
     def stringReceived(self, frame: bytes) -> None:
+        """Handle one request.  Its ``ref``, if it carries a valid one, is
+        checked first and echoed in whichever frame answers it (the handler
+        adds it to its own replies; the refusals below add it here)."""
+        ref = None
         try:
             message = wire.decode(frame)
+            if message.ref is not _MISSING:
+                message.ref = ref = wire.checked_ref(message)
             action = message.action
             handler = self._handlers.get(action) if type(action) is str else None
             if handler is None:
@@ -405,14 +454,14 @@ class GloomProtocol(FrameReceiver):
             if self._may_log():
                 self.log.info("{role} {peer}: {code}: {reason}", role=self.role, peer=self.peer,
                               code=e.code, reason=reason)
-            self.sendString(wire.error(e.code, reason, e.job_id))
+            self.sendString(wire.error(e.code, reason, e.job_id, ref))
         except Exception:
             if self._may_log():
                 self.log.failure("{role} {peer}: error handling a request", role=self.role,
                                  peer=self.peer)
             self.sendString(wire.error(
                 wire.INTERNAL_ERROR, "the daemon failed to handle this request; "
-                "the failure was logged"))
+                "the failure was logged", None, ref))
 
     def _may_log(self) -> bool:
         """Whether one more line about this connection's bad input may be

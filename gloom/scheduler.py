@@ -22,7 +22,9 @@ to O(1) per withdrawal); idle slaves wait in an insertion-ordered dict per
 type; and every count the stats report is kept up to date rather than
 counted on demand.  A job coming back after a lost attempt goes ahead of
 the younger jobs of its priority, found by a scan from the front of that
-priority's queue (short in practice: most of the queue is younger).
+priority's queue (short in practice: most of the queue is younger); a job
+a slave hands back unrun (`Scheduler.hand_back`) goes to the very front of
+its priority's queue, in O(1).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ENDED = "ended"
 # are at least this many.
 _COMPACT_MINIMUM = 64
 
-TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out")
+TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out", "released")
 
 
 class ShuttingDown(Exception):
@@ -73,10 +75,10 @@ class AttemptGivenUp(Exception):
 class ScheduledJob:
     """One submitted job and where it is in its life.
 
-    ``attempt`` counts the times the job was handed to a slave, and
-    ``holder`` is the slave running the current attempt: an attempt given
-    up (it timed out) has no holder, so its slave's late answer is
-    recognised.  ``owner`` is told how the job ended; it is None once the
+    ``attempt`` counts the times the job was handed to a slave and not
+    handed back unrun, and ``holder`` is the slave running the current
+    attempt: an attempt given up (it timed out) has no holder, so its
+    slave's late answer is recognised.  ``owner`` is told how the job ended; it is None once the
     job ended or was withdrawn.
     """
 
@@ -150,7 +152,8 @@ class IJobOwner(Interface):
 class ISlave(Interface):
     """A slave as the scheduler sees it: it joins one type at a time, asks
     for work with `Scheduler.want_job`, and reports on each job it holds
-    with `Scheduler.complete`, `Scheduler.fail` or `Scheduler.release`."""
+    with `Scheduler.complete`, `Scheduler.fail`, `Scheduler.hand_back` or
+    `Scheduler.release`."""
 
     peer = Attribute("Where the slave connects from, for log lines.")
 
@@ -200,6 +203,20 @@ class _JobQueue:
                 level.insert(_position(level, job.sequence), job)
         else:
             self.levels[key] = deque((level, job) if level.sequence < job.sequence else (job, level))
+
+    def push_front(self, job: ScheduledJob) -> None:
+        """Queue ``job`` ahead of every job of its priority, in O(1) (or
+        O(log p) when its priority is new): a job handed back unrun."""
+        self.entries += 1
+        key = -job.priority
+        level = self.levels.get(key)
+        if level is None:
+            self.levels[key] = job
+            heapq.heappush(self.keys, key)
+        elif type(level) is deque:
+            level.appendleft(job)
+        else:
+            self.levels[key] = deque((job, level))
 
     def pop(self) -> Optional[ScheduledJob]:
         levels, keys = self.levels, self.keys
@@ -356,9 +373,10 @@ class Scheduler(Service):
                 del self._queues[job.type]
                 self._maybe_unused(job.type)
 
-    def _dispatch(self, job: ScheduledJob) -> None:
-        """Hand the job to the longest-idle slave of its type, or queue it.
-        If starting the attempt fails, the slave stays idle."""
+    def _dispatch(self, job: ScheduledJob, front: bool = False) -> None:
+        """Hand the job to the longest-idle slave of its type, or queue it
+        (with ``front``, ahead of every job of its priority).  If starting
+        the attempt fails, the slave stays idle."""
         waiters = self._idle.get(job.type)
         if waiters:
             slave, waiting = next(iter(waiters.items()))
@@ -372,7 +390,10 @@ class Scheduler(Service):
         queue = self._queues.get(job.type)
         if queue is None:
             queue = self._queues[job.type] = _JobQueue()
-        queue.push(job)
+        if front:
+            queue.push_front(job)
+        else:
+            queue.push(job)
 
     def _start(self, job: ScheduledJob, slave: ISlave) -> None:
         """Hand a job to a slave: a new attempt, timed if the job has a
@@ -516,6 +537,35 @@ class Scheduler(Service):
         try:
             if self._attempt_over(slave, job):
                 self._fail(job, reason)
+        finally:
+            if job.type not in self._joined:
+                self._maybe_unused(job.type)
+
+    def hand_back(self, slave: ISlave, job: ScheduledJob) -> None:
+        """The slave hands the job it holds back unrun: it goes to the front
+        of its queue (or to an idle slave) with its priority, and neither
+        an attempt nor a retry is counted; its timer is cancelled.  A job
+        whose owner withdrew it ends instead.
+
+        :param slave: the slave that was handed the job.
+        :param job: the job it hands back.
+        :raises AttemptGivenUp: like `complete`; the job was already retried.
+        """
+        try:
+            if not self._attempt_over(slave, job):
+                return
+            job.attempt -= 1
+            if job.owner is None:
+                self._end(job)
+                return
+            try:
+                self._dispatch(job, front=True)
+            except Exception:
+                self.log.failure("Job {id} ({type}) could not be queued again",
+                                 id=quoted(job.id), type=quoted(job.type))
+                self._fail(job, "its slave handed it back and it could not be queued again")
+                return
+            self.totals["released"] += 1
         finally:
             if job.type not in self._joined:
                 self._maybe_unused(job.type)

@@ -20,13 +20,14 @@ class SlaveState(enum.Enum):
     """Connected; has not joined a type yet."""
     JOINED = "joined"
     """Serves a type, holds no job and has not asked for one: for a moment
-    between jobs or while it switches types, or until it joins again if
-    asking failed (the daemon answered ``internal_error``)."""
+    between jobs or while it switches types, after it sent ``leave`` (until
+    it joins again), or until it joins again if asking failed (the daemon
+    answered ``internal_error``)."""
     WAITING = "waiting"
     """Has asked the scheduler for its next job and not been handed one:
     an idle slave (or, once the scheduler stopped, one that never will be)."""
     BUSY = "busy"
-    """Holds one job and owes its answer."""
+    """Holds one job and owes its answer (or its release)."""
     CLOSING = "closing"
     """Being closed by the daemon: takes no new job, but may still answer
     the one it holds."""
@@ -35,13 +36,16 @@ class SlaveState(enum.Enum):
 # The states as module constants: reading a global is much cheaper than an
 # Enum member on CPython 3.11, and each job passes through several.
 NEW, JOINED, WAITING, BUSY, CLOSING = SlaveState
+_MISSING = wire.MISSING
 
 
 @implementer(ISlave)
 class SlaveProtocol(GloomProtocol):
     """One slave's connection: joined to a type, it asks the scheduler for
-    a job of that type; busy, it holds exactly one job until it answers.
-    ``state`` says which (a `SlaveState`)."""
+    a job of that type; busy, it holds exactly one job until it answers or
+    releases it.  ``state`` says which (a `SlaveState`); ``wants_work``
+    says whether its last join still stands (``leave`` takes it back), and
+    so whether it asks for another job once it holds none."""
 
     role = "slave"
     other_role = "master"
@@ -53,57 +57,86 @@ class SlaveProtocol(GloomProtocol):
         self.state = NEW
         self.job_type: Optional[str] = None
         self.job: Optional[ScheduledJob] = None
+        self.wants_work = False
 
     def do_join(self, message: wire.Message) -> None:
         """Serve a type.  An idle slave joining its own type again keeps
-        its place; while a job is held, the switch waits for its answer."""
+        its place; while a job is held, the switch waits for its answer.
+        A join after ``leave`` asks for work again."""
         job_type = sys.intern(wire.required_name(message, "type"))
         switching = job_type != self.job_type
         if switching:
             self.factory.scheduler.join(self, job_type)  # ends a wait for the old type
             self.job_type = job_type
-        self.sendString(wire.OK)
+        self.wants_work = True
+        self.reply(wire.OK, message.ref)
         state = self.state
         if state is NEW or state is JOINED or (switching and state is WAITING):
             self._ask()
 
+    def do_leave(self, message: wire.Message) -> None:
+        """Take back the last join: ask for no more jobs, keeping the type
+        and any job held (which must still be answered or released).  An
+        idle slave stops waiting at once; one that never joined has
+        nothing to take back, and is answered ok all the same."""
+        if self.state is WAITING:
+            self.factory.scheduler.stop_waiting(self)
+            self.state = JOINED
+        self.wants_work = False
+        self.reply(wire.OK, message.ref)
+
     def do_respond(self, message: wire.Message) -> None:
         job = self.job
-        if job is None or message.id is not wire.MISSING:
+        if job is None or message.id is not _MISSING:
             job = self._held_job(message, "respond")
         body = wire.required_body(message, job.id)
-        self._report(self.factory.scheduler.complete, job, body)
+        self._report(self.factory.scheduler.complete, job, body, message.ref)
 
     def do_fail(self, message: wire.Message) -> None:
         job = self.job
-        if job is None or message.id is not wire.MISSING:
+        if job is None or message.id is not _MISSING:
             job = self._held_job(message, "fail")
         reason = wire.required_string(message, "reason", job.id, allow_empty=True)
-        self._report(self.factory.scheduler.fail, job, reason)
+        self._report(self.factory.scheduler.fail, job, reason, message.ref)
 
-    def _report(self, report, job: ScheduledJob, outcome) -> None:
-        """Hand the held job's outcome to the scheduler, then take new work.
-        An attempt that already timed out is refused with ``timed_out``."""
+    def do_release(self, message: wire.Message) -> None:
+        """Hand the held job back unrun: it goes back to the front of its
+        queue, and counts as neither an attempt nor a retry.  The id is
+        required, and must be the held job's."""
+        wire.required_name(message, "id")
+        job = self._held_job(message, "release")
+        self._report(self._hand_back, job, None, message.ref, "release")
+
+    def _hand_back(self, slave: "SlaveProtocol", job: ScheduledJob, outcome: None) -> None:
+        self.factory.scheduler.hand_back(slave, job)
+
+    def _report(self, report, job: ScheduledJob, outcome, ref, what: str = "answer") -> None:
+        """Hand the held job's outcome to the scheduler, then take new work
+        unless the slave left.  An attempt that already timed out is
+        refused with ``timed_out``."""
         self.job = None
         if self.state is BUSY:
             self.state = JOINED
         try:
             report(self, job, outcome)
         except AttemptGivenUp:
-            self.sendString(wire.error(
+            self.reply(wire.error(
                 wire.TIMED_OUT,
                 f"job {wire.quoted(job.id)} ran past its timeout of {job.timeout:g} s and was given up; "
-                "this answer was discarded",
+                f"this {what} was discarded",
                 job.id,
-            ))
+            ), ref)
         else:
-            self.sendString(wire.OK)
-        if self.state is JOINED:
+            if ref is _MISSING:
+                self.sendString(wire.OK)
+            else:
+                self.sendString(wire.with_ref(wire.OK, ref))
+        if self.state is JOINED and self.wants_work:
             self._ask()
 
     def _held_job(self, message: wire.Message, action: str) -> ScheduledJob:
-        """The job a respond or fail is for.  With an ``"id"``, it must be
-        the held job's: a stray answer must not answer the next job."""
+        """The job a respond, fail or release is for.  With an ``"id"``, it
+        must be the held job's: a stray answer must not answer the next job."""
         job_id = wire.optional_name(message, "id")
         job = self.job
         if job is None:

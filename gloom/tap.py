@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -73,7 +74,6 @@ def _seconds_up_to(option: str, most: float):
                 f"{option} must be a positive number of seconds, at most {most:g}, not {value}")
         return number
 
-    seconds.coerceDoc = f"Seconds, a positive number up to {most:g}."
     return seconds
 
 
@@ -84,14 +84,15 @@ def _whole_number(value: str, option: str) -> int:
         raise ValueError(f"{option} takes a whole number, not {value!r}") from None
 
 
-# usage.Options reports a coercer's ValueError using this attribute.
-_frame_size.coerceDoc = "A number of bytes."
-_retry_count.coerceDoc = "A whole number, 0 or more."
-_queue_limit.coerceDoc = "A whole number, 1 or more."
-
-
 class Options(usage.Options):
-    """Options of ``twistd gloom``."""
+    """Options of ``twistd gloom``.
+
+    Each option's help is one sentence without a final stop, which
+    ``usage.Options`` follows with ``[default: ...]`` (written out here
+    for the options whose default is None).  The coercers have no
+    ``coerceDoc``, which ``usage.Options`` would add after the default as
+    a sentence of its own; what values they take is said in the help.
+    """
 
     synopsis = "[options]"
     longdesc = (
@@ -100,26 +101,33 @@ class Options(usage.Options):
         "e.g. tcp:9998:interface=0.0.0.0 to listen on every interface."
     )
     optParameters = [
-        ["master", None, DEFAULT_MASTER, "Endpoint where masters connect."],
-        ["slave", None, DEFAULT_SLAVE, "Endpoint where slaves connect."],
+        ["master", None, DEFAULT_MASTER, "Endpoint where masters connect"],
+        ["slave", None, DEFAULT_SLAVE, "Endpoint where slaves connect"],
         ["max-frame", None, wire.DEFAULT_MAX_FRAME,
-         "Largest frame a peer may send, in bytes.", _frame_size],
+         f"Largest frame a peer may send, in bytes (1 to {wire.FRAME_LIMIT})", _frame_size],
         ["retries", None, DEFAULT_RETRIES,
-         "Times a job is queued again after its slave disconnects or it times out.",
-         _retry_count],
+         "Times a job is queued again after its slave disconnects or its attempt times out "
+         "(0 or more)", _retry_count],
         ["job-timeout", None, None,
          "Seconds one attempt of a job may run when its submit names no timeout "
-         "[default: no limit].", _seconds_up_to("--job-timeout", wire.MAX_TIMEOUT)],
+         f"(a positive number up to {wire.MAX_TIMEOUT}, which is 30 days) [default: no limit]",
+         _seconds_up_to("--job-timeout", wire.MAX_TIMEOUT)],
         ["frame-timeout", None, DEFAULT_FRAME_TIMEOUT,
          "Seconds a connection may stay part way through a frame or a TLS handshake "
-         "without sending more before it is closed.",
+         f"without sending more before it is closed (a positive number up to {wire.MAX_TIMEOUT})",
          _seconds_up_to("--frame-timeout", wire.MAX_TIMEOUT)],
         ["max-queued", None, DEFAULT_MAX_QUEUED,
-         "Unfinished jobs one master may have at once.", _queue_limit],
+         "Unfinished (queued or running) jobs one master may have at once (1 or more)",
+         _queue_limit],
         ["http", None, None,
-         "Endpoint serving /status (JSON) and /metrics (Prometheus) [default: off], "
-         "e.g. tcp:9997:interface=127.0.0.1."],
+         "Endpoint serving /status (JSON) and /metrics (Prometheus), "
+         "e.g. tcp:9997:interface=127.0.0.1 [default: off]"],
     ]
+
+    def opt_version(self) -> None:
+        """Display Gloom's version and exit."""
+        print(f"gloom {gloom.__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor

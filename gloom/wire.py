@@ -7,7 +7,8 @@ A body is never decoded.  It is carried as the bytes the peer sent (a slice
 of its frame: the spacing, escapes, key order and numbers exactly as they
 were), so a frame a slave or a master receives is never longer than the
 frame that brought its body, plus the few bytes around it.  Frames Gloom
-sends are therefore UTF-8, not ASCII.  The other fields of a request are
+sends are therefore UTF-8, not ASCII.  A request's ``ref`` is kept as its
+text too, and echoed as it was sent.  The other fields of a request are
 small scalars and are decoded; integers too long for Python's safe
 string-to-int conversion and floats beyond the range of a double are kept
 as their original text (`RawNumber`).  An array or object in one of those
@@ -106,11 +107,15 @@ MAX_NAME_BYTES = 1024
 MAX_TIMEOUT = 30 * 24 * 3600
 """Longest ``timeout`` a submit may ask for, in seconds (30 days)."""
 
+MAX_REF = 2**63 - 1
+"""Largest integer ``ref`` a request may carry (the smallest is ``-MAX_REF - 1``):
+a 64-bit signed integer, which every JSON decoder reads exactly."""
+
 
 MASTER_ACTIONS = frozenset({"submit", "cancel", "stats"})
 """The actions a master may send (on the master port)."""
 
-SLAVE_ACTIONS = frozenset({"join", "respond", "fail"})
+SLAVE_ACTIONS = frozenset({"join", "respond", "fail", "leave", "release"})
 """The actions a slave may send (on the slave port)."""
 
 # Longest digit string converted to a Python int; longer ones stay text.
@@ -190,7 +195,7 @@ _BODY_VIEWS = platform.python_implementation() == "CPython"
 copy.  On PyPy a view saves nothing (the copy is made when the body is
 spliced into the frame that carries it on) and costs time."""
 
-MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason")
+MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason", "ref")
 """The fields of a request that Gloom reads; any others are ignored."""
 _FIELD_KEYS = {name.encode("ascii"): name for name in MESSAGE_FIELDS}
 
@@ -211,7 +216,7 @@ if msgspec is not None:
 
     class Message(msgspec.Struct):
         """A request's fields; ``MISSING`` where the request has none.  The
-        body is its encoded JSON (bytes-like), ready to be carried."""
+        body and the ref are their encoded JSON (bytes-like), as sent."""
 
         action: Any = msgspec.UNSET
         id: Any = msgspec.UNSET
@@ -220,6 +225,7 @@ if msgspec is not None:
         priority: Any = msgspec.UNSET
         timeout: Any = msgspec.UNSET
         reason: Any = msgspec.UNSET
+        ref: msgspec.Raw = msgspec.UNSET
 
     class _RawFields(msgspec.Struct):
         """A request's fields, each as its raw JSON text."""
@@ -231,6 +237,7 @@ if msgspec is not None:
         priority: msgspec.Raw = msgspec.UNSET
         timeout: msgspec.Raw = msgspec.UNSET
         reason: msgspec.Raw = msgspec.UNSET
+        ref: msgspec.Raw = msgspec.UNSET
 
     _fast_decode = msgspec.json.Decoder(Message).decode
     _raw_fields_decode = msgspec.json.Decoder(_RawFields).decode
@@ -256,12 +263,12 @@ else:
 
     class Message:
         """A request's fields; ``MISSING`` where the request has none.  The
-        body is its encoded JSON (bytes-like), ready to be carried."""
+        body and the ref are their encoded JSON (bytes-like), as sent."""
 
         __slots__ = MESSAGE_FIELDS
 
         def __init__(self, action=MISSING, id=MISSING, type=MISSING, body=MISSING,
-                     priority=MISSING, timeout=MISSING, reason=MISSING):
+                     priority=MISSING, timeout=MISSING, reason=MISSING, ref=MISSING):
             self.action = action
             self.id = id
             self.type = type
@@ -269,6 +276,7 @@ else:
             self.priority = priority
             self.timeout = timeout
             self.reason = reason
+            self.ref = ref
 
     _fast_decode = None
     _fast_encode = None
@@ -278,13 +286,15 @@ def message(**fields) -> "Message":
     """A `Message` from decoded field values (a body is encoded here).
 
     :param fields: the message's fields by name, such as ``action="submit"``;
-        names not in `MESSAGE_FIELDS` are left out, and ``body`` is any
-        value `encode_body` takes.
+        names not in `MESSAGE_FIELDS` are left out, ``body`` is any value
+        `encode_body` takes, and ``ref`` any value `encode_value` takes.
     :raises MessageError: if the body nests too deeply.
     """
     if "body" in fields:
         job_id = fields.get("id")
         fields["body"] = encode_body(fields["body"], job_id if type(job_id) is str else None)
+    if "ref" in fields:
+        fields["ref"] = encode_value(fields["ref"])
     return Message(**{name: value for name, value in fields.items() if name in MESSAGE_FIELDS})
 
 
@@ -357,6 +367,8 @@ def _scanned(frame: bytes) -> "Message":
     for name, (start, end) in spans.items():
         if name == "body":
             fields[name] = memoryview(frame)[start:end] if _BODY_VIEWS else frame[start:end]
+        elif name == "ref":
+            fields[name] = frame[start:end]
         elif frame[start] == 34 and frame.find(b"\\", start, end) < 0:
             fields[name] = frame[start + 1 : end - 1].decode("utf-8")
         else:
@@ -406,7 +418,12 @@ def _decode_large(frame: bytes) -> "Message":
     for name in MESSAGE_FIELDS:
         value = getattr(raw, name)
         if value is not MISSING:
-            fields[name] = value if name == "body" else _scalar(bytes(value))
+            if name == "body":
+                fields[name] = value
+            elif name == "ref":
+                fields[name] = bytes(value)
+            else:
+                fields[name] = _scalar(bytes(value))
     return Message(**fields)
 
 
@@ -705,6 +722,49 @@ def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Option
     return timeout
 
 
+_MAX_REF_TEXT = 6 * MAX_NAME_BYTES + 2
+"""The longest JSON text of a string ref that can be valid: a byte of UTF-8
+takes at most six characters to write (``\\u00e9``), plus the quotes."""
+
+
+def checked_ref(message: "Message") -> bytes:
+    """The message's ``ref``, checked, as the JSON text the peer sent: what
+    the reply to the request echoes.  Only call it when the ref is present.
+
+    A ref is a string of valid Unicode, at most `MAX_NAME_BYTES` bytes
+    long in UTF-8 (empty allowed), or an integer (not a bool, not a float)
+    from ``-MAX_REF - 1`` to `MAX_REF`.
+
+    :param message: the request, from `decode`, with a ``ref``.
+    :raises MessageError: with code `INVALID_MESSAGE` if the ref is
+        anything else.
+    """
+    raw = message.ref
+    first = memoryview(raw)[0]
+    if first == 34:  # a string
+        if len(raw) > _MAX_REF_TEXT:  # too long however it is written; refused without a copy
+            raise MessageError(INVALID_MESSAGE, f"field 'ref' is longer than {MAX_NAME_BYTES} bytes")
+        raw = bytes(raw)
+        if 92 in raw or not raw.isascii():
+            size = _utf8_length(_plain_loads(raw), "ref", None)
+        else:
+            size = len(raw) - 2
+        if size > MAX_NAME_BYTES:
+            raise MessageError(INVALID_MESSAGE, f"field 'ref' is longer than {MAX_NAME_BYTES} bytes")
+        return raw
+    if first == 45 or 48 <= first <= 57:  # a number
+        raw = bytes(raw)
+        if 46 in raw or 101 in raw or 69 in raw:  # ".", "e", "E": not an integer
+            raise MessageError(INVALID_MESSAGE, "field 'ref' must be a string or an integer")
+        if len(raw) > 20 or not -MAX_REF - 1 <= int(raw) <= MAX_REF:
+            raise MessageError(
+                INVALID_MESSAGE,
+                f"field 'ref' is out of range: an integer ref must be from {-MAX_REF - 1} to {MAX_REF}",
+            )
+        return raw
+    raise MessageError(INVALID_MESSAGE, "field 'ref' must be a string or an integer")
+
+
 # --- writing frames -------------------------------------------------------
 
 OK = b'{"ok":true}'
@@ -717,6 +777,15 @@ def ack(id_json: bytes) -> bytes:
     :param id_json: the job's id, from `encode_id`.
     """
     return b'{"ok":true,"id":' + id_json + b"}"
+
+
+def with_ref(frame: bytes, ref) -> bytes:
+    """A reply frame with the request's ``ref`` added as its last field.
+
+    :param frame: a frame holding a JSON object (any reply or error frame).
+    :param ref: the request's ref as JSON text, from `checked_ref`.
+    """
+    return b"".join((frame[:-1], b',"ref":', ref, b"}"))
 
 
 def stats(figures: dict) -> bytes:
@@ -748,14 +817,18 @@ def answer(id_json: bytes, body) -> bytes:
     return b'{"id":' + id_json + b',"body":' + body + b"}"
 
 
-def error(code: str, reason: str, job_id: Optional[str] = None) -> bytes:
-    """An error frame, naming the job when the error concerns one.
+def error(code: str, reason: str, job_id: Optional[str] = None, ref=None) -> bytes:
+    """An error frame, naming the job when the error concerns one, and
+    echoing the request's ref when it carried one.
 
     :param code: the error code, one of `ERROR_CODES`.
     :param reason: what was wrong, for people to read.
     :param job_id: the id of the job the error concerns, if any.
+    :param ref: the request's ref as JSON text, from `checked_ref`, if any.
     """
     frame = {"error": code, "reason": reason}
     if job_id is not None:
         frame["id"] = job_id
-    return encode_value(frame)
+    if ref is None:
+        return encode_value(frame)
+    return with_ref(encode_value(frame), ref)

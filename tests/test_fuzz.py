@@ -97,7 +97,7 @@ MAX_REASON = 400  # an error frame quotes at most 200 characters of the peer's i
 OK = "ok"
 
 MASTER_ACTIONS = ("submit", "cancel", "stats")
-SLAVE_ACTIONS = ("join", "respond", "fail")
+SLAVE_ACTIONS = ("join", "respond", "fail", "leave", "release")
 
 # A fixed number of examples, not a time budget, so that a run cannot flake;
 # fewer under PyPy, where hypothesis itself runs slower, to finish in about
@@ -279,6 +279,14 @@ def name_valid(value) -> bool:
         return False
 
 
+def ref_valid(value) -> bool:
+    """A ref the daemon echoes: a string like an id (empty allowed), or an
+    integer of 64 bits, signed."""
+    if type(value) is str:
+        return value == "" or name_valid(value)
+    return type(value) is int and -2**63 <= value < 2**63
+
+
 def unicode_valid(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -365,6 +373,7 @@ class FuzzPeer:
         self.held = None  # slave: id of the job it holds
         self.held_type = None
         self.held_job = None  # slave: the Job it holds, when the model can tell which
+        self.left = False  # slave: it sent leave, and has not joined since
         self.job_ids = []  # slave: ids of every job it got
         harness.call(f"{self.name}.makeConnection", self.protocol.makeConnection, self.transport)
 
@@ -584,7 +593,7 @@ class Harness:
             self.slave_frame(peer, msg)
 
     def check_error_frame(self, peer, msg):
-        if not set(msg) <= {"error", "reason", "id"} or type(msg.get("reason")) is not str:
+        if not set(msg) <= {"error", "reason", "id", "ref"} or type(msg.get("reason")) is not str:
             self.fail(f"{peer}: malformed error frame {msg!r}")
         if msg["error"] not in wire.ERROR_CODES:
             self.fail(f"{peer}: error code {msg['error']!r} is not in gloom.wire.ERROR_CODES: {msg!r}")
@@ -636,10 +645,35 @@ class Harness:
         if not peer.pending:
             self.fail(f"{peer}: a reply to no request: {msg!r}")
         req = peer.pending.popleft()
+        msg = self.check_ref(peer, req, msg)
+        if msg is None:
+            return
         own, other = (MASTER_ACTIONS, SLAVE_ACTIONS) if peer.role == "master" else (SLAVE_ACTIONS, MASTER_ACTIONS)
         value = self.judge_generic(peer, req, msg, own, other)
         if value is not None:
             getattr(self, "judge_" + value["action"])(peer, req, value, msg)
+
+    def check_ref(self, peer, req, msg):
+        """The reply echoes the request's ref if it is valid, and carries none
+        otherwise; an invalid ref refuses the request.  Returns the reply
+        without its ref, to be judged further, or None if judged here."""
+        ref = req.value.get("ref", OMIT) if req.kind == "object" else OMIT
+        if req.kind == "deep":
+            return _object([(k, v) for k, v in msg.items() if k != "ref"])
+        if ref is OMIT:
+            if "ref" in msg:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  a reply with a ref it did not send: {msg!r}")
+            return msg
+        if not ref_valid(ref):
+            self.expect(peer, req, msg, {INVALID_MESSAGE})
+            if "ref" in msg or "'ref'" not in msg["reason"]:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  the invalid ref {ref!r} is not "
+                          f"refused as such: {msg!r}")
+            return None
+        if "ref" not in msg or type(msg["ref"]) is not type(ref) or msg["ref"] != ref:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  the reply does not echo its ref {ref!r}: "
+                      f"{short(msg, 600)}")
+        return _object([(k, v) for k, v in msg.items() if k != "ref"])
 
     def expect(self, peer, req, msg, allowed):
         outcome = msg.get("error", OK)
@@ -762,6 +796,8 @@ class Harness:
             self.fail(f"{peer}: a {msg['error']} frame without an id: {msg!r}")
         if peer.loose:
             return
+        if "ref" in msg:
+            self.fail(f"{peer}: a {msg['error']} frame with a ref: {msg!r}")
         if msg["error"] == SHUTDOWN and not self.stopping:
             self.fail(f"{peer}: shutdown while the daemon is not stopping: {msg!r}")
         if job_id not in peer.unfinished:
@@ -778,6 +814,30 @@ class Harness:
         if self.expect(peer, req, msg, {OK} if name_valid(job_type) else {INVALID_MESSAGE}) == OK:
             self.exact(peer, req, msg, {"ok": True})
             peer.joined = job_type
+            peer.left = False
+
+    def judge_leave(self, peer, req, v, msg):
+        self.expect(peer, req, msg, {OK})
+        self.exact(peer, req, msg, {"ok": True})
+        peer.left = True
+
+    def judge_release(self, peer, req, v, msg):
+        given, held = v.get("id", OMIT), peer.held
+        if not name_valid(given):
+            allowed = {INVALID_MESSAGE}
+        elif held is None:
+            allowed = {NOT_PROCESSING}
+        elif given != held:
+            allowed = {WRONG_JOB}  # the held job stays held
+        else:
+            allowed = {OK, TIMED_OUT}
+        outcome = self.expect(peer, req, msg, allowed)
+        if outcome == OK:
+            self.exact(peer, req, msg, {"ok": True})
+        elif outcome in (TIMED_OUT, WRONG_JOB, NOT_PROCESSING) and msg.get("id") != given:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  {outcome} without the id: {msg!r}")
+        if outcome in (OK, TIMED_OUT):
+            peer.held = peer.held_type = peer.held_job = None
 
     def judge_respond(self, peer, req, v, msg):
         self.judge_answer(peer, req, v, msg, "body")
@@ -835,6 +895,8 @@ class Harness:
             return
         if peer.held is not None:
             self.fail(f"{peer}: a second job while it holds {peer.held!r}: {short(msg, 600)}")
+        if peer.left:
+            self.fail(f"{peer}: a job after it left (and did not join again): {short(msg, 600)}")
         if msg["type"] != peer.joined:
             self.fail(f"{peer}: a job of type {msg['type']!r} for a slave of type {peer.joined!r}")
         candidates = self.candidates(msg)
@@ -908,7 +970,8 @@ class Harness:
             return
         slaves = self.live("slave")
         if not any(s.loose for s in slaves):
-            idle = Counter(s.joined for s in slaves if s.held is None and s.joined is not None)
+            idle = Counter(s.joined for s in slaves if s.held is None and s.joined is not None
+                           and not s.left)
             busy = Counter(s.held_type for s in slaves if s.held is not None)
             types = stats["types"]
             for name in set(idle) | set(busy) | set(types):
@@ -1090,7 +1153,11 @@ def maybe(strategy, present=1, absent=1):
     return weighted((absent, st.just(OMIT)), (present, strategy))
 
 
+refs = weighted((6, st.sampled_from(ID_POOL) | short_text), (3, st.integers(-3, 3) | st.integers()),
+               (2, st.sampled_from([2**63 - 1, -2**63, 2**63, -2**63 - 1, 10**30, "", Raw("-0"), Raw("1.0"),
+                                    Raw("1e2"), Raw("1" * 4500)] + ODD_NAMES)), (1, junk))
 maybe_ids, maybe_types, maybe_bodies = maybe(ids), maybe(types), maybe(bodies)
+maybe_refs = maybe(refs, 1, 3)
 maybe_priorities, maybe_timeouts, maybe_reasons = (maybe(s, 1, 4) for s in (priorities, timeouts, reasons))
 
 
@@ -1098,14 +1165,15 @@ maybe_priorities, maybe_timeouts, maybe_reasons = (maybe(s, 1, 4) for s in (prio
 def submits(draw):
     return draw(arrange([("action", "submit"), ("id", draw(ids)), ("type", draw(types)),
                          ("body", draw(bodies)), ("priority", draw(priorities)),
-                         ("timeout", draw(timeouts))]))
+                         ("timeout", draw(timeouts)), ("ref", draw(maybe_refs))]))
 
 
 @st.composite
 def any_requests(draw):
     return draw(arrange([("action", draw(actions)), ("id", draw(maybe_ids)), ("type", draw(maybe_types)),
                          ("body", draw(maybe_bodies)), ("priority", draw(maybe_priorities)),
-                         ("timeout", draw(maybe_timeouts)), ("reason", draw(maybe_reasons))]))
+                         ("timeout", draw(maybe_timeouts)), ("reason", draw(maybe_reasons)),
+                         ("ref", draw(maybe_refs))]))
 
 
 @st.composite
@@ -1276,11 +1344,18 @@ class GloomMachine(RuleBasedStateMachine):
         return self.pick(data, "slave", "slave")
 
     def work(self, data):
-        """Keep jobs flowing: a slave holding a job answers or fails it
-        (naming it or not); else a master submits a job some slave serves."""
+        """Keep jobs flowing: a slave holding a job answers, fails or
+        releases it (naming it or not); else a master submits a job some
+        slave serves."""
         holding = [p for p in self.h.live("slave") if p.held is not None and not p.loose]
         if holding:
             slave = data.draw(st.sampled_from(holding), label="slave")
+            if not data.draw(st.integers(0, 5), label="releases it (0)"):
+                frames = [message(action="release", id=slave.held)]
+                if data.draw(st.booleans(), label="leaves first"):
+                    frames.insert(0, message(action="leave"))
+                self.h.send(slave, frames)
+                return
             named = data.draw(st.booleans(), label="names the job")
             answer = (("body", data.draw(json_values, label="body")) if data.draw(st.integers(0, 3))
                       else ("reason", data.draw(short_text, label="reason")))
@@ -1294,7 +1369,8 @@ class GloomMachine(RuleBasedStateMachine):
                                      ("type", data.draw(st.sampled_from(job_types), label="type")),
                                      ("body", data.draw(json_values, label="body")),
                                      ("timeout", data.draw(st.sampled_from([OMIT, OMIT, 0.5, 1, 2]),
-                                                           label="timeout")))
+                                                           label="timeout")),
+                                     ("ref", data.draw(maybe_refs, label="ref")))
                              for _ in range(count)])
 
     # work is the likeliest rule: it is three
@@ -1335,6 +1411,24 @@ class GloomMachine(RuleBasedStateMachine):
         if not named:
             again = message(action=second, body="again", reason="again")
         self.h.send(slave, [message(action="respond", body="first"), again])
+
+    @precondition(has("slave"))
+    @rule(data=st.data(), ref=maybe_refs)
+    def leave(self, data, ref):
+        self.h.send(self.pick(data, "slave"), [request(("action", "leave"), ("ref", ref))])
+
+    @precondition(has("slave"))
+    @rule(data=st.data(), leave_first=st.booleans(), ref=maybe_refs)
+    def release(self, data, leave_first, ref):
+        """A slave hands a job back (its own, another, or none), having
+        left or not; then perhaps joins again."""
+        peer = self.pick_slave(data)
+        frames = [request(("action", "release"), ("id", self.answer_id(data, peer)), ("ref", ref))]
+        if leave_first:
+            frames.insert(0, message(action="leave"))
+        if data.draw(st.booleans(), label="joins again") and name_valid(peer.joined):
+            frames.append(message(action="join", type=peer.joined))
+        self.h.send(peer, frames)
 
     # --- anything, anywhere --------------------------------------------------------
 
@@ -1468,6 +1562,28 @@ class ScenarioTests(HarnessTestCase):
                            message(action="respond", id="1", body="later")])
         self.h.send(fast, [message(action="respond", id="1", body="on time")])
         self.h.settle()
+        self.h.finish()
+
+
+    def test_refs_leave_and_release(self):
+        """Refs echoed (and refused) on both ports; a slave that left gets no
+        job until it joins again; a released job goes to another slave."""
+        first, second = self.slave(), self.slave()
+        self.submit("1", ref="s1")
+        self.submit("2", ref=2**63 - 1)
+        self.h.send(self.master, [message(action="stats", ref=""), message(action="cancel", id="9", ref=-1),
+                                  message(action="submit", id="3", type="t", body=None, ref=2**63)])
+        self.h.send(first, [message(action="leave", ref="l"), message(action="release", id=first.held, ref=1)])
+        self.h.settle()
+        self.assertIsNone(first.held)
+        self.h.send(second, [message(action="respond", body="done", ref=[1])])
+        self.h.send(second, [message(action="respond", body="done", ref="r")])
+        self.h.settle()
+        self.h.send(second, [message(action="leave"), message(action="respond", body="done too")])
+        self.submit("4")
+        self.h.send(first, [message(action="join", type="t")])
+        self.h.settle()
+        self.assertIsNotNone(first.held)
         self.h.finish()
 
 

@@ -114,7 +114,7 @@ class StatsTests(DaemonTestCase):
             "u": {"queued": 0, "running": 0, "idle_slaves": 1, "busy_slaves": 0},
         })
         self.assertEqual(stats["totals"], {"submitted": 3, "completed": 1, "failed": 0, "cancelled": 0,
-                                           "retried": 0, "timed_out": 0})
+                                           "retried": 0, "timed_out": 0, "released": 0})
         self.assertEqual((stats["masters"], stats["slaves"]), (1, 2))
         self.assertGreaterEqual(stats["uptime"], 0)
         import gloom

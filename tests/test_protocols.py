@@ -599,3 +599,74 @@ class SendTests(SynchronousTestCase):
         self.master.close()
         self.assertEqual(self.sent(), [[{"n": 1}], [{"n": 2}]])
         self.assertTrue(self.transport.disconnecting)
+
+
+class TLSLogTests(SynchronousTestCase):
+    """What is logged of a TLS connection: "connected" once the handshake
+    is done; a failed or stalled handshake once, and nothing more."""
+
+    def setUp(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.lines = []
+
+        def observe(event):
+            if event.get("log_namespace", "").startswith("gloom"):
+                self.lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.daemon = Daemon()
+
+    def connect(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import directlyProvides
+
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 5555))
+        directlyProvides(transport, ISSLTransport)
+        transport.getPeerCertificate = lambda: None
+        protocol = self.daemon.slaves.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return protocol
+
+    def test_failed_handshake(self):
+        from OpenSSL import SSL
+        from twisted.python.failure import Failure
+
+        reason = "peer did not return a certificate"
+        self.connect().connectionLost(Failure(SSL.Error([("SSL routines", "", reason)])))
+        self.assertEqual(self.lines, [f"slave 10.0.0.2:5555: TLS handshake failed: {reason}"])
+
+    def test_connection_closed_during_the_handshake(self):
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.connect().connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.lines, ["slave 10.0.0.2:5555: TLS handshake failed: the connection closed "
+                                      "before the handshake completed"])
+
+    def test_connected_once_the_handshake_is_done(self):
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        protocol = self.connect()
+        self.assertEqual(self.lines, [])
+        protocol.handshakeCompleted()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.lines, [
+            "slave connected from 10.0.0.2:5555 (TLS established, no client certificate)",
+            "slave 10.0.0.2:5555 disconnected",
+        ])
+
+    def test_stalled_handshake_is_logged_once(self):
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        from gloom.protocol import DEFAULT_FRAME_TIMEOUT
+
+        protocol = self.connect()
+        self.daemon.clock.advance(DEFAULT_FRAME_TIMEOUT)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(self.lines), 1, self.lines)
+        self.assertIn("no progress in its TLS handshake", self.lines[0])

@@ -300,6 +300,77 @@ class JobLifeTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued("t"), 0)
 
 
+class HandBackTests(SynchronousTestCase):
+    """`Scheduler.hand_back`: a job handed back unrun goes to the front of
+    its queue, with no attempt or retry counted."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.scheduler = Scheduler(max_retries=0, clock=self.clock)
+
+    def test_front_of_its_priority(self):
+        submit(self.scheduler, "a", "t", None)
+        job = take(self.scheduler, "t")
+        for job_id, priority in (("b", 0), ("c", 1), ("d", -1)):
+            submit(self.scheduler, job_id, "t", None, priority)
+        self.scheduler.hand_back(job.holder, job)
+        self.assertEqual((job.state, job.attempt, job.retries), (QUEUED, 0, 0))
+        self.assertEqual([take(self.scheduler, "t").id for _ in range(4)], ["c", "a", "b", "d"])
+        self.assertEqual((self.scheduler.totals["released"], self.scheduler.totals["retried"]), (1, 0))
+
+    def test_ahead_of_an_older_job_that_came_back(self):
+        submit(self.scheduler, "old", "t", None)
+        submit(self.scheduler, "young", "t", None)
+        old, young = take(self.scheduler, "t"), take(self.scheduler, "t")
+        scheduler = self.scheduler
+        scheduler.max_retries = 1
+        scheduler.release(old.holder, old)  # back by age
+        scheduler.hand_back(young.holder, young)  # back at the very front
+        self.assertEqual([take(scheduler, "t").id for _ in range(2)], ["young", "old"])
+
+    def test_to_a_waiting_slave_and_with_the_timer_cancelled(self):
+        submit(self.scheduler, "a", "t", None, timeout=5)
+        job = take(self.scheduler, "t")
+        other = waiting(self.scheduler, "t")
+        self.scheduler.hand_back(job.holder, job)
+        self.assertEqual(other.results, [job])
+        self.assertIs(job.holder, other)
+        self.assertEqual(len([c for c in self.clock.getDelayedCalls() if c.active()]), 1)  # the new attempt's
+        self.assertEqual(job.attempt, 1)
+
+    def test_timed_out_attempt_raises_and_changes_nothing(self):
+        answer = submit(self.scheduler, "a", "t", None, timeout=1)
+        slow = take(self.scheduler, "t").holder
+        self.scheduler.max_retries = 1
+        self.clock.advance(1)
+        job = take(self.scheduler, "t")
+        self.assertRaises(AttemptGivenUp, self.scheduler.hand_back, slow, answer.job)
+        self.assertIs(job, answer.job)
+        self.assertEqual((job.state, job.attempt), (RUNNING, 2))
+        self.assertIsNot(job.holder, slow)
+        self.assertEqual(self.scheduler.totals["released"], 0)
+        self.assertEqual(self.scheduler.types(), {"t": {"queued": 0, "running": 1, "idle_slaves": 0,
+                                                        "busy_slaves": 1}})
+
+    def test_withdrawn_job_ends(self):
+        answer = submit(self.scheduler, "a", "t", None)
+        job = take(self.scheduler, "t")
+        answer.cancel()
+        self.scheduler.hand_back(job.holder, job)
+        self.assertEqual((job.state, len(self.scheduler), self.scheduler.queued("t")), (ENDED, 0, 0))
+        self.assertEqual((self.scheduler.totals["cancelled"], self.scheduler.totals["released"]), (1, 0))
+        self.assertFalse(answer.fired)
+
+    def test_a_type_no_slave_serves_any_more_is_kept_while_queued(self):
+        unused = []
+        self.scheduler.on_type_unused = unused.append
+        submit(self.scheduler, "a", "t", None)
+        job = take(self.scheduler, "t")
+        self.scheduler.leave(job.holder)
+        self.scheduler.hand_back(job.holder, job)
+        self.assertEqual((unused, self.scheduler.queued("t")), ([], 1))
+
+
 class StopTests(SynchronousTestCase):
     def test_stop_fails_every_unfinished_job(self):
         scheduler = Scheduler(clock=Clock())
@@ -424,7 +495,7 @@ class FigureTests(SynchronousTestCase):
         queued.cancel()
         take(scheduler, "t")
         self.assertEqual(scheduler.totals, {"submitted": 7, "completed": 1, "failed": 2, "cancelled": 1,
-                                            "retried": 1, "timed_out": 0})
+                                            "retried": 1, "timed_out": 0, "released": 0})
         self.assertEqual(answered, [("t", 3.0)])
         self.assertEqual(scheduler.types(), {"t": {"queued": 2, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
         self.assertEqual(len(scheduler), 3)

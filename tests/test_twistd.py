@@ -17,7 +17,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gloom import tap
-from tests.support import ANY_PORT, BlockingClient, TwistdDaemon, occupied_port, twistd_command
+from tests.support import ANY_PORT, BlockingClient, TwistdDaemon, frame, occupied_port, twistd_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAC = os.path.join(ROOT, "etc", "gloom.tac")
@@ -123,6 +123,20 @@ class TacTests(SynchronousTestCase):
         self.assertEqual(service.getServiceNamed("master").description, tap.DEFAULT_MASTER)
         self.assertEqual(service.getServiceNamed("slave").description, tap.DEFAULT_SLAVE)
         self.assertEqual(service.scheduler.max_retries, tap.DEFAULT_RETRIES)
+        self.assertIsNone(service.scheduler.default_timeout)
+        masters, slaves = service.factories
+        defaults = tap.Options()
+        defaults.parseOptions([])
+        self.assertEqual((masters.max_frame, masters.frame_timeout, masters.max_queued, slaves.frame_timeout),
+                         (defaults["max-frame"], defaults["frame-timeout"], defaults["max-queued"],
+                          defaults["frame-timeout"]))
+        self.assertEqual(sorted(child.name for child in service), ["master", "scheduler", "slave"])
+
+    def test_tac_shows_every_option(self):
+        with open(TAC) as tac:
+            text = tac.read()
+        for name, *_ in tap.Options.optParameters:
+            self.assertIn(f'"--{name}": ', text)
 
     def test_twistd_runs_the_tac_file(self):
         with open(TAC) as tac:
@@ -143,6 +157,26 @@ class TacTests(SynchronousTestCase):
 
 
 class OptionsTests(SynchronousTestCase):
+    def test_help_says_each_option_in_one_sentence_with_its_default(self):
+        result = subprocess.run(twistd_command() + ["gloom", "--help"], cwd=tempfile.gettempdir(),
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        entries = re.findall(r"^ +--([a-z-]+)=\s+(.*?)(?=^ +--|^$)", result.stdout, re.M | re.S)
+        self.assertEqual(sorted(name for name, _ in entries), sorted(o[0] for o in tap.Options.optParameters))
+        for name, text in entries:
+            text = " ".join(text.split())
+            self.assertRegex(text, r"^[A-Z].* \[default: [^\]]+\]$", name)
+            self.assertNotIn(". ", text.replace("e.g. ", ""), name)  # one sentence
+            self.assertNotIn("..", text)
+        self.assertIn("Display Gloom's version and exit.", result.stdout)
+
+    def test_version_is_glooms(self):
+        import gloom
+
+        result = subprocess.run(twistd_command() + ["gloom", "--version"], cwd=tempfile.gettempdir(),
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout), (0, f"gloom {gloom.__version__}\n"))
+
     def test_defaults(self):
         options = tap.Options()
         options.parseOptions([])
@@ -236,6 +270,36 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertEqual(settings["Restart"], "on-failure")
         self.assertEqual(settings["KillSignal"], "SIGTERM")
 
+    def test_the_plugin_cache_command_builds_the_cache(self):
+        """The unit's comment says how to build Twisted's plugin cache at
+        install time; the command works, and leaves a cache twistd need not
+        write again (the unprivileged user could not)."""
+        (line,) = [line for line in self.unit().splitlines() if "getPlugins" in line]
+        command = line.lstrip("# ").split(" ", 1)
+        self.assertEqual(command[0], "/opt/gloom/bin/python")
+        code = re.fullmatch(r'-c "(.*)"', command[1]).group(1)
+        cwd = tempfile.mkdtemp()  # where only the installed package can be imported
+        self.addCleanup(shutil.rmtree, cwd, True)
+        built = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+        self.assertEqual((built.returncode, built.stderr), (0, ""))
+        where = subprocess.run([sys.executable, "-c",
+                                "import twisted.plugins.gloom_plugin as p; print(p.__file__)"],
+                               cwd=cwd, capture_output=True, text=True, timeout=60)
+        plugins = os.path.dirname(where.stdout.strip())
+        cache = os.path.join(plugins, "dropin.cache")
+        for name in ("gloom_plugin.py", "gloom_endpoints.py"):
+            self.assertGreater(os.path.getmtime(cache), os.path.getmtime(os.path.join(plugins, name)))
+        check = ("import sys\n"
+                 "from twisted.python import log\n"
+                 "log.startLogging(sys.stdout)\n"
+                 "from twisted.plugin import IPlugin, getPlugins\n"
+                 "from twisted.python.filepath import FilePath\n"
+                 "FilePath.setContent = lambda *a: sys.exit('the cache was written again')\n"
+                 "list(getPlugins(IPlugin))\n")
+        again = subprocess.run([sys.executable, "-c", check], cwd=cwd, capture_output=True, text=True, timeout=60)
+        self.assertEqual(again.returncode, 0, again.stdout + again.stderr)
+        self.assertNotIn("cache", again.stdout + again.stderr)  # neither written nor failing to be
+
     def test_systemd_accepts_it(self):
         analyze = shutil.which("systemd-analyze")
         if analyze is None:
@@ -291,3 +355,85 @@ class ReadmeTLSRecipeTests(SynchronousTestCase):
                                  text=True, timeout=30)
         self.assertNotEqual(refused.returncode, 0)
         self.assertNotIn('"ok"', refused.stdout)
+
+
+class HTTPHeadTests(SynchronousTestCase):
+    """``curl -I`` on /status and /metrics: the headers of GET, no body, and
+    nothing logged about it."""
+
+    def test_head_requests(self):
+        import http.client
+
+        daemon = TwistdDaemon(self, "-n", "gloom", *ANY_PORT, "--http", "tcp:0:interface=127.0.0.1")
+        text = daemon.read_until(lambda t: "Listening for HTTP on" in t)
+        port = int(re.search(r"Listening for HTTP on 127\.0\.0\.1:(\d+)", text).group(1))
+        for path in ("/status", "/metrics"):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body, content_type = response.read(), response.getheader("Content-Type")
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.read(), b"")
+            self.assertEqual(response.getheader("Content-Type"), content_type)
+            self.assertGreater(int(response.getheader("Content-Length")), 0)
+            if path == "/metrics":  # /status shows the uptime, which moves
+                self.assertEqual(int(response.getheader("Content-Length")), len(body))
+            connection.close()
+        daemon.process.send_signal(signal.SIGTERM)
+        status, output = daemon.finish()
+        self.assertEqual(status, -signal.SIGTERM, output)
+        self.assertNotIn("HEAD", output)
+
+
+class TLSLogTests(SynchronousTestCase):
+    """A failed mutual-TLS handshake is logged once, with the peer and the
+    reason; a connection is logged as connected only once TLS is up."""
+
+    def test_client_without_a_certificate(self):
+        import socket
+        import ssl
+
+        from tests.certs import Authority
+
+        certs = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, certs, True)
+        ca = Authority(certs)
+        key, cert = ca.issue("localhost", server=True)
+        worker_key, worker_cert = ca.issue("worker-1", server=False)
+        daemon = TwistdDaemon(self, "-n", "gloom", "--master", "tcp:0:interface=127.0.0.1", "--slave",
+                              f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCerts={ca.path}")
+        _, slave_port = daemon.ports()
+
+        def connect(certificate):
+            context = ssl.create_default_context(cafile=ca.path)
+            if certificate is not None:
+                context.load_cert_chain(*certificate)
+            sock = context.wrap_socket(socket.create_connection(("127.0.0.1", slave_port), timeout=10),
+                                       server_hostname="localhost")
+            self.addCleanup(sock.close)
+            return sock, "127.0.0.1:%d" % sock.getsockname()[1]
+
+        anonymous, anonymous_peer = connect(None)
+        anonymous.sendall(frame({}))
+        with self.assertRaises((ssl.SSLError, ConnectionError)):
+            if not anonymous.recv(100):  # under TLS 1.2 the handshake itself fails
+                raise ConnectionError("closed")
+        text = daemon.read_until(lambda t: "TLS handshake failed" in t)
+        (line,) = [line for line in text.splitlines() if "TLS handshake failed" in line]
+        self.assertIn(f"slave {anonymous_peer}: TLS handshake failed: ", line)
+        self.assertIn("certificate", line.split("TLS handshake failed: ")[1])
+
+        worker, worker_peer = connect((worker_cert, worker_key))
+        worker.sendall(frame({"action": "join", "type": "t"}))
+        self.assertEqual(worker.recv(100), b'\x00\x00\x00\x0b{"ok":true}')
+        worker.close()
+        text = daemon.read_until(lambda t: f"slave {worker_peer} disconnected" in t)
+        self.assertIn(f"slave connected from {worker_peer} (TLS established, client certificate 'CN=worker-1')",
+                      text)
+        daemon.process.send_signal(signal.SIGTERM)
+        status, output = daemon.finish()
+        self.assertEqual(output.count("TLS handshake failed"), 1, output)
+        self.assertNotIn(f"connected from {anonymous_peer}", output)
+        self.assertNotIn(f"{anonymous_peer} disconnected", output)

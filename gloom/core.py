@@ -1,0 +1,1156 @@
+"""The client side of the Gloom protocol, with no I/O: what every client
+shares, whatever moves its bytes.
+
+Nothing here opens a socket, runs a reactor or an event loop, or reads a
+clock.  The blocking client (`gloom.client`), the Twisted client
+(`gloom.txclient`), the asyncio client (`gloom.aio`), the ``gloom``
+command and its benchmark are thin shells: they move bytes between sockets
+and the state machines here, and turn finished `Request` objects into
+return values, Deferreds or futures.
+
+- Framing: `frame` encodes a message, `FrameBuffer` splits a byte stream
+  into frames, `decode` reads one.
+- `MasterCore`: requests to one or more daemons (submit, cancel, stats),
+  each matched to its reply by a ``ref``; jobs routed over the daemons by a
+  rendezvous hash of their id; the in-flight table; what a lost daemon
+  means for its jobs.
+- `InOrder`: a window of requests whose results come out in input order.
+- `WorkerCore`: a worker's slave connections to one or more daemons, never
+  holding more jobs than its concurrency (``join``, ``leave`` and
+  ``release``).
+- `Job`, the errors, default addresses and `sum_stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+try:
+    from msgspec import MsgspecError
+    from msgspec.json import decode as _fast_loads
+except ImportError:  # PyPy: the standard library does the work
+    _fast_loads = None
+
+DEFAULT_MASTER = "127.0.0.1:9998"
+"""The daemon's master port on this machine, where masters connect by default."""
+
+DEFAULT_SLAVE = "127.0.0.1:9999"
+"""The daemon's slave port on this machine, where workers connect by default."""
+
+MASTERS_ENV = ("GLOOM_MASTERS", "GLOOM_MASTER")
+"""Environment variables read, in order, for the master addresses."""
+
+SLAVES_ENV = ("GLOOM_SLAVES", "GLOOM_SLAVE")
+"""Environment variables read, in order, for the slave addresses."""
+
+MAX_FRAME = 64 * 1024 * 1024
+"""The largest frame a client reads (and the daemon's default limit)."""
+
+_HEADER = struct.Struct("!I")
+
+_JOB_ENDINGS = frozenset({"job_failed", "shutdown"})
+"""The error codes of frames that end a job, rather than refuse a request."""
+
+
+# --- errors and jobs -------------------------------------------------------------------
+
+
+class GloomError(Exception):
+    """Anything that went wrong talking to Gloom."""
+
+
+class TransportError(GloomError):
+    """The connection could not be made, or was lost.
+
+    :param message: what happened, for people to read.
+    :param daemon: the address of the daemon concerned, if one is.
+    :param id: the id of the job it ended, if it ended one.
+    """
+
+    def __init__(self, message: str, daemon: Optional[str] = None, id: Optional[str] = None):
+        super().__init__(message)
+        self.daemon = daemon
+        self.id = id
+
+
+class Timeout(GloomError, TimeoutError):
+    """Nothing arrived within the time given."""
+
+
+class ProtocolError(GloomError):
+    """The daemon sent something this client does not understand."""
+
+
+class EncodeError(GloomError, ValueError):
+    """A request cannot be sent: its body is not JSON (NaN, infinity, a
+    set...) or it is larger than a frame may be."""
+
+
+class ServerError(GloomError):
+    """The daemon answered with an error frame (``error``, ``reason``, ``id``).
+
+    :param error: the frame's error code, such as ``"unknown_job"``.
+    :param reason: the frame's reason, for people to read.
+    :param id: the id of the job it concerns, if any.
+    :param daemon: the address of the daemon that said it, if known.
+    """
+
+    def __init__(self, error: str, reason: str = "", id: Optional[str] = None,
+                 daemon: Optional[str] = None):
+        super().__init__(f"{error}: {reason}" if reason else error)
+        self.error = error
+        self.reason = reason
+        self.id = id
+        self.daemon = daemon
+
+    @classmethod
+    def from_frame(cls, frame: dict, daemon: Optional[str] = None) -> "ServerError":
+        """The error a decoded error frame (or failed answer) reports."""
+        return cls(str(frame.get("error", "unknown")), str(frame.get("reason", "")), frame.get("id"),
+                   daemon)
+
+
+class WorkerError(GloomError):
+    """A worker stopped on an error that retrying cannot fix, such as a
+    refused join or a TLS configuration the daemon rejects."""
+
+
+class Cancelled(GloomError):
+    """The request was cancelled by its caller before it ended."""
+
+
+class Job(dict):
+    """A job or an answer: a dict with ``id``, ``type`` and ``body`` properties.
+
+    An answer that is a failure carries ``error`` and ``reason`` instead of
+    a body.
+    """
+
+    id = property(lambda self: self.get("id"))
+    type = property(lambda self: self.get("type"))
+    body = property(lambda self: self.get("body"))
+    error = property(lambda self: self.get("error"))
+    reason = property(lambda self: self.get("reason"))
+
+    def result(self) -> Any:
+        """The answer body, or `ServerError` if the job failed."""
+        if self.error is not None:
+            raise ServerError.from_frame(self)
+        return self.body
+
+
+# --- addresses -----------------------------------------------------------------------------
+
+
+def addresses(given: Union[None, str, Sequence[str]], env: Sequence[str], default: str,
+              environ: Optional[Dict[str, str]] = None) -> List[str]:
+    """The daemon addresses a client uses: those given (a list, or one
+    string of comma-separated addresses), else the first of the
+    environment variables ``env`` that is set, else ``default``.
+
+    :param given: addresses from the caller (the API or a command-line
+        option); None to look further.
+    :param env: names of environment variables to read, in order.
+    :param default: the address when nothing else gives one.
+    :param environ: the environment; by default, ``os.environ``.
+    :raises ValueError: if the addresses given are empty.
+    """
+    if given is None:
+        environ = os.environ if environ is None else environ
+        for name in env:
+            if environ.get(name, "").strip():
+                given = environ[name]
+                break
+        else:
+            given = default
+    if isinstance(given, str):
+        found = [part.strip() for part in _split_addresses(given)]
+    else:
+        found = [part if not isinstance(part, str) else part.strip() for part in given]
+    found = [part for part in found if part != ""]
+    if not found:
+        raise ValueError("no daemon address given")
+    unique = list(OrderedDict.fromkeys(found))
+    return unique
+
+
+def _split_addresses(text: str) -> List[str]:
+    """Split ``a:1,b:2``, leaving commas inside ``[...]`` alone."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return parts
+
+
+def host_port(address: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """``(host, port)`` from ``host:port``, ``[v6addr]:port`` or ``:port``.
+
+    :raises ValueError: if ``address`` is not of that form.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 < int(port) < 65536 or (":" in host and "[" not in address):
+        raise ValueError(f"{address!r} is not host:port")
+    return host or default_host, int(port)
+
+
+def display_name(address: Any) -> str:
+    """The name an address goes by in messages: the text given, without
+    any key or certificate paths an endpoint string carries."""
+    if not isinstance(address, str):
+        return repr(address)
+    if "=" not in address:
+        return address
+    head = [part for part in address.split(":") if "=" not in part]
+    return ":".join(head)
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+
+def encode(message: dict) -> bytes:
+    """A message's JSON, as the daemon takes it (UTF-8, no NaN).
+
+    :raises EncodeError: if the message is not JSON.
+    """
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise EncodeError(f"the body cannot be sent as JSON: {e}") from None
+    except RecursionError:
+        raise EncodeError("the body cannot be sent as JSON: it nests too deeply") from None
+
+
+def frame(message: dict, limit: int = MAX_FRAME) -> bytes:
+    """A message as one frame: a 4-byte big-endian length, then its JSON.
+
+    :param limit: the largest frame allowed, in bytes without the prefix.
+    :raises EncodeError: if the message is not JSON or is over ``limit``.
+    """
+    data = encode(message)
+    if len(data) > limit:
+        raise EncodeError(f"the request is {len(data)} bytes of JSON; a frame may be at most {limit}")
+    return _HEADER.pack(len(data)) + data
+
+
+def loads(data: bytes) -> Any:
+    """Decode JSON, with msgspec where it is installed (it refuses a few
+    numbers the standard library reads, such as 1e400; those fall back)."""
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(data)
+        except MsgspecError:
+            pass
+    return json.loads(data)
+
+
+def decode(data: bytes, daemon: Optional[str] = None) -> dict:
+    """One frame's JSON object.
+
+    :raises ProtocolError: if it is not a JSON object.
+    """
+    try:
+        message = loads(data)
+    except ValueError as e:
+        raise ProtocolError(f"{daemon or 'the daemon'} sent a frame that is not JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"{daemon or 'the daemon'} sent a frame that is not a JSON object")
+    return message
+
+
+class FrameBuffer:
+    """Splits a byte stream into frames, however the bytes arrive.
+
+    :param limit: the largest frame accepted.
+    """
+
+    def __init__(self, limit: int = MAX_FRAME):
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> List[bytes]:
+        """Add bytes; return the frames (without prefix) they complete.
+
+        :raises ProtocolError: if a frame is announced over the limit.
+        """
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        while len(buffer) - offset >= 4:
+            (length,) = _HEADER.unpack_from(buffer, offset)
+            if length > self.limit:
+                tls = buffer[offset] in (0x15, 0x16) and buffer[offset + 1] == 0x03  # a TLS record
+                raise ProtocolError(f"a frame of {length} bytes is over the limit of {self.limit}" + (
+                    " (these bytes are TLS: that port expects a tls: address)" if tls else ""))
+            end = offset + 4 + length
+            if len(buffer) < end:
+                break
+            frames.append(bytes(buffer[offset + 4:end]))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def rendezvous(key: str, daemons: Iterable[str]) -> List[str]:
+    """``daemons`` in the order a job with id ``key`` tries them: highest
+    random weight first (rendezvous hashing), so each daemon's share moves
+    to the others when it is down and comes back when it returns."""
+    def weight(daemon: str) -> bytes:
+        return hashlib.blake2b(f"{daemon}\0{key}".encode(), digest_size=8).digest()
+    return sorted(daemons, key=weight, reverse=True)
+
+
+def _id_of(job_id: Any) -> str:
+    if job_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"a job id must be a non-empty string, not {job_id!r}")
+    return job_id
+
+
+class Request:
+    """One request to a daemon and, once it ended, its outcome.
+
+    ``kind`` is ``"submit"``, ``"cancel"`` or ``"stats"``.  A submit
+    ends with its answer; the others end with their reply.  ``done`` says
+    whether it ended; then `result` returns the outcome or raises it.
+    ``acked`` says whether the daemon accepted a submit.  Shells attach
+    what they wait with (a Deferred, a future) as ``waiter``.
+    """
+
+    __slots__ = ("kind", "id", "ref", "message", "daemon", "acked", "done", "value", "error",
+                 "waiter", "tried", "sent", "target", "encoded")
+
+    def __init__(self, kind: str, message: dict, job_id: Optional[str] = None):
+        self.kind = kind
+        self.id = job_id
+        self.ref: Optional[int] = None
+        self.message = message
+        self.daemon: Optional[str] = None
+        self.acked = False
+        self.done = False
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.waiter: Any = None
+        self.tried: List[str] = []
+        self.sent = False
+        self.target: Optional[Request] = None
+        self.encoded: Optional[bytes] = None
+
+    def result(self) -> Any:
+        """The answer body or reply; raises the error the request ended with."""
+        if not self.done:
+            raise RuntimeError("the request has not ended")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else ("acked" if self.acked else "pending")
+        return f"<Request {self.kind} {self.id!r} ref={self.ref} {state} on {self.daemon}>"
+
+
+class _Daemon:
+    """What a `MasterCore` knows of one daemon connection."""
+
+    __slots__ = ("name", "up", "by_ref", "jobs", "next_ref", "last_error")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.up = False
+        self.by_ref: "OrderedDict[int, Request]" = OrderedDict()
+        self.jobs: Dict[str, Request] = {}
+        self.next_ref = 1
+        self.last_error: Optional[str] = None
+
+
+class MasterCore:
+    """A master's requests over one or more daemon connections.
+
+    The shell calls `connected`, `received` and `lost` as its connections
+    come and go and frames arrive; the core calls ``send(daemon, data)``
+    with each frame to write and ``ended(request)`` with each request that
+    ends.  Every request carries a ``ref`` the daemon echoes, so each
+    reply is matched to its request without guessing; a daemon that echoes
+    no ref (the 2009 daemon) is matched by id and, failing that, in order.
+
+    A submit goes to the first daemon in its id's `rendezvous` order that
+    is up.  While none is, requests wait in a backlog until one comes up
+    or the shell gives up (`unreachable`).
+
+    :param daemons: the daemons' names (their addresses), as the shell
+        names them in its calls.
+    :param send: writes a frame to a daemon's connection.
+    :param ended: called with each request once it has ended.
+    :param resubmit: when a daemon's connection drops, submit its
+        unanswered jobs again to the others instead of failing them.
+    :param limit: the largest frame to send.
+    """
+
+    def __init__(self, daemons: Sequence[str], send: Callable[[str, bytes], None],
+                 ended: Callable[[Request], None] = lambda request: None, resubmit: bool = False,
+                 limit: int = MAX_FRAME):
+        if not daemons:
+            raise ValueError("no daemon address given")
+        self.daemons: Dict[str, _Daemon] = OrderedDict((name, _Daemon(name)) for name in daemons)
+        self.send = send
+        self.ended = ended
+        self.resubmit = resubmit
+        self.limit = limit
+        self.backlog: List[Request] = []
+        self.jobs: Dict[str, Request] = {}
+        """Unfinished submits by job id."""
+
+    # --- what the shell tells the core -------------------------------------------------------
+
+    def connected(self, daemon: str) -> None:
+        """A connection to ``daemon`` is up: send it what waits for it."""
+        state = self.daemons[daemon]
+        state.up = True
+        state.last_error = None
+        backlog, self.backlog = self.backlog, []
+        for request in backlog:
+            if not request.done:
+                self._route(request)
+
+    def lost(self, daemon: str, why: str) -> None:
+        """The connection to ``daemon`` is gone (``why``, for people):
+        its unanswered requests fail with `TransportError` naming it, or
+        its jobs are submitted elsewhere with ``resubmit``."""
+        state = self.daemons[daemon]
+        state.up = False
+        if state.last_error:
+            why = f"{why} (it said {state.last_error})"
+        requests = list(state.by_ref.values())
+        requests += [request for request in state.jobs.values() if request.ref not in state.by_ref]
+        state.by_ref.clear()
+        state.jobs.clear()
+        state.next_ref = 1
+        for request in requests:
+            if request.done:
+                continue
+            request.sent = False
+            if request.kind == "submit" and self.resubmit:
+                request.acked = False
+                self._route(request)
+            elif request.kind == "submit":
+                self._end(request, error=TransportError(
+                    f"{why}; job {request.id!r} was dropped by {daemon}", daemon, request.id))
+            else:
+                self._end(request, error=TransportError(why, daemon))
+
+    def unreachable(self, why: str) -> None:
+        """The shell gave up connecting: every request waiting for a
+        connection fails with `TransportError` (``why``)."""
+        backlog, self.backlog = self.backlog, []
+        for request in backlog:
+            if not request.done:
+                self._end(request, error=TransportError(why))
+
+    def received(self, daemon: str, message: dict) -> None:
+        """A frame from ``daemon``: end the request it answers.
+
+        :raises ProtocolError: if the frame answers nothing this client
+            knows of in a way that makes sense.
+        """
+        state = self.daemons[daemon]
+        ref = message.get("ref")
+        if ref is not None and ref in state.by_ref:
+            request = state.by_ref.pop(ref)
+            self._reply(state, request, message)
+            return
+        job_id = message.get("id")
+        if "body" in message and "ok" not in message:
+            request = state.jobs.pop(job_id, None) if isinstance(job_id, str) else None
+            if request is not None:
+                self._forget(state, request)
+                self._end(request, value=message["body"])
+            return
+        error = message.get("error")
+        if ref is None and isinstance(error, str) and error in _JOB_ENDINGS:
+            # The end of an acked job (a refusal carries the request's ref).
+            request = state.jobs.get(job_id) if isinstance(job_id, str) else None
+            if request is not None and request.acked:
+                del state.jobs[job_id]
+                self._forget(state, request)
+                self._end(request, error=ServerError.from_frame(message, daemon))
+                return
+        if "stats" in message or "ok" in message or "error" in message:
+            request = self._unreferenced_reply(state, message)
+            if request is not None:
+                del state.by_ref[request.ref]
+                self._reply(state, request, message)
+                return
+            if "error" in message:
+                # An error that answers nothing in flight (a frame the daemon
+                # could not read); kept, to explain a close that may follow.
+                state.last_error = f"{message.get('error')}: {message.get('reason', '')}"
+                return
+            return
+        raise ProtocolError(f"{daemon} sent an unexpected frame: {json.dumps(message)[:200]}")
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def submit(self, type: str, body: Any = None, priority: Optional[int] = None,
+               id: Optional[str] = None, timeout: Optional[float] = None,
+               **extra: Any) -> Request:
+        """Submit a job: send it now if a daemon is up, else when one is.
+
+        :param type: the job's type.
+        :param body: the job's body: any JSON value.
+        :param priority: larger runs first; the daemon's default is 0.
+        :param id: the job's id, unique among this client's unfinished
+            jobs; by default a fresh uuid4 hex.
+        :param timeout: the job's time limit on a slave, in seconds.
+        :param extra: more fields for the submit frame.
+        :raises ValueError: if the id is in use or the type is missing.
+        :raises EncodeError: if the body cannot be sent.
+        """
+        if not isinstance(type, str) or not type:
+            raise ValueError("a job needs a type (a non-empty string)")
+        job_id = _id_of(id)
+        if job_id in self.jobs:
+            raise ValueError(f"job {job_id!r} is already in flight")
+        message = {"action": "submit", "id": job_id, "type": type, "body": body}
+        if priority is not None:
+            message["priority"] = priority
+        if timeout is not None:
+            message["timeout"] = timeout
+        message.update(extra)
+        request = Request("submit", message, job_id)
+        request.encoded = encode(message)  # refuse what cannot be sent, at once
+        self._check_size(len(request.encoded) + 24)
+        self.jobs[job_id] = request
+        self._route(request)
+        return request
+
+    def cancel(self, job_id: str) -> Request:
+        """Withdraw an unfinished job.  One still waiting for a connection
+        ends at once (with `Cancelled`); one sent to a daemon is cancelled
+        there, and ends with `Cancelled` when the daemon acks the cancel.
+        If the daemon had ended the job first, its answer ends it as usual
+        and the cancel ends with ``unknown_job``.
+
+        :param job_id: the id of one of this client's jobs.
+        :returns: the cancel request, which ends with the daemon's reply.
+        """
+        message = {"action": "cancel", "id": job_id}
+        request = Request("cancel", message, job_id)
+        job = self.jobs.get(job_id)
+        if job is not None and not job.sent:
+            self.backlog = [queued for queued in self.backlog if queued is not job]
+            self._end(job, error=Cancelled(f"job {job_id!r} was cancelled"))
+            self._end(request, value=None)
+            return request
+        if job is not None:
+            request.target = job
+            self._send(request, job.daemon)
+            return request
+        # Not one of ours in flight: the first daemon up says what it knows.
+        for daemon, state in self.daemons.items():
+            if state.up:
+                self._send(request, daemon)
+                return request
+        self._end(request, error=ServerError(
+            "unknown_job", f"this client has no unfinished job {job_id!r}", job_id))
+        return request
+
+    def stats(self, daemon: Optional[str] = None) -> Request:
+        """Ask a daemon (by default, the first that is up) for its figures."""
+        request = Request("stats", {"action": "stats"})
+        if daemon is None:
+            daemon = next((name for name, state in self.daemons.items() if state.up), None)
+        if daemon is None:
+            self.backlog.append(request)
+        elif not self.daemons[daemon].up:
+            self._end(request, error=TransportError(f"{daemon} is not connected", daemon))
+        else:
+            self._send(request, daemon)
+        return request
+
+    @property
+    def in_flight(self) -> int:
+        """How many submits have not ended."""
+        return len(self.jobs)
+
+    def up(self) -> List[str]:
+        """The daemons connected now."""
+        return [name for name, state in self.daemons.items() if state.up]
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _route(self, request: Request) -> None:
+        if request.kind != "submit":
+            if request.kind == "stats":
+                daemon = next((name for name, state in self.daemons.items() if state.up), None)
+                if daemon is not None:
+                    self._send(request, daemon)
+                    return
+            self.backlog.append(request)
+            return
+        daemons = self.daemons
+        if len(daemons) == 1:
+            (state,) = daemons.values()
+            if state.up:
+                self._send(request, state.name)
+                return
+        else:
+            for daemon in rendezvous(request.id, daemons):
+                if daemons[daemon].up:
+                    self._send(request, daemon)
+                    return
+        self.backlog.append(request)
+
+    def _send(self, request: Request, daemon: str) -> None:
+        state = self.daemons[daemon]
+        ref = state.next_ref
+        state.next_ref = ref + 1
+        request.ref = ref
+        request.daemon = daemon
+        request.sent = True
+        request.tried.append(daemon)
+        state.by_ref[ref] = request
+        if request.kind == "submit":
+            state.jobs[request.id] = request
+        encoded = request.encoded
+        if encoded is None:
+            encoded = request.encoded = encode(request.message)
+        # The ref goes last, spliced in: the message is encoded only once.
+        data = b"%s,\"ref\":%d}" % (encoded[:-1], ref)
+        self._check_size(len(data))
+        self.send(daemon, _HEADER.pack(len(data)) + data)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.limit:
+            raise EncodeError(f"the request is {size} bytes of JSON; a frame may be at most {self.limit}")
+
+    def _unreferenced_reply(self, state: _Daemon, message: dict) -> Optional[Request]:
+        """The request a reply without a known ref answers: by id, else
+        the oldest request of the reply's kind, else the oldest."""
+        job_id = message.get("id")
+        if "stats" in message:
+            return next((r for r in state.by_ref.values() if r.kind == "stats"), None)
+        if isinstance(job_id, str):
+            for request in state.by_ref.values():
+                if request.id == job_id and request.kind != "stats":
+                    return request
+        if "ok" in message:
+            return None
+        return next(iter(state.by_ref.values()), None)
+
+    def _reply(self, state: _Daemon, request: Request, message: dict) -> None:
+        """End (or ack) the request a reply answers."""
+        if "error" in message:
+            if request.kind == "submit":
+                state.jobs.pop(request.id, None)
+                if self.jobs.get(request.id) is request:
+                    del self.jobs[request.id]
+            self._end(request, error=ServerError.from_frame(message, state.name))
+        elif request.kind == "submit":
+            request.acked = True  # the answer ends it
+        elif request.kind == "cancel":
+            target = request.target
+            if target is not None and not target.done:
+                state.jobs.pop(target.id, None)
+                state.by_ref.pop(target.ref, None)
+                self._end(target, error=Cancelled(f"job {target.id!r} was cancelled"))
+            self._end(request, value=None)
+        elif request.kind == "stats":
+            if isinstance(message.get("stats"), dict):
+                self._end(request, value=message["stats"])
+            else:
+                self._end(request, error=ProtocolError(f"{state.name} sent stats that are not an object"))
+        else:
+            self._end(request, value=None)
+
+    def _forget(self, state: _Daemon, request: Request) -> None:
+        state.by_ref.pop(request.ref, None)
+        if self.jobs.get(request.id) is request:
+            del self.jobs[request.id]
+
+    def _end(self, request: Request, value: Any = None, error: Optional[BaseException] = None) -> None:
+        if request.done:
+            return
+        request.done = True
+        request.value = value
+        request.error = error
+        if request.kind == "submit" and self.jobs.get(request.id) is request:
+            del self.jobs[request.id]
+        self.ended(request)
+
+
+class InOrder:
+    """A window of requests whose outcomes come out in the order they
+    went in, however they end.
+
+    :param window: the most requests in it at once.
+    """
+
+    def __init__(self, window: int):
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
+        self._requests: "OrderedDict[int, Request]" = OrderedDict()
+        self._next = 0
+
+    @property
+    def room(self) -> bool:
+        """Whether another request may go in."""
+        return len(self._requests) < self.window
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def add(self, request: Request) -> None:
+        """Put a request in the window, behind those already in it."""
+        self._requests[self._next] = request
+        self._next += 1
+
+    def ready(self) -> Iterator[Request]:
+        """Take out the ended requests at the head, in order."""
+        requests = self._requests
+        while requests:
+            key, request = next(iter(requests.items()))
+            if not request.done:
+                return
+            del requests[key]
+            yield request
+
+    def head(self) -> Optional[Request]:
+        """The oldest request in the window, if any."""
+        return next(iter(self._requests.values()), None)
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+DOWN, IDLE, WAITING, BUSY = "down", "idle", "waiting", "busy"
+
+
+class Link:
+    """One slave connection of a `WorkerCore`: which daemon, whether the
+    daemon thinks it wants a job (it joined and has not left since), and
+    the job it holds."""
+
+    __slots__ = ("daemon", "index", "up", "wants", "job", "replies", "handle", "since")
+
+    def __init__(self, daemon: str, index: int):
+        self.daemon = daemon
+        self.index = index
+        self.up = False
+        self.wants = False
+        self.job: Optional[Job] = None
+        self.replies: List[str] = []
+        self.handle: Any = None
+        """The shell's connection object."""
+        self.since = 0
+        """When (in calls of `WorkerCore.rotate`) it last began to ask."""
+
+    @property
+    def state(self) -> str:
+        """``down``, ``idle`` (up, not asking), ``waiting`` or ``busy``."""
+        if not self.up:
+            return DOWN
+        if self.job is not None:
+            return BUSY
+        return WAITING if self.wants else IDLE
+
+    def __repr__(self) -> str:
+        return f"<Link {self.daemon}#{self.index} {self.state}>"
+
+
+class WorkerCore:
+    """A worker's slave connections, ``concurrency`` to each daemon, and
+    the rule that keeps it from holding more than ``concurrency`` jobs.
+
+    At most ``free`` connections in all ask for work at any moment
+    (``join``), where ``free`` is the room left for jobs, and a place
+    comes free only once its daemon has confirmed the answer, ``leave`` or
+    ``release`` that ended its use: so the daemons together never count
+    more jobs on the worker than it may hold, even for a moment.  The asks
+    are spread over the daemons (the fewest asks first, then in turn),
+    and `rotate`, called by the shell every `ROTATE_INTERVAL` seconds,
+    moves an ask that brought nothing for a whole interval to a daemon
+    that has none, so with fewer free places than daemons every daemon is
+    still served.  An ask taken back (``leave``) may cross a job on its
+    way: that job is handed back unrun (``release``), to the head of its
+    queue, without counting an attempt.  With one daemon a connection
+    keeps asking after each answer, as in the 2009 protocol: nothing is
+    sent beyond ``join``, the job's answer and, on stop, ``leave``.
+
+    The shell calls `link_up`, `received`, `link_down`, `finished`,
+    `rotate` and `stop`; the core calls ``send(link, data)`` to write,
+    ``run(link, job)`` to start a job, ``report(text, fatal)`` with news
+    for people (fatal: retrying cannot help, such as a refused join), and
+    ``replied(link, kind, error)`` with each reply to a request (``kind``
+    is ``join``, ``leave``, ``respond`` or ``release``; ``error`` a
+    `ServerError` or None).
+
+    :param job_type: the type of jobs to take; None to take none until
+        `join` names one.
+    :param concurrency: the most jobs held at once.
+    :param daemons: the daemons' slave addresses.
+    """
+
+    ROTATE_INTERVAL = 0.2
+    """How often, in seconds, the shell calls `rotate` (when it has more
+    than one daemon)."""
+
+    DRY_INTERVALS = 10
+    """For how many intervals a daemon whose ask brought nothing is asked
+    only when no daemon that had work lately can be."""
+
+    def __init__(self, job_type: Optional[str], concurrency: int, daemons: Sequence[str],
+                 send: Callable[[Link, bytes], None], run: Callable[[Link, Job], None],
+                 report: Callable[[str, bool], None] = lambda text, fatal: None,
+                 replied: Callable[[Link, str, Optional[ServerError]], None] = lambda *args: None):
+        if job_type is not None and (not isinstance(job_type, str) or not job_type):
+            raise ValueError("a worker needs a job type (a non-empty string)")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if not daemons:
+            raise ValueError("no daemon address given")
+        self.job_type = job_type
+        self.concurrency = concurrency
+        self.send = send
+        self.run = run
+        self.report = report
+        self.replied = replied
+        self.daemons: List[str] = list(OrderedDict.fromkeys(daemons))
+        self.links: List[Link] = [Link(daemon, index) for daemon in self.daemons
+                                  for index in range(concurrency)]
+        self._by_daemon: Dict[str, List[Link]] = OrderedDict(
+            (daemon, [link for link in self.links if link.daemon == daemon]) for daemon in self.daemons)
+        self._turn = 0  # where the next ask starts looking, among the daemons
+        self._tick = 0  # counts calls of rotate
+        # Until when (in ticks) each daemon counts as having had no work.
+        self._dry_until: Dict[str, int] = dict.fromkeys(self.daemons, 0)
+        self.in_hand = 0
+        self.stopping = False
+        self.released = 0
+        """How many jobs were handed back unrun because they came when the
+        worker was full or stopping."""
+
+    # --- what the shell tells the core --------------------------------------------------------
+
+    def link_up(self, link: Link) -> None:
+        """A slave connection is up (and has not joined)."""
+        link.up = True
+        link.wants = False
+        link.job = None
+        link.replies = []
+        self._balance()
+
+    def link_down(self, link: Link) -> Optional[Job]:
+        """A slave connection is gone; the daemon takes back its job.
+
+        :returns: the job it held, if any (its outcome can no longer be
+            sent).
+        """
+        job = link.job
+        link.up = False
+        link.wants = False
+        link.job = None
+        link.replies = []
+        if job is not None:
+            self.in_hand -= 1
+        self._balance()
+        return job
+
+    def received(self, link: Link, message: dict) -> None:
+        """A frame on a slave connection."""
+        if message.get("action") == "job":
+            self._job(link, Job(message))
+            return
+        expected = link.replies.pop(0) if link.replies else None
+        error = ServerError.from_frame(message, link.daemon) if "error" in message else None
+        if expected is not None:
+            self.replied(link, expected, error)
+        if error is not None:
+            if expected == "join":
+                link.wants = False
+                self.report(f"{link.daemon} refused to serve {self.job_type!r}: {error}", True)
+            elif error.error == "timed_out":
+                self.report(f"{link.daemon}: job {error.id!r} ran past its timeout; "
+                            "the answer was discarded", False)
+            else:
+                self.report(f"{link.daemon} refused {expected or 'a request'}: {error}", False)
+        elif not message.get("ok"):
+            self.report(f"{link.daemon} sent an unexpected frame: {json.dumps(message)[:200]}", True)
+        if expected in _SETTLING and not link.replies and not link.wants and link.job is None:
+            self._balance()  # its daemon counts no job on it any more: the place is free
+
+    def finished(self, link: Link, job: Job, outcome: Any = None,
+                 failure: Optional[str] = None) -> None:
+        """The worker ran ``job``: answer it (``failure``: the reason it
+        failed), then take new work if there is room."""
+        if link.job is not job:
+            return  # the connection was lost meanwhile
+        link.job = None
+        self.in_hand -= 1
+        if link.up:
+            if link.wants and not self._keeps_asking(link):
+                # Leave first, so the daemon hands this connection no job
+                # after the answer: the next ask goes elsewhere.
+                link.wants = False
+                self._request(link, "leave", _LEAVE)
+            try:
+                if failure is None:
+                    data = _slave_frame({"action": "respond", "id": job.id, "body": outcome})
+                else:
+                    data = _slave_frame({"action": "fail", "id": job.id, "reason": str(failure)})
+            except EncodeError as e:
+                data = _slave_frame({"action": "fail", "id": job.id, "reason": str(e)})
+            self._request(link, "respond", data)
+            if link.wants:
+                link.since = self._tick
+        self._balance()
+
+    def join(self, job_type: str) -> None:
+        """Serve ``job_type`` from now on: connections asking for work ask
+        for this type instead (a connection holding a job switches after
+        answering it)."""
+        if not isinstance(job_type, str) or not job_type:
+            raise ValueError("a worker needs a job type (a non-empty string)")
+        self.job_type = job_type
+        data = _slave_frame({"action": "join", "type": job_type})
+        for link in self.links:
+            if link.up and link.wants:
+                self._request(link, "join", data)
+        self._balance()
+
+    def rotate(self) -> None:
+        """Move each ask that brought no job for a whole interval to
+        another daemon: one that had work lately, else one with fewer asks.
+        So while the worker has fewer free places than daemons, its idle
+        places visit every daemon in turn, and a daemon with work is found
+        within a few intervals."""
+        self._tick += 1
+        if len(self.daemons) < 2 or self.free <= 0:
+            return
+        tick = self._tick
+        stale = [link for link in self.links if link.up and link.job is None and link.wants
+                 and link.since <= tick - 2]
+        for link in stale:
+            self._dry_until[link.daemon] = tick + self.DRY_INTERVALS
+            counts = self._asks()
+            target = self._next_daemon(counts, exclude=link.daemon)
+            if target is None or (self._dry_until[target] > tick and counts[target] >= counts[link.daemon]):
+                link.since = tick  # nowhere better: ask on here
+                continue
+            link.wants = False
+            self._request(link, "leave", _LEAVE)  # the ask moves once the leave is confirmed
+            self._turn = self.daemons.index(target)
+
+    def stop(self) -> None:
+        """Take no new job: every asking connection leaves; a job that
+        crosses a leave is released.  The jobs in hand finish."""
+        self.stopping = True
+        self._balance()
+
+    @property
+    def free(self) -> int:
+        """How many more jobs the worker may take now: its concurrency less
+        the jobs in hand and the connections whose daemon may still count
+        a job on them (an answer, leave or release not yet confirmed)."""
+        if self.stopping or self.job_type is None:
+            return 0
+        settling = sum(1 for link in self.links
+                       if link.up and link.replies and link.job is None and not link.wants)
+        return self.concurrency - self.in_hand - settling
+
+    @property
+    def asking(self) -> int:
+        """How many connections ask for work now."""
+        return sum(1 for link in self.links if link.up and link.job is None and link.wants)
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _job(self, link: Link, job: Job) -> None:
+        if link.job is not None:
+            self.report(f"{link.daemon} sent job {job.id!r} to a connection holding job "
+                        f"{link.job.id!r}", True)
+            return
+        if self.free <= 0 or not link.wants:
+            # It crossed our leave: hand it back unrun, at the head of its queue.
+            if link.wants:
+                link.wants = False
+                self._request(link, "leave", _LEAVE)
+            self.released += 1
+            self._request(link, "release", _slave_frame({"action": "release", "id": job.id}))
+            return
+        link.job = job
+        self.in_hand += 1
+        self._dry_until[link.daemon] = 0
+        self._balance()
+        self.run(link, job)
+
+    def _request(self, link: Link, kind: str, data: bytes) -> None:
+        link.replies.append(kind)
+        self.send(link, data)
+
+    def _order(self) -> List[str]:
+        """The daemons, starting with the one whose turn it is."""
+        turn = self._turn % len(self.daemons)
+        return self.daemons[turn:] + self.daemons[:turn]
+
+    def _asks(self) -> Dict[str, int]:
+        counts = dict.fromkeys(self.daemons, 0)
+        for link in self.links:
+            if link.up and link.job is None and link.wants:
+                counts[link.daemon] += 1
+        return counts
+
+    def _idle_link(self, daemon: str) -> Optional[Link]:
+        """A connection to ``daemon`` that is up, holds no job and does not ask."""
+        for link in self._by_daemon[daemon]:
+            if link.up and link.job is None and not link.wants:
+                return link
+        return None
+
+    def _next_daemon(self, counts: Dict[str, int], exclude: Optional[str] = None,
+                     include: Optional[str] = None) -> Optional[str]:
+        """The daemon the next ask goes to: of those with an idle connection
+        (or ``include``), one that had work lately before one that did not,
+        then the one with the fewest asks, then the first in turn."""
+        tick = self._tick
+        best, best_key = None, None
+        for daemon in self._order():
+            if daemon == exclude or (daemon != include and self._idle_link(daemon) is None):
+                continue
+            key = (self._dry_until[daemon] > tick, counts[daemon])
+            if best_key is None or key < best_key:
+                best, best_key = daemon, key
+        return best
+
+    def _keeps_asking(self, link: Link) -> bool:
+        """Whether a connection that answered its job should go on asking:
+        always with one daemon; with several, if its daemon is where the
+        next ask would go anyway (so asks take turns among the daemons
+        that have work)."""
+        if self.free <= 0:
+            return False
+        if len(self.daemons) == 1:
+            return True
+        counts = self._asks()
+        counts[link.daemon] -= 1  # not counting its own ask
+        best = self._next_daemon(counts, include=link.daemon)
+        if best == link.daemon:
+            self._turn = (self.daemons.index(best) + 1) % len(self.daemons)
+            return True
+        return False
+
+    def _ask(self, link: Link) -> None:
+        link.wants = True
+        link.since = self._tick
+        self._request(link, "join", _slave_frame({"action": "join", "type": self.job_type}))
+
+    def _balance(self) -> None:
+        """Make the number of asking connections the room for jobs: take
+        asks back from the daemons with the most, add asks where fewest."""
+        free = self.free
+        asking = [link for link in self.links if link.up and link.job is None and link.wants]
+        excess = len(asking) - max(free, 0)
+        if excess > 0:
+            counts = self._asks()
+            for _ in range(excess):
+                daemon = max(reversed(self._order()), key=lambda name: counts[name])
+                link = next(link for link in reversed(self._by_daemon[daemon])
+                            if link.up and link.job is None and link.wants)
+                counts[daemon] -= 1
+                link.wants = False
+                self._request(link, "leave", _LEAVE)
+            return
+        counts = self._asks()
+        for _ in range(free - len(asking)):
+            daemon = self._next_daemon(counts)
+            if daemon is None:
+                break
+            self._ask(self._idle_link(daemon))
+            counts[daemon] += 1
+            self._turn = (self.daemons.index(daemon) + 1) % len(self.daemons)
+        self._spread(counts)
+
+    def _spread(self, counts: Dict[str, int]) -> None:
+        """Move asks from a daemon with two more than another that may
+        have work (a daemon that just came up, say) until they are even:
+        each leaves, and `_balance` asks again once the leave is confirmed."""
+        if len(self.daemons) < 2:
+            return
+        tick = self._tick
+        while True:
+            crowded = max(self._order(), key=lambda name: counts[name])
+            target = self._next_daemon(counts, exclude=crowded)
+            if target is None or self._dry_until[target] > tick or counts[target] + 2 > counts[crowded]:
+                return
+            link = next(link for link in reversed(self._by_daemon[crowded])
+                        if link.up and link.job is None and link.wants)
+            link.wants = False
+            self._request(link, "leave", _LEAVE)  # the ask moves once the leave is confirmed
+            counts[crowded] -= 1
+            counts[target] += 1
+
+
+def _slave_frame(message: dict) -> bytes:
+    return frame(message)
+
+
+_LEAVE = _slave_frame({"action": "leave"})
+
+_SETTLING = frozenset({"leave", "respond", "release"})
+"""The requests after which a daemon may count a job on a connection until it replies."""
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def sum_stats(by_daemon: Dict[str, dict]) -> dict:
+    """The figures of several daemons added up, in the shape of one
+    daemon's stats, with each daemon's own under ``daemons``.
+
+    :param by_daemon: each daemon's stats, by its address.
+    """
+    total: Dict[str, Any] = {"types": {}, "totals": {}, "masters": 0, "slaves": 0,
+                             "daemons": dict(by_daemon)}
+    versions = set()
+    uptimes = []
+    for stats in by_daemon.values():
+        total["masters"] += stats.get("masters", 0)
+        total["slaves"] += stats.get("slaves", 0)
+        uptimes.append(stats.get("uptime", 0))
+        versions.add(str(stats.get("version", "?")))
+        for name, value in stats.get("totals", {}).items():
+            if isinstance(value, (int, float)):
+                total["totals"][name] = total["totals"].get(name, 0) + value
+        for name, figures in stats.get("types", {}).items():
+            into = total["types"].setdefault(name, {})
+            for key, value in figures.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if key.startswith("latency") or key.endswith("_ms"):
+                        into[key] = max(into.get(key, value), value)
+                    else:
+                        into[key] = into.get(key, 0) + value
+        if stats.get("types_omitted"):
+            total["types_omitted"] = total.get("types_omitted", 0) + stats["types_omitted"]
+    total["uptime"] = min(uptimes) if uptimes else 0
+    total["version"] = ", ".join(sorted(versions))
+    return total

@@ -3,8 +3,8 @@
 The API of the 2009 reference client is kept (``Master.submit``,
 ``receive``, ``do_many``, ``disconnect``; ``Slave.join``, ``job``,
 ``respond``), so old code ports by changing an import.  New: context
-managers, `Master.run`, `Master.map`, `Slave.serve`, ``cancel``, ``stats``
-and TLS::
+managers, `Master.run`, `Master.map`, `Slave.serve`, ``cancel``, ``stats``,
+TLS, and several daemons at once::
 
     from gloom.client import Master, Slave
 
@@ -13,97 +13,56 @@ and TLS::
 
     with Slave() as slave:
         slave.serve(lambda job: job.body.upper(), type="upper")
+
+This module only moves bytes: matching replies, routing jobs over daemons
+and failing over are `gloom.core`'s.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import selectors
 import socket
 import ssl
-import struct
+import threading
 import time
-import uuid
 from collections import deque
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-try:
-    from msgspec import MsgspecError
-    from msgspec.json import decode as _fast_loads
-except ImportError:  # PyPy
-    _fast_loads = None
+from gloom import core
+from gloom.core import (
+    Cancelled,
+    EncodeError,
+    GloomError,
+    Job,
+    ProtocolError,
+    ServerError,
+    Timeout,
+    TransportError,
+    loads,
+)
 
+# Re-exported from gloom.core for the code that imports them from here.
+_REEXPORTED = (Cancelled, EncodeError, GloomError, Job, ProtocolError, ServerError, Timeout, TransportError,
+               loads)
 
-def loads(data: bytes) -> Any:
-    """Decode JSON, with msgspec where it is installed (it refuses a few
-    numbers the standard library reads, such as 1e400; those fall back)."""
-    if _fast_loads is not None:
-        try:
-            return _fast_loads(data)
-        except MsgspecError:
-            pass
-    return json.loads(data)
+Address = Union[Tuple[str, int], str]
+"""A daemon's address: ``(host, port)`` or ``"host:port"``."""
 
+Addresses = Union[None, Address, Sequence[Address]]
+"""One address, several (a list, or ``"a:9998,b:9998"``), or None for the
+environment's (``GLOOM_MASTERS`` / ``GLOOM_SLAVES``) or the default."""
 
-Address = Tuple[str, int]
 TLS = Union[None, bool, ssl.SSLContext]
+"""None or False for plain TCP, True for the system's CAs, or a context."""
 
-_HEADER = struct.Struct("!I")
+_log = logging.getLogger(__name__)
 
-
-class GloomError(Exception):
-    """Anything that went wrong talking to Gloom."""
-
-
-class TransportError(GloomError):
-    """The connection could not be made, or was lost."""
-
-
-class Timeout(GloomError, TimeoutError):
-    """Nothing arrived within the time given."""
-
-
-class ProtocolError(GloomError):
-    """The daemon sent something this client does not understand."""
-
-
-class ServerError(GloomError):
-    """The daemon answered with an error frame (``error``, ``reason``, ``id``).
-
-    :param error: the frame's error code, such as ``"unknown_job"``.
-    :param reason: the frame's reason, for people to read.
-    :param id: the id of the job it concerns, if any.
-    """
-
-    def __init__(self, error: str, reason: str = "", id: Optional[str] = None):
-        super().__init__(f"{error}: {reason}" if reason else error)
-        self.error = error
-        self.reason = reason
-        self.id = id
-
-    @classmethod
-    def from_frame(cls, frame: dict) -> "ServerError":
-        """The error a decoded error frame (or failed answer) reports."""
-        return cls(frame.get("error", "unknown"), frame.get("reason", ""), frame.get("id"))
-
-
-class Job(dict):
-    """A job or an answer: a dict with ``id``, ``type`` and ``body`` properties.
-
-    An answer that is a failure carries ``error`` and ``reason`` instead of
-    a body.
-    """
-
-    id = property(lambda self: self.get("id"))
-    type = property(lambda self: self.get("type"))
-    body = property(lambda self: self.get("body"))
-    error = property(lambda self: self.get("error"))
-    reason = property(lambda self: self.get("reason"))
-
-    def result(self) -> Any:
-        """The answer body, or `ServerError` if the job failed."""
-        if self.error is not None:
-            raise ServerError.from_frame(self)
-        return self.body
+_READ_SIZE = 256 * 1024
+_WRITE_SIZE = 256 * 1024
+_ACK = object()  # Request.waiter of a submit whose ack submit() waits for
+_RUN = object()  # Request.waiter of a job whose answer run() waits for
 
 
 def client_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
@@ -124,17 +83,46 @@ def client_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
     return context
 
 
-class _Connection:
-    """One framed connection: whole JSON frames, however the bytes arrive."""
+def _address_text(address: Any) -> Any:
+    """``"host:port"`` for a ``(host, port)`` pair; anything else as it is."""
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address
 
-    def __init__(self, addr: Address, tls: TLS, server_hostname: Optional[str],
+
+def _addresses(addr: Addresses, env: Sequence[str], default: str) -> List[str]:
+    """The daemons' addresses as text, one per daemon (see `Addresses`)."""
+    if isinstance(addr, tuple) and len(addr) == 2 and isinstance(addr[1], int):
+        addr = [addr]
+    if isinstance(addr, (list, tuple)):
+        addr = [_address_text(address) for address in addr]
+    return core.addresses(addr, env, default)
+
+
+def _tls_failure(name: str, error: BaseException) -> str:
+    """One line saying that TLS with ``name`` failed, and why."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        why = f"certificate verify failed: {error.verify_message}"
+    elif isinstance(error, ssl.SSLError) and error.reason:
+        why = error.reason.lower().replace("_", " ")
+    else:
+        why = getattr(error, "strerror", None) or str(error) or error.__class__.__name__
+    return f"TLS with {name} failed: {why}"
+
+
+class _Connection:
+    """One daemon's socket: blocking while it connects, then non-blocking,
+    with the bytes not yet sent and the frames not yet handled."""
+
+    def __init__(self, address: str, tls: TLS, server_hostname: Optional[str],
                  connect_timeout: Optional[float]):
-        host, port = addr
-        self.name = f"{host}:{port}"
+        self.name = core.display_name(address)
+        host, port = core.host_port(address)
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
-            raise TransportError(f"cannot connect to {self.name}: {e.strerror or e}") from None
+            raise TransportError(f"cannot connect to {self.name}: {e.strerror or e}", self.name) from None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
@@ -143,70 +131,148 @@ class _Connection:
                 sock = context.wrap_socket(sock, server_hostname=server_hostname or host)
             except (ssl.SSLError, ssl.CertificateError, OSError) as e:
                 sock.close()
-                raise TransportError(f"TLS with {self.name} failed: {e}") from None
+                raise TransportError(_tls_failure(self.name, e), self.name) from None
+        sock.setblocking(False)
         self.sock = sock
-        self.buffer = bytearray()
+        self.tls = bool(tls)
+        self.frames: Deque[bytes] = deque()
+        self.dead: Optional[str] = None
+        """Why the connection is over, once it is."""
+        self.events = selectors.EVENT_READ
+        self.handle: Any = None
+        """The core's object for this connection (a `core.Link` for slaves)."""
+        self._splitter = core.FrameBuffer()
+        self._out = bytearray()
+        self._offset = 0
+        self._retry = 0
 
-    def send(self, message: dict) -> None:
-        data = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    def send(self, data: bytes) -> None:
+        """Queue a frame; `flush` writes it (frames queued together go
+        out in one write)."""
+        if self.dead is None:
+            self._out += data
+
+    @property
+    def writing(self) -> bool:
+        """Whether bytes wait to be written."""
+        return self._offset < len(self._out) and self.dead is None
+
+    def flush(self) -> None:
+        """Write queued bytes until the socket would block."""
+        out = self._out
         try:
-            self.sock.sendall(_HEADER.pack(len(data)) + data)
+            while self._offset < len(out):
+                # TLS must retry a write with the same bytes: keep its size.
+                start = self._offset
+                size = self._retry or min(len(out) - start, _WRITE_SIZE)
+                try:
+                    sent = self.sock.send(out[start:start + size])
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    self._retry = size
+                    return
+                self._retry = 0
+                self._offset += sent
         except OSError as e:
-            raise TransportError(f"connection to {self.name} lost: {e}") from None
+            self._lost(e)
+        finally:
+            if self._offset == len(out):
+                out.clear()
+                self._offset = 0
+            elif self._offset > _WRITE_SIZE and self._offset * 2 > len(out):
+                del out[:self._offset]
+                self._offset = 0
 
-    def read(self, deadline: Optional[float]) -> dict:
-        """The next frame; `Timeout` at ``deadline`` (a time.monotonic() value)."""
-        while True:
-            if len(self.buffer) >= 4:
-                (length,) = _HEADER.unpack_from(self.buffer)
-                if len(self.buffer) >= 4 + length:
-                    data = bytes(self.buffer[4:4 + length])
-                    del self.buffer[:4 + length]
-                    try:
-                        frame = loads(data)
-                    except ValueError as e:
-                        raise ProtocolError(f"{self.name} sent invalid JSON: {e}") from None
-                    if not isinstance(frame, dict):
-                        raise ProtocolError(f"{self.name} sent a frame that is not an object")
-                    return frame
-            if deadline is None:
-                self.sock.settimeout(None)
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout("nothing arrived in time")
-                self.sock.settimeout(remaining)
+    def read(self) -> None:
+        """Read what the socket has and split it into frames."""
+        while self.dead is None:
             try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                raise Timeout("nothing arrived in time") from None
+                data = self.sock.recv(_READ_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
             except OSError as e:
-                raise TransportError(f"connection to {self.name} lost: {e}") from None
-            if not chunk:
-                raise TransportError(f"{self.name} closed the connection")
-            self.buffer += chunk
+                self._lost(e)
+                return
+            if not data:
+                self.dead = f"{self.name} closed the connection"
+                return
+            try:
+                self.frames.extend(self._splitter.feed(data))
+            except ProtocolError as e:
+                self.dead = f"{self.name}: {e}"
+                return
+            if not (self.tls and self.sock.pending()):
+                return
+
+    def _lost(self, error: OSError) -> None:
+        if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            self.dead = f"{self.name} closed the connection"
+        elif isinstance(error, ssl.SSLError):
+            self.dead = _tls_failure(self.name, error)
+        else:
+            self.dead = f"connection to {self.name} lost: {error.strerror or error}"
 
     def close(self) -> None:
-        """Close, waking any thread blocked reading this connection."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    return None if timeout is None else time.monotonic() + timeout
-
-
 class _Client:
-    def __init__(self, addr: Address, *, tls: TLS = None, server_hostname: Optional[str] = None,
-                 connect_timeout: Optional[float] = 10.0):
-        self._connection = _Connection(addr, tls, server_hostname, connect_timeout)
+    """The connections of a client, one per daemon, read together with
+    ``selectors``; `disconnect` may be called from any thread.
+
+    :param addresses: the daemons' addresses; those that cannot be
+        connected are left out, unless none can.
+    :raises TransportError: if no daemon can be connected.
+    """
+
+    def __init__(self, addresses: List[str], tls: TLS, server_hostname: Optional[str],
+                 connect_timeout: Optional[float]):
+        for address in addresses:
+            core.host_port(address)  # a ValueError before any socket is opened
+        self.names = [core.display_name(address) for address in addresses]
+        """Every daemon's name, connected or not, in the order given."""
+        self._connections: Dict[str, _Connection] = {}
+        failures = []
+        for address in addresses:
+            try:
+                connection = _Connection(address, tls, server_hostname, connect_timeout)
+            except TransportError as e:
+                failures.append(e)
+                continue
+            self._connections[connection.name] = connection
+        if not self._connections:
+            if len(failures) == 1:
+                raise failures[0]
+            raise TransportError("; ".join(str(e) for e in failures))
+        self._why = "no daemon is connected"
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._closed = False
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        for connection in self._connections.values():
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+
+    @property
+    def connected(self) -> List[str]:
+        """The daemons connected now."""
+        return list(self._connections)
 
     def disconnect(self) -> None:
-        """Close the connection."""
-        self._connection.close()
+        """Close every connection.  From another thread, this wakes a call
+        blocked reading (it raises `TransportError`, `Slave.serve`
+        returns); the sockets are closed once that call is done with them."""
+        with self._lock:
+            self._closed = True
+            if self._busy:
+                try:
+                    self._wake_write.send(b"\0")
+                except OSError:
+                    pass
+            else:
+                self._close_all()
 
     close = disconnect
 
@@ -216,69 +282,198 @@ class _Client:
     def __exit__(self, *exc_info) -> None:
         self.disconnect()
 
+    # --- inside ------------------------------------------------------------------------------
+
+    def _close_all(self) -> None:
+        """Close the sockets (with the lock held, no call using them)."""
+        if self._selector is None:
+            return
+        for connection in self._connections.values():
+            connection.close()
+        self._selector.close()
+        self._selector = None
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _disconnected(self) -> TransportError:
+        return TransportError(f"disconnected from {', '.join(self.names)}: disconnect() was called")
+
+    @contextmanager
+    def _io(self) -> Iterator[None]:
+        """Mark a use of the sockets, which `disconnect` leaves open until
+        it ends."""
+        with self._lock:
+            if self._closed:
+                raise self._disconnected()
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if self._closed and not self._busy:
+                    self._close_all()
+
+    def _flush(self) -> None:
+        """Write what the connections have queued, as far as they take it
+        now, for a request nobody waits for (call inside `_io`)."""
+        for connection in self._connections.values():
+            if connection.writing:
+                connection.flush()
+
+    def _send(self, name: str, data: bytes) -> None:
+        connection = self._connections.get(name)
+        if connection is not None:
+            connection.send(data)
+
+    def _wait(self, done: Callable[[], bool], timeout: Optional[float] = None,
+              tick: Optional[Callable[[float], Optional[float]]] = None) -> None:
+        """Read and handle frames until ``done()`` (call inside `_io`).
+
+        :param tick: called with the time (``time.monotonic``) before each
+            wait; returns the latest time to wake up at, or None.
+        :raises Timeout: if ``timeout`` seconds pass first.
+        :raises TransportError: if every connection is gone or
+            `disconnect` was called first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        polled = False
+        while True:
+            self._handle_frames()
+            if done():
+                self._flush()
+                return
+            if self._closed:
+                raise self._disconnected()
+            if not self._connections:
+                self._all_lost()
+                if done():
+                    return
+                raise TransportError(self._why)
+            wait = None
+            now = time.monotonic()
+            if deadline is not None:
+                wait = deadline - now
+                if wait <= 0:
+                    if polled:
+                        raise Timeout(f"nothing arrived within {timeout} s")
+                    wait = 0
+            if tick is not None:
+                wake = tick(now)
+                if wake is not None:
+                    until = max(0.0, wake - now)
+                    wait = until if wait is None else min(wait, until)
+            polled = True
+            selector = self._selector
+            for connection in self._connections.values():
+                if connection.writing:
+                    connection.flush()
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
+                if events != connection.events:
+                    selector.modify(connection.sock, events, connection)
+                    connection.events = events
+            for key, mask in selector.select(wait):
+                connection = key.data
+                if connection is None:
+                    try:
+                        self._wake_read.recv(64)
+                    except OSError:
+                        pass
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    connection.flush()
+                if mask & selectors.EVENT_READ:
+                    connection.read()
+
+    def _handle_frames(self) -> None:
+        """Hand each frame read to the core, then drop the connections
+        that are over.  A frame that cannot be read raises
+        `ProtocolError`; the frames after it stay for the next call."""
+        for connection in list(self._connections.values()):
+            frames = connection.frames
+            while frames:
+                self._received(connection, core.decode(frames.popleft(), connection.name))
+            if connection.dead is not None:
+                self._selector.unregister(connection.sock)
+                connection.close()
+                del self._connections[connection.name]
+                self._why = connection.dead
+                self._lost(connection, connection.dead)
+
+    def _received(self, connection: _Connection, message: dict) -> None:
+        raise NotImplementedError
+
+    def _lost(self, connection: _Connection, why: str) -> None:
+        raise NotImplementedError
+
+    def _all_lost(self) -> None:
+        """Every connection is gone (and none comes back)."""
+
 
 class Master(_Client):
-    """Submits jobs and collects their answers over one connection.
+    """Submits jobs and collects their answers, over one connection per
+    daemon; `gloom.core.MasterCore` routes each job to a daemon and
+    matches every reply.
 
-    :param addr: the daemon's master port, ``(host, port)``.
+    :param addr: the daemons' master ports: ``(host, port)``,
+        ``"host:port"``, ``"a:9998,b:9998"`` or a list of those; by
+        default ``GLOOM_MASTERS`` (or ``GLOOM_MASTER``), else
+        127.0.0.1:9998.
     :keyword tls: None for plain TCP, True for TLS checked against the
         system's CAs, or an ``ssl.SSLContext`` (see `client_context`).
     :keyword server_hostname: the name the server's certificate must carry;
-        by default, the host of ``addr``.
-    :keyword connect_timeout: seconds to wait for the connection, 10 by
+        by default, the host of each address.
+    :keyword connect_timeout: seconds to wait for each connection, 10 by
         default (None waits as long as the system does).
-    :raises TransportError: if the connection (or TLS) cannot be made.
+    :keyword resubmit: when a daemon's connection drops, submit its
+        unanswered jobs to the other daemons instead of failing them.
+    :raises TransportError: if no daemon can be connected (a daemon that
+        cannot be is left out while others can).
     """
 
-    def __init__(self, addr: Address = ("127.0.0.1", 9998), **kwargs):
-        super().__init__(addr, **kwargs)
-        self._answers: deque = deque()
-        # Requests waiting for their reply, by job id (None: stats or an
-        # error without an id), with the reply once it came.
-        self._awaited_replies: Dict[Optional[str], Optional[dict]] = {}
+    def __init__(self, addr: Addresses = None, *, tls: TLS = None, server_hostname: Optional[str] = None,
+                 connect_timeout: Optional[float] = 10.0, resubmit: bool = False):
+        addresses = _addresses(addr, core.MASTERS_ENV, core.DEFAULT_MASTER)
+        super().__init__(addresses, tls, server_hostname, connect_timeout)
+        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit)
+        self._answers: Deque[core.Request] = deque()
+        for name in self._connections:
+            self._core.connected(name)
 
-    # --- frames --------------------------------------------------------------
+    # --- what the core and the connections say ------------------------------------------------
 
-    def _read_one(self, deadline: Optional[float]) -> None:
-        """Read one frame and file it: a reply awaited by id, or an answer."""
-        frame = self._connection.read(deadline)
-        job_id = frame.get("id")
-        if "stats" in frame or ("error" in frame and job_id is None):
-            self._awaited_replies[None] = frame
-        elif job_id in self._awaited_replies and self._awaited_replies[job_id] is None and (
-                frame.get("ok") or "error" in frame):
-            self._awaited_replies[job_id] = frame
-        elif "body" in frame or "error" in frame:
-            self._answers.append(Job(frame))
-        elif not frame.get("ok"):
-            raise ProtocolError(f"unexpected frame {frame!r}")
+    def _received(self, connection: _Connection, message: dict) -> None:
+        self._core.received(connection.name, message)
 
-    def _request(self, message: dict, key: Optional[str], timeout: Optional[float] = None) -> dict:
-        """Send a request and wait for its direct reply (raising its error)."""
-        self._awaited_replies[key] = None
-        self._connection.send(message)
-        deadline = _deadline(timeout)
-        try:
-            while self._awaited_replies[key] is None:
-                self._read_one(deadline)
-        finally:
-            reply = self._awaited_replies.pop(key)
-        if "error" in reply:
-            raise ServerError.from_frame(reply)
-        return reply
+    def _lost(self, connection: _Connection, why: str) -> None:
+        self._core.lost(connection.name, why)
 
-    @staticmethod
-    def _submission(id, type, body, priority, timeout) -> dict:
-        if not type:
-            raise ValueError("a job needs a type")
-        message = {"action": "submit", "id": id or uuid.uuid4().hex, "type": type, "body": body}
-        if priority is not None:
-            message["priority"] = priority
-        if timeout is not None:
-            message["timeout"] = timeout
-        return message
+    def _all_lost(self) -> None:
+        self._core.unreachable(self._why)
 
-    # --- the 2009 API ---------------------------------------------------------
+    def _ended(self, request: core.Request) -> None:
+        """Keep each job's outcome that nobody waits for, for `receive`."""
+        if request.kind == "submit" and request.waiter is None and not isinstance(request.error, Cancelled):
+            self._answers.append(request)
+
+    # --- the 2009 API -------------------------------------------------------------------------
+
+    def _submit(self, id: Optional[str], type: Optional[str], body: Any, priority: Optional[int],
+                timeout: Optional[float], waiter: Any) -> core.Request:
+        """Submit a job and wait for its ack; then the job's outcome goes
+        to ``waiter`` (None: to `receive`)."""
+        if id and id in self._core.jobs:
+            raise ServerError("id_exists", f"job {id!r} is already in flight", id)
+        with self._io():
+            request = self._core.submit(type, body, priority, id or None, timeout)
+            request.waiter = _ACK
+            self._wait(lambda: request.acked or request.done)
+        if not request.acked and request.error is not None:
+            raise request.error
+        request.waiter = waiter
+        if request.done:
+            self._ended(request)
+        return request
 
     def submit(self, id: Optional[str] = None, type: Optional[str] = None, body: Any = None,
                priority: Optional[int] = None, timeout: Optional[float] = None) -> str:
@@ -292,10 +487,10 @@ class Master(_Client):
         :param timeout: the job's own time limit on a slave, in seconds.
         :returns: the job's id.
         :raises ServerError: if the daemon refuses the job.
+        :raises EncodeError: at once, if the body is not JSON.
+        :raises TransportError: if the daemon's connection dropped first.
         """
-        message = self._submission(id, type, body, priority, timeout)
-        self._request(message, message["id"])
-        return message["id"]
+        return self._submit(id, type, body, priority, timeout, None).id
 
     def receive(self, timeout: Optional[float] = None) -> Job:
         """The next answer to any of this master's jobs, as a `Job`; a failed
@@ -303,11 +498,19 @@ class Master(_Client):
 
         :param timeout: seconds to wait; by default, for ever.
         :raises Timeout: if no answer came in time.
+        :raises TransportError: for a job its daemon's connection dropped
+            (``.daemon`` and ``.id`` name them), or once no daemon is left.
         """
-        deadline = _deadline(timeout)
-        while not self._answers:
-            self._read_one(deadline)
-        return self._answers.popleft()
+        if not self._answers:
+            with self._io():
+                self._wait(lambda: bool(self._answers), timeout)
+        request = self._answers.popleft()
+        error = request.error
+        if error is None:
+            return Job(id=request.id, body=request.value)
+        if isinstance(error, ServerError):
+            return Job(id=request.id, error=error.error, reason=error.reason)
+        raise error
 
     def do_many(self, jobs: Iterable, timeout: Optional[float] = None) -> Iterator[Job]:
         """Submit every job, then yield their answers (as `Job`) as they
@@ -329,7 +532,7 @@ class Master(_Client):
         for _ in range(count):
             yield self.receive(timeout)
 
-    # --- new ------------------------------------------------------------------
+    # --- new ----------------------------------------------------------------------------------
 
     def run(self, type: str, body: Any = None, priority: Optional[int] = None,
             timeout: Optional[float] = None, wait: Optional[float] = None) -> Any:
@@ -340,122 +543,178 @@ class Master(_Client):
         :param body: the job's body.
         :param priority: as `submit` takes it.
         :param timeout: the job's own time limit on a slave, in seconds.
-        :param wait: seconds to wait for the answer; by default, for ever.
+        :param wait: seconds to wait for the answer; by default, for ever
+            (on `Timeout` the answer, when it comes, goes to `receive`).
         :raises ServerError: if the job was refused or failed.
+        :raises TransportError: if its daemon's connection dropped.
         :raises Timeout: if the answer did not come within ``wait``.
         """
-        job_id = self.submit(None, type, body, priority, timeout)
-        deadline = _deadline(wait)
-        seen = 0
-        while True:
-            for index in range(seen, len(self._answers)):
-                if self._answers[index].id == job_id:
-                    answer = self._answers[index]
-                    del self._answers[index]
-                    return answer.result()
-            seen = len(self._answers)
-            self._read_one(deadline)
+        request = self._submit(None, type, body, priority, timeout, _RUN)
+        try:
+            with self._io():
+                self._wait(lambda: request.done, wait)
+        except BaseException:
+            request.waiter = None
+            if request.done:
+                self._ended(request)
+            raise
+        return request.result()
 
     def map(self, type: str, bodies: Iterable, window: int = 64, priority: Optional[int] = None,
             timeout: Optional[float] = None, wait: Optional[float] = None) -> Iterator[Any]:
         """Run one job per body with up to ``window`` in flight; yield the
         answer bodies in the order of ``bodies``.  A failed job raises
-        `ServerError` when its turn comes.
+        `ServerError` when its turn comes.  The jobs still in flight when
+        it stops early (an error, or the iterator closed) are cancelled.
 
         :param type: the type of every job.
         :param bodies: the jobs' bodies; read only as jobs are submitted.
         :param window: the most jobs submitted and not yet answered.
         :param priority: as `submit` takes it, for every job.
         :param timeout: each job's own time limit on a slave, in seconds.
-        :param wait: seconds each wait for a frame may take.
+        :param wait: seconds each wait for an answer may take.
         """
-        if window < 1:
-            raise ValueError("window must be at least 1")
-        order: deque = deque()
-        results: Dict[str, Job] = {}
+        flight = core.InOrder(window)
+        mine = object()
         bodies = iter(bodies)
-        exhausted = False
-        while True:
-            while not exhausted and len(order) < window:
-                try:
-                    body = next(bodies)
-                except StopIteration:
-                    exhausted = True
-                    break
-                message = self._submission(None, type, body, priority, timeout)
-                self._awaited_replies[message["id"]] = None
-                self._connection.send(message)
-                order.append(message["id"])
-            if not order:
-                return
-            head = order[0]
-            while head not in results:
-                self._take_map_frames(order, results, _deadline(wait))
-            order.popleft()
-            yield results.pop(head).result()
+        more = True
+        try:
+            while True:
+                with self._io():
+                    while more and flight.room:
+                        try:
+                            body = next(bodies)
+                        except StopIteration:
+                            more = False
+                            break
+                        request = self._core.submit(type, body, priority, None, timeout)
+                        request.waiter = mine
+                        flight.add(request)
+                    head = flight.head()
+                    if head is None:
+                        return
+                    self._wait(lambda: head.done, wait)
+                for request in flight.ready():
+                    yield request.result()
+        finally:
+            self._cancel_all(mine)
 
-    def _take_map_frames(self, order, results, deadline) -> None:
-        self._read_one(deadline)
-        for job_id in list(order):
-            reply = self._awaited_replies.get(job_id)
-            if reply is not None:
-                del self._awaited_replies[job_id]
-                if "error" in reply:
-                    results[job_id] = Job(reply)
-        while self._answers:
-            answer = self._answers.popleft()
-            if answer.id in self._awaited_replies:
-                self._awaited_replies.pop(answer.id)
-            results[answer.id] = answer
+    def _cancel_all(self, waiter: Any) -> None:
+        """Cancel the unfinished jobs of one `map`, without waiting."""
+        left = [request for request in self._core.jobs.values() if request.waiter is waiter]
+        if not left:
+            return
+        try:
+            with self._io():
+                for request in left:
+                    self._core.cancel(request.id)
+                self._flush()
+        except GloomError:
+            pass
 
     def cancel(self, id: str) -> None:
-        """Withdraw one of this master's unfinished jobs.
+        """Withdraw one of this master's unfinished jobs: nothing more comes
+        for it.  If its answer came first, that answer goes to `receive`
+        and the cancel fails.
 
         :param id: the job's id.
         :raises ServerError: ``unknown_job`` if this master has no
             unfinished job by that id.
         """
-        self._request({"action": "cancel", "id": id}, id)
+        with self._io():
+            request = self._core.cancel(id)
+            self._wait(lambda: request.done)
+        request.result()
 
     def stats(self) -> dict:
-        """The daemon's figures (see the README's stats action)."""
-        return self._request({"action": "stats"}, None)["stats"]
+        """The daemon's figures (see the README's stats action); with
+        several daemons, those of the connected ones added up
+        (`gloom.core.sum_stats`, each daemon's own under ``daemons``)."""
+        with self._io():
+            if len(self.names) == 1:
+                request = self._core.stats()
+                self._wait(lambda: request.done)
+                return request.result()
+            requests = {name: self._core.stats(name) for name in self._core.up()}
+            self._wait(lambda: all(request.done for request in requests.values()))
+        by_daemon = {name: request.value for name, request in requests.items() if request.error is None}
+        if not by_daemon:
+            raise next((r.error for r in requests.values()), None) or TransportError(self._why)
+        return core.sum_stats(by_daemon)
 
 
 class Slave(_Client):
-    """Takes jobs of one type, one at a time, and answers them.
+    """Takes jobs of one type, one at a time, and answers them; with
+    several daemons, from whichever has one (`gloom.core.WorkerCore`
+    with concurrency 1 keeps it to one job in hand, and `job` wakes every
+    ``ROTATE_INTERVAL`` to move an ask that brought nothing).
 
-    :param addr: the daemon's slave port, ``(host, port)``.  The keywords
-        (``tls``, ``server_hostname``, ``connect_timeout``) are those of
-        `Master`.
-    :raises TransportError: if the connection (or TLS) cannot be made.
+    :param addr: the daemons' slave ports, as `Master` takes them; by
+        default ``GLOOM_SLAVES`` (or ``GLOOM_SLAVE``), else 127.0.0.1:9999.
+        The keywords (``tls``, ``server_hostname``, ``connect_timeout``)
+        are those of `Master`.
+    :raises TransportError: if no daemon can be connected.
     """
 
-    def __init__(self, addr: Address = ("127.0.0.1", 9999), **kwargs):
-        super().__init__(addr, **kwargs)
-        self._jobs: deque = deque()
+    def __init__(self, addr: Addresses = None, *, tls: TLS = None, server_hostname: Optional[str] = None,
+                 connect_timeout: Optional[float] = 10.0):
+        addresses = _addresses(addr, core.SLAVES_ENV, core.DEFAULT_SLAVE)
+        super().__init__(addresses, tls, server_hostname, connect_timeout)
+        self._core = core.WorkerCore(None, 1, self.names, self._send_link, self._run, self._report,
+                                     self._replied)
+        self._jobs: Deque[Tuple[core.Link, Job]] = deque()
+        self._replies: List[Tuple[core.Link, str, Optional[ServerError]]] = []
+        self._link: Optional[core.Link] = None
+        self._next_rotate = time.monotonic() + core.WorkerCore.ROTATE_INTERVAL
         self.current: Optional[Job] = None
+        """The job taken by `job` and not yet answered."""
+        for link in self._core.links:
+            connection = self._connections.get(link.daemon)
+            if connection is not None:
+                link.handle = connection
+                connection.handle = link
+                self._core.link_up(link)
 
-    def _reply(self, message: dict) -> dict:
-        """Send a request and read its reply; jobs arriving first are kept."""
-        self._connection.send(message)
-        while True:
-            frame = self._connection.read(None)
-            if frame.get("action") == "job":
-                self._jobs.append(Job(frame))
-            elif "error" in frame:
-                raise ServerError.from_frame(frame)
-            elif frame.get("ok"):
-                return frame
-            else:
-                raise ProtocolError(f"unexpected frame {frame!r}")
+    # --- what the core and the connections say ------------------------------------------------
+
+    def _send_link(self, link: core.Link, data: bytes) -> None:
+        link.handle.send(data)
+
+    def _run(self, link: core.Link, job: Job) -> None:
+        self._jobs.append((link, job))
+
+    def _replied(self, link: core.Link, kind: str, error: Optional[ServerError]) -> None:
+        self._replies.append((link, kind, error))
+
+    def _report(self, text: str, fatal: bool) -> None:
+        _log.log(logging.WARNING if fatal else logging.INFO, "%s", text)
+
+    def _received(self, connection: _Connection, message: dict) -> None:
+        self._core.received(connection.handle, message)
+
+    def _lost(self, connection: _Connection, why: str) -> None:
+        link = connection.handle
+        self._core.link_down(link)
+        self._jobs = deque(entry for entry in self._jobs if entry[0] is not link)
+
+    # --- the 2009 API -------------------------------------------------------------------------
 
     def join(self, type: str) -> None:
         """Serve jobs of this type (switching type if already joined).
 
         :param type: the job type to take.
+        :raises ServerError: if a daemon refuses it.
         """
-        self._reply({"action": "join", "type": type})
+        links = self._core.links
+        with self._io():
+            self._replies = []
+            self._core.join(type)
+            self._wait(lambda: not any("join" in link.replies for link in links if link.up))
+        for _, kind, error in self._replies:
+            if kind == "join" and error is not None:
+                raise error
+        if not any(link.up for link in links):
+            raise TransportError(self._why)
 
     def job(self, timeout: Optional[float] = None) -> Job:
         """Wait for the next job; it becomes the current job, which
@@ -463,42 +722,71 @@ class Slave(_Client):
 
         :param timeout: seconds to wait; by default, for ever.
         :raises Timeout: if no job came in time.
+        :raises TransportError: if every connection is gone, or
+            `disconnect` was called (from another thread).
         """
-        deadline = _deadline(timeout)
-        while not self._jobs:
-            frame = self._connection.read(deadline)
-            if frame.get("action") != "job":
-                raise ProtocolError(f"expected a job, got {frame!r}")
-            self._jobs.append(Job(frame))
-        self.current = self._jobs.popleft()
+        if not self._jobs:
+            tick = self._rotate if len(self.names) > 1 else None
+            with self._io():
+                self._wait(lambda: bool(self._jobs), timeout, tick)
+        self._link, self.current = self._jobs.popleft()
         return self.current
+
+    def _rotate(self, now: float) -> float:
+        """Call the core's ``rotate`` once each
+        `gloom.core.WorkerCore.ROTATE_INTERVAL`; return when it is due next."""
+        if now >= self._next_rotate:
+            self._next_rotate = now + self._core.ROTATE_INTERVAL
+            self._replies = []  # nobody waits for the replies to what job() sends
+            self._core.rotate()
+        return self._next_rotate
 
     def respond(self, body: Any = None) -> None:
         """Answer the current job.
 
         :param body: the answer: any value ``json.dumps`` takes.
+        :raises EncodeError: if it is not (the job stays current).
         :raises ServerError: ``timed_out`` if the job had run past its
             timeout and the answer was discarded.
         """
-        self._reply(self._answer({"action": "respond", "body": body}))
+        self._held()
+        core.encode(body)
+        self._finish(body, None)
 
     def fail(self, reason: str) -> None:
         """Report that the current job failed (the master is told; no retry).
 
         :param reason: why, for the master; made a string.
         """
-        self._reply(self._answer({"action": "fail", "reason": str(reason)}))
+        self._held()
+        self._finish(None, str(reason))
 
-    def _answer(self, request: dict) -> dict:
-        """Name the job an answer is for, so the daemon can refuse a stray one."""
-        job, self.current = self.current, None
-        if job is not None:
-            request["id"] = job.id
-        return request
+    def _held(self) -> None:
+        if self.current is None:
+            raise ServerError("not_processing", "this slave holds no job")
+
+    def _finish(self, outcome: Any, failure: Optional[str]) -> None:
+        """Answer the current job and wait for the daemon's reply."""
+        job, link = self.current, self._link
+        self.current = self._link = None
+        with self._io():
+            if not link.up:
+                raise TransportError(f"the connection to {link.daemon} was lost; "
+                                     f"job {job.id!r} went back to its queue there", link.daemon, job.id)
+            self._replies = []
+            self._core.finished(link, job, outcome, failure)
+            self._wait(lambda: "respond" not in link.replies)
+        for replied, kind, error in self._replies:
+            if replied is link and kind == "respond":
+                if error is not None:
+                    raise error
+                return
+        raise TransportError(f"{self._why}; the answer to job {job.id!r} may not have arrived",
+                             link.daemon, job.id)
 
     def serve(self, handler: Callable[[Job], Any], type: Optional[str] = None) -> None:
-        """Join ``type`` (if given) and answer jobs for ever.  Returns when
-        the daemon closes the connection.
+        """Join ``type`` (if given) and answer jobs until every daemon has
+        closed its connection or `disconnect` is called.
 
         :param handler: called with each `Job`; what it returns is the
             answer, and an exception it raises fails the job with the
@@ -507,25 +795,25 @@ class Slave(_Client):
             already joined.
         """
         if type is not None:
-            self.join(type)
+            try:
+                self.join(type)
+            except TransportError:
+                if self._closed:
+                    return
+                raise
         while True:
             try:
                 job = self.job()
             except TransportError:
                 return
             try:
-                result = handler(job)
+                outcome, failure = handler(job), None
             except Exception as e:
-                outcome = ("fail", str(e) or e.__class__.__name__)
-            else:
-                outcome = ("respond", result)
+                outcome, failure = None, str(e) or e.__class__.__name__
             try:
-                if outcome[0] == "fail":
-                    self.fail(outcome[1])
-                else:
-                    self.respond(outcome[1])
+                self._finish(outcome, failure)
             except ServerError as e:
                 if e.error != "timed_out":
                     raise
             except TransportError:
-                return
+                pass  # that daemon is gone; job() says whether any is left

@@ -2,18 +2,21 @@
 thread (blocking calls) while the reactor serves the daemon in-process."""
 
 import json
+import os
 import shutil
 import socket
 import struct
 import tempfile
 import threading
 import time
+from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.client import (
+    EncodeError,
     GloomError,
     Job,
     Master,
@@ -24,8 +27,11 @@ from gloom.client import (
     TransportError,
     client_context,
 )
+from gloom import core
+from gloom.core import FrameBuffer, frame, rendezvous
+from gloom.tap import makeService
 from tests.certs import Authority
-from tests.support import record_answers, reserved_port
+from tests.support import live_ids, record_answers, reserved_port
 from tests.test_integration import DaemonTestCase
 
 
@@ -56,6 +62,33 @@ class ClientTestCase(DaemonTestCase):
 
         self.addCleanup(stop)
         return slave
+
+
+    def other_daemon(self):
+        """A second daemon on its own loopback ports (call from the reactor
+        thread, before the test body's thread starts)."""
+        service = makeService({
+            "master": f"tcp:{reserved_port(self)}:interface=127.0.0.1",
+            "slave": f"tcp:{reserved_port(self)}:interface=127.0.0.1",
+            "max-frame": self.max_frame,
+            "retries": self.retries,
+        }, reactor)
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        return service
+
+    @staticmethod
+    def name(service, role="master"):
+        return f"127.0.0.1:{service.getServiceNamed(role).port.getHost().port}"
+
+    @staticmethod
+    def drop_masters(service):
+        """The daemon drops its master connections, sending nothing more
+        (as when its host dies); call from the test's thread."""
+        def drop():
+            for connection in list(service.factories[0].connections):
+                connection.transport.abortConnection()
+        blockingCallFromThread(reactor, drop)
 
 
 class MasterAndSlaveTests(ClientTestCase):
@@ -179,7 +212,7 @@ class MasterAndSlaveTests(ClientTestCase):
             with Slave(self.addresses()[1]) as slave:
                 error = self.assertRaises(ServerError, slave.respond, 1)
                 self.assertEqual(error.error, "not_processing")
-                self.assertRaises(ServerError, slave.join, "")
+                self.assertRaises(ValueError, slave.join, "")  # refused before it is sent
                 self.assertRaises(Timeout, slave.job, 0.05)
         return deferToThread(body)
 
@@ -195,6 +228,263 @@ class MasterAndSlaveTests(ClientTestCase):
                 lambda: self.assertRaises(TransportError, master.receive, 5)))
 
         return deferToThread(body).addCallback(close_daemon)
+
+
+class AddressTests(ClientTestCase):
+    def test_every_form_of_address(self):
+        def body():
+            (host, port), (_, slave_port) = self.addresses()
+            name = f"{host}:{port}"
+            for form in [(host, port), name, [name], [(host, port)], f" {name} ,"]:
+                with Master(form) as master:
+                    self.assertEqual(master.connected, [name])
+                    self.assertEqual(master.stats()["types"], {})
+            environment = {"GLOOM_MASTERS": name, "GLOOM_SLAVES": f"{host}:{slave_port}"}
+            with mock.patch.dict(os.environ, environment), Master() as master, Slave() as slave:
+                slave.join("t")
+                master.submit("x", "t", 1)
+                self.assertEqual(slave.job(5).id, "x")
+        return deferToThread(body)
+
+    def test_a_daemon_that_cannot_be_reached_is_left_out(self):
+        down = [f"127.0.0.1:{reserved_port(self)}" for _ in range(2)]
+
+        def body():
+            up = f"127.0.0.1:{self.addresses()[0][1]}"
+            with Master([down[0], up]) as master:
+                self.assertEqual(master.connected, [up])
+                for index in range(10):
+                    master.submit(f"j{index}", "nobody", None)
+                self.assertEqual(master.stats()["types"]["nobody"]["queued"], 10)
+            error = self.assertRaises(TransportError, Master, ",".join(down))
+            self.assertIn("cannot connect", str(error))
+            for address in down:
+                self.assertIn(address, str(error))
+        return deferToThread(body)
+
+
+class SeveralDaemonsTests(ClientTestCase):
+    def test_jobs_spread_by_rendezvous_and_a_lost_daemon(self):
+        here, other = self.service, self.other_daemon()
+
+        def body():
+            names = [self.name(here), self.name(other)]
+            with Master(",".join(names)) as master:
+                ids = [f"job-{index}" for index in range(40)]
+                for job_id in ids:
+                    master.submit(job_id, "nobody", job_id)
+                expected = {name: {i for i in ids if rendezvous(i, names)[0] == name} for name in names}
+                self.assertTrue(all(expected.values()), "each daemon gets some of the jobs")
+                for service, name in ((here, names[0]), (other, names[1])):
+                    self.assertEqual(blockingCallFromThread(reactor, live_ids, service.scheduler),
+                                     expected[name])
+                stats = master.stats()
+                self.assertEqual(stats["types"]["nobody"]["queued"], 40)
+                self.assertEqual(stats["daemons"][names[1]]["types"]["nobody"]["queued"],
+                                 len(expected[names[1]]))
+
+                self.drop_masters(other)
+                lost = set()
+                for _ in expected[names[1]]:
+                    error = self.assertRaises(TransportError, master.receive, 5)
+                    self.assertEqual(error.daemon, names[1])
+                    self.assertIn(names[1], str(error))
+                    self.assertIn(repr(error.id), str(error))
+                    lost.add(error.id)
+                self.assertEqual(lost, expected[names[1]])
+                self.assertEqual(master.connected, [names[0]])
+                for job_id in sorted(lost):  # ids that would go to the daemon that is gone
+                    master.submit(job_id, "nobody", job_id)
+                self.assertEqual(blockingCallFromThread(reactor, live_ids, here.scheduler), set(ids))
+                self.assertEqual(master.stats()["types"]["nobody"]["queued"], 40)
+                self.assertRaises(Timeout, master.receive, 0.05)
+        return deferToThread(body)
+
+    def test_resubmit_moves_a_lost_daemons_jobs(self):
+        here, other = self.service, self.other_daemon()
+
+        def body():
+            self.serve_in_background(lambda job: job.body, "echo")  # on the first daemon only
+            names = [self.name(here), self.name(other)]
+            with Master(names, resubmit=True) as master:
+                ids = [f"job-{index}" for index in range(20)]
+                for job_id in ids:
+                    master.submit(job_id, "echo", job_id)
+                stranded = {i for i in ids if rendezvous(i, names)[0] == names[1]}
+                answers = {}
+                for _ in range(len(ids) - len(stranded)):
+                    answer = master.receive(5)
+                    answers[answer.id] = answer.body
+                self.assertEqual(set(answers), set(ids) - stranded)
+                self.drop_masters(other)
+                for _ in stranded:
+                    answer = master.receive(5)
+                    answers[answer.id] = answer.body
+                self.assertEqual(answers, {job_id: job_id for job_id in ids})
+        return deferToThread(body)
+
+    def test_a_slave_serves_several_daemons(self):
+        here, other = self.service, self.other_daemon()
+
+        def body():
+            seen = []
+
+            def handler(job):
+                seen.append(job.id)
+                return job.body * 2
+
+            slave = Slave([self.name(here, "slave"), self.name(other, "slave")])
+            thread = threading.Thread(target=slave.serve, args=(handler, "double"), daemon=True)
+            thread.start()
+            try:
+                with Master([self.name(here), self.name(other)]) as master:
+                    self.assertEqual(list(master.map("double", range(30), window=8, wait=10)),
+                                     [2 * i for i in range(30)])
+            finally:
+                slave.disconnect()
+                thread.join(10)
+            self.assertFalse(thread.is_alive())
+            self.assertEqual(len(seen), 30)
+        return deferToThread(body)
+
+
+class ErrorTests(ClientTestCase):
+    def test_a_body_that_is_not_json_is_refused_at_once(self):
+        def body():
+            self.serve_in_background(lambda job: job.body, "echo")
+            with Master(self.addresses()[0]) as master:
+                self.assertTrue(issubclass(EncodeError, ValueError))
+                for bad in (float("nan"), {1, 2}, {"x": float("inf")}):
+                    self.assertRaises(EncodeError, master.submit, None, "echo", bad)
+                    self.assertRaises(EncodeError, master.run, "echo", bad)
+                    self.assertRaises(EncodeError, list, master.map("echo", [1, bad, 3], wait=5))
+                self.assertEqual(master.run("echo", "fine", wait=5), "fine")
+                self.assertEqual(list(master.map("echo", [1, 2], wait=5)), [1, 2])
+                self.assertRaises(Timeout, master.receive, 0.2)  # nothing strays from the stopped maps
+        return deferToThread(body)
+
+    def test_an_answer_that_is_not_json(self):
+        def body():
+            master_addr, slave_addr = self.addresses()
+            with Master(master_addr) as master, Slave(slave_addr) as slave:
+                slave.join("t")
+                master.submit("a", "t", 1)
+                job = slave.job(5)
+                self.assertRaises(EncodeError, slave.respond, float("nan"))
+                self.assertIs(slave.current, job)  # still held: answer it properly
+                slave.respond("ok")
+                self.assertEqual(master.receive(5), Job(id="a", body="ok"))
+            self.serve_in_background(lambda job: {1, 2}, "set")  # serve fails such a job
+            with Master(master_addr) as master:
+                error = self.assertRaises(ServerError, master.run, "set", None, wait=5)
+                self.assertEqual(error.error, "job_failed")
+                self.assertIn("JSON", error.reason)
+        return deferToThread(body)
+
+    def test_a_master_on_the_slave_port_is_refused_quickly(self):
+        def body():
+            master_addr, slave_addr = self.addresses()
+            with Master(slave_addr) as master:
+                started = time.monotonic()
+                error = self.assertRaises(ServerError, master.submit, "x", "t", 1)
+                self.assertEqual(error.error, "wrong_port")
+                self.assertLess(time.monotonic() - started, 5)
+            with Slave(master_addr) as slave:
+                error = self.assertRaises(ServerError, slave.join, "t")
+                self.assertEqual(error.error, "wrong_port")
+        return deferToThread(body)
+
+    def test_a_dropped_daemon_fails_the_jobs_in_flight(self):
+        def body():
+            master_addr = self.addresses()[0]
+            name = f"127.0.0.1:{master_addr[1]}"
+            with Master(master_addr) as master:
+                master.submit("a", "nobody", 1)
+                master.submit("b", "nobody", 2)
+                self.drop_masters(self.service)
+                errors = [self.assertRaises(TransportError, master.receive, 5) for _ in range(2)]
+                self.assertEqual({error.id for error in errors}, {"a", "b"})
+                self.assertEqual({error.daemon for error in errors}, {name})
+                self.assertIn(name, str(self.assertRaises(TransportError, master.receive, 5)))
+                self.assertRaises(TransportError, master.submit, None, "t", 1)
+                self.assertRaises(TransportError, master.run, "t", 1)
+                self.assertRaises(TransportError, master.stats)
+                self.assertEqual(master.connected, [])
+        return deferToThread(body)
+
+    def test_a_dropped_slave_connection(self):
+        def body():
+            master_addr, slave_addr = self.addresses()
+            with Master(master_addr) as master, Slave(slave_addr) as slave:
+                slave.join("t")
+                master.submit("a", "t", 1)
+                slave.job(5)
+                blockingCallFromThread(reactor, lambda: [
+                    c.transport.abortConnection() for c in list(self.service.factories[1].connections)])
+                error = self.assertRaises(TransportError, slave.respond, "late")
+                self.assertEqual((error.daemon, error.id), (f"127.0.0.1:{slave_addr[1]}", "a"))
+                self.assertRaises(TransportError, slave.job, 5)
+        return deferToThread(body)
+
+    def test_map_stopped_early_cancels_its_jobs(self):
+        def body():
+            with Master(self.addresses()[0]) as master:
+                results = master.map("nobody", range(5), window=3, wait=0.1)
+                self.assertRaises(Timeout, next, results)
+                self.assertEqual(master.stats()["types"], {})  # the cancels went first
+                self.assertRaises(Timeout, master.receive, 0.1)
+        return deferToThread(body)
+
+
+class DisconnectTests(ClientTestCase):
+    def test_disconnect_from_another_thread_ends_serve(self):
+        def body():
+            slave_addr = self.addresses()[1]
+            for index in range(200):
+                slave = Slave(slave_addr)
+                escaped = []
+
+                def serve():
+                    try:
+                        slave.serve(lambda job: job.body, "t")
+                    except BaseException as e:
+                        escaped.append(e)
+
+                thread = threading.Thread(target=serve)
+                thread.start()
+                if index % 4:
+                    time.sleep(index % 4 * 0.0005)
+                slave.disconnect()
+                thread.join(10)
+                self.assertFalse(thread.is_alive())
+                self.assertEqual(escaped, [])
+        return deferToThread(body)
+
+    def test_disconnect_from_another_thread_wakes_receive_and_job(self):
+        def body():
+            master_addr, slave_addr = self.addresses()
+            slave = Slave(slave_addr)
+            slave.join("t")
+            for client, call in ((Master(master_addr), Master.receive), (slave, Slave.job)):
+                outcome = []
+
+                def wait():
+                    try:
+                        call(client)
+                    except BaseException as e:
+                        outcome.append(e)
+
+                thread = threading.Thread(target=wait)
+                thread.start()
+                time.sleep(0.05)
+                client.disconnect()
+                thread.join(10)
+                self.assertFalse(thread.is_alive())
+                (error,) = outcome
+                self.assertIsInstance(error, TransportError)
+                self.assertIn("disconnected", str(error))
+                self.assertIn("disconnected", str(self.assertRaises(TransportError, call, client)))
+        return deferToThread(body)
 
 
 class TLSClientTests(ClientTestCase):
@@ -221,8 +511,16 @@ class TLSClientTests(ClientTestCase):
             error = self.assertRaises(TransportError, Master, master_addr, tls=client_context(self.ca.path),
                                       server_hostname="not-the-server")
             self.assertIn("TLS", str(error))
+            self.assertIn("certificate is not valid for 'not-the-server'", str(error))
+            error = self.assertRaises(TransportError, Master, master_addr, tls=client_context())
+            self.assertIn("TLS", str(error))
+            self.assertIn("certificate verify failed", str(error))
             anonymous = Slave(slave_addr, tls=client_context(self.ca.path), server_hostname="localhost")
-            self.assertRaises(GloomError, anonymous.join, "t")
+            self.addCleanup(anonymous.disconnect)
+            error = self.assertRaises(TransportError, anonymous.join, "t")  # TLS 1.3: after the handshake
+            self.assertIn("TLS", str(error))
+            self.assertIn("certificate required", str(error))
+            self.assertNotIn("\n", str(error))
         return deferToThread(body)
 
 
@@ -248,6 +546,147 @@ class FakeServer:
             for piece in self.pieces:
                 connection.sendall(piece)
                 time.sleep(0.001)
+
+
+class ScriptedDaemon:
+    """A fake daemon on a real socket: each request it reads is answered,
+    in one write, with the frames ``script(request)`` returns."""
+
+    def __init__(self, test, script):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.address = self.listener.getsockname()
+        self.script = script
+        self.requests = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.listener.close)
+        test.addCleanup(self.thread.join, 5)
+
+    def run(self):
+        connection, _ = self.listener.accept()
+        splitter = FrameBuffer()
+        with connection:
+            while True:
+                data = connection.recv(65536)
+                if not data:
+                    return
+                for data in splitter.feed(data):
+                    request = json.loads(data)
+                    self.requests.append(request)
+                    replies = self.script(request)
+                    if replies:
+                        connection.sendall(b"".join(frame(reply) for reply in replies))
+
+
+def ack(request):
+    return {"ok": True, "id": request["id"], "ref": request["ref"]}
+
+
+class OrderingTests(SynchronousTestCase):
+    """Replies in an order a real daemon produces only by chance."""
+
+    def test_a_failure_that_crosses_a_cancel(self):
+        def script(request):
+            if request["action"] == "submit":
+                return [ack(request)]
+            return [{"error": "job_failed", "reason": "it broke", "id": request["id"]},
+                    {"error": "unknown_job", "reason": "no such job", "id": request["id"],
+                     "ref": request["ref"]}]
+
+        daemon = ScriptedDaemon(self, script)
+        with Master(daemon.address) as master:
+            master.submit("j", "t", 1)
+            error = self.assertRaises(ServerError, master.cancel, "j")
+            self.assertEqual((error.error, error.id), ("unknown_job", "j"))
+            self.assertEqual(master.receive(5), Job(id="j", error="job_failed", reason="it broke"))
+            self.assertRaises(Timeout, master.receive, 0.05)
+
+    def test_a_cancelled_job_sends_nothing_more(self):
+        def script(request):
+            if request["action"] == "submit":
+                return [ack(request)]
+            return [{"ok": True, "id": request["id"], "ref": request["ref"]}]
+
+        daemon = ScriptedDaemon(self, script)
+        with Master(daemon.address) as master:
+            master.submit("j", "t", 1)
+            self.assertIsNone(master.cancel("j"))
+            self.assertRaises(Timeout, master.receive, 0.05)  # a cancelled job sends nothing
+            self.assertEqual([r.get("ref") for r in daemon.requests], [1, 2])
+
+    def test_a_refusal_without_id_or_ref_fails_the_oldest_request(self):
+        def script(request):
+            if request["action"] != "submit" or len(daemon.requests) == 1:
+                return []
+            return [{"error": "queue_full", "reason": "too many"}, ack(request),
+                    {"id": request["id"], "body": "two"}]
+
+        daemon = ScriptedDaemon(self, script)
+        with Master(daemon.address) as master:
+            results = master.map("t", [1, 2], window=2, wait=5)
+            error = self.assertRaises(ServerError, next, results)
+            self.assertEqual((error.error, error.reason), ("queue_full", "too many"))
+            self.assertEqual(daemon.requests[0]["body"], 1)
+
+    def test_a_refusal_without_id_or_ref_ends_a_submit(self):
+        daemon = ScriptedDaemon(self, lambda request: [{"error": "wrong_port", "reason": "not here"}])
+        with Master(daemon.address) as master:
+            error = self.assertRaises(ServerError, master.submit, "x", "t", None)
+            self.assertEqual(error.error, "wrong_port")
+
+    def test_an_answer_in_the_same_read_as_its_ack(self):
+        daemon = ScriptedDaemon(self, lambda request: [ack(request), {"id": request["id"], "body": "done"}])
+        with Master(daemon.address) as master:
+            self.assertEqual(master.run("t", 1, wait=5), "done")
+            master.submit("x", "t", 2)
+            self.assertEqual(master.receive(5), Job(id="x", body="done"))
+
+
+class SlaveRotationTests(SynchronousTestCase):
+    """A Slave on several daemons wakes at least every ROTATE_INTERVAL
+    while it waits for a job, so an ask that brings nothing moves on; on
+    one daemon it just waits."""
+
+    @staticmethod
+    def record_waits(slave):
+        """Record the timeout of each wait of the slave's selector."""
+        waits = []
+        select = slave._selector.select
+        slave._selector.select = lambda timeout=None: waits.append(timeout) or select(timeout)
+        return waits
+
+    def test_an_ask_that_brings_nothing_moves_to_the_daemon_with_work(self):
+        def busy(request):
+            if request["action"] == "join":
+                return [{"ok": True}, {"action": "job", "id": "j1", "type": "t", "body": 1}]
+            return [{"ok": True}]
+
+        idle = ScriptedDaemon(self, lambda request: [{"ok": True}])
+        working = ScriptedDaemon(self, busy)
+        with Slave([idle.address, working.address]) as slave:
+            slave.join("t")
+            self.assertEqual(working.requests, [])  # one place: one ask, on the first daemon
+            waits = self.record_waits(slave)
+            started = time.monotonic()
+            job = slave.job(5)
+            self.assertLess(time.monotonic() - started, 2)
+            self.assertEqual((job.id, job.body), ("j1", 1))
+            self.assertEqual([r["action"] for r in idle.requests], ["join", "leave"])
+            self.assertTrue(all(wait <= core.WorkerCore.ROTATE_INTERVAL + 0.001 for wait in waits), waits)
+            slave.respond(2)
+            self.assertEqual(working.requests[-1], {"action": "respond", "id": "j1", "body": 2})
+
+    def test_one_daemon_waits_without_waking(self):
+        daemon = ScriptedDaemon(self, lambda request: [{"ok": True}])
+        with Slave([daemon.address]) as slave:
+            slave.join("t")
+            waits = self.record_waits(slave)
+            self.assertRaises(Timeout, slave.job, 0.5)
+            self.assertEqual(len(waits), 1)
+            self.assertGreater(waits[0], 0.4)
+            self.assertEqual(daemon.requests, [{"action": "join", "type": "t"}])
 
 
 class FramingTests(SynchronousTestCase):

@@ -1,91 +1,144 @@
-"""``gloom bench``: drive a running daemon with masters that keep a window
+"""``gloom bench``: drive running daemons with masters that keep a window
 of jobs in flight and slaves that echo them, then report throughput and
 latency percentiles.  In drain mode one master first queues every job (at
 random priorities) with no slave present, then the slaves drain the queue:
-the cost of the priority queue at depth."""
+the cost of the priority queue at depth.
+
+Each load master has a connection to every daemon and deals its jobs to
+them in turn; each echo slave has a connection to every daemon.  The
+connections are minimal protocols on Int32StringReceiver and `gloom.core`,
+with the fastest JSON encoder at hand, so the client costs the daemon as
+little CPU time as it can.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import struct
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from twisted.internet import defer, task
+from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory
+from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from gloom.client import TransportError
-from gloom.txclient import _Connection, client_endpoint, describe_failure
-
+from gloom import core
+from gloom.core import ProtocolError, TransportError
+from gloom.txclient import client_endpoint, describe_failure
 
 try:
     from msgspec.json import encode as _encode
-except ImportError:  # PyPy
+except ImportError:  # PyPy: the standard library does the work
     _encode = None
 
+_HEADER = struct.Struct("!I")
 
-class _BenchConnection(_Connection):
-    """Sends its own plain frames with the fastest encoder at hand."""
 
+def _frame(message: dict) -> bytes:
     if _encode is not None:
-        def send(self, message: dict) -> None:
-            self.sendString(_encode(message))
+        data = _encode(message)
+        return _HEADER.pack(len(data)) + data
+    return core.frame(message)
 
 
-class _EchoSlave(_BenchConnection):
-    def connectionMade(self):
-        super().connectionMade()
-        self.send({"action": "join", "type": self.factory.bench.job_type})
+class _BenchConnection(Int32StringReceiver):
+    """A bench connection: frames in, decoded by `gloom.core.decode`,
+    handed to its owner; frames out, encoded as fast as possible."""
 
-    def frameReceived(self, frame):
-        if frame.get("action") == "job":
-            self.send({"action": "respond", "id": frame["id"], "body": frame["body"]})
-        elif "error" in frame:
-            self.factory.bench.errors.append(frame)
+    MAX_LENGTH = core.MAX_FRAME
+
+    def connectionMade(self) -> None:
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+        self.owner = self.factory.owner
+        self.owner.connected(self)
+
+    def stringReceived(self, data: bytes) -> None:
+        try:
+            message = core.decode(data)
+        except ProtocolError as e:
+            self.owner.bench.errors.append({"error": "protocol_error", "reason": str(e)})
+            self.transport.abortConnection()
+            return
+        self.owner.received(self, message)
+
+    def send(self, message: dict) -> None:
+        self.transport.write(_frame(message))
+
+    def connectionLost(self, reason=None) -> None:
+        self.owner.bench.connection_lost(self)
 
 
-class _LoadMaster(_BenchConnection):
-    def connectionMade(self):
-        super().connectionMade()
-        self.bench = self.factory.bench
-        self.sent_at = {}
-        self.acked = set()
+class _EchoSlave:
+    """An echo slave: joins the bench's type on every daemon and answers
+    each job with its own body."""
+
+    def __init__(self, bench: "Bench"):
+        self.bench = bench
+
+    def connected(self, connection: _BenchConnection) -> None:
+        connection.send({"action": "join", "type": self.bench.job_type})
+
+    def received(self, connection: _BenchConnection, message: dict) -> None:
+        if message.get("action") == "job":
+            connection.transport.write(_frame({"action": "respond", "id": message["id"],
+                                               "body": message["body"]}))
+        elif "error" in message:
+            self.bench.errors.append(message)
+
+
+class _LoadMaster:
+    """A load master: keeps up to ``window`` jobs in flight, dealt to its
+    connections (one per daemon) in turn."""
+
+    def __init__(self, bench: "Bench", number: int):
+        self.bench = bench
+        self.connections: List[_BenchConnection] = []
+        self.sent_at: dict = {}
+        self.acked: set = set()
         self.sequence = 0
-        self.prefix = f"bench-{random.randrange(1 << 40):x}-{len(self.bench.masters)}"
-        self.bench.masters.append(self)
+        self.prefix = f"bench-{random.randrange(1 << 40):x}-{number}"
+        self.priority = random.Random(1).randrange if bench.drain else None
 
-    def fill(self):
+    def connected(self, connection: _BenchConnection) -> None:
+        self.connections.append(connection)
+
+    def fill(self) -> None:
         bench = self.bench
-        priority = random.Random(1).randrange if bench.drain else None
-        while len(self.sent_at) < bench.window and bench.unsent > 0:
+        connections = self.connections
+        count = len(connections)
+        sent_at = self.sent_at
+        while len(sent_at) < bench.window and bench.unsent > 0:
             bench.unsent -= 1
             self.sequence += 1
             job_id = f"{self.prefix}-{self.sequence}"
-            self.sent_at[job_id] = time.perf_counter()
+            sent_at[job_id] = time.perf_counter()
             message = {"action": "submit", "id": job_id, "type": bench.job_type, "body": bench.body}
-            if priority is not None:
-                message["priority"] = priority(-1000, 1000)
-            self.send(message)
+            if self.priority is not None:
+                message["priority"] = self.priority(-1000, 1000)
+            connections[self.sequence % count].transport.write(_frame(message))
 
-    def frameReceived(self, frame):
+    def received(self, connection: _BenchConnection, message: dict) -> None:
         bench = self.bench
-        job_id = frame.get("id")
-        if frame.get("ok"):
+        job_id = message.get("id")
+        if message.get("ok"):
             self.acked.add(job_id)
-            bench.acks += 1
-            if bench.acks == bench.jobs and not bench.queued.called:
-                bench.queued.callback(None)
+            bench.settled_ack()
             return
         started = self.sent_at.pop(job_id, None)
         if job_id in self.acked:
             self.acked.discard(job_id)
-        elif "error" in frame:
-            bench.acks += 1  # a refused submit is settled too: it will not be drained
-            if bench.acks == bench.jobs and not bench.queued.called:
-                bench.queued.callback(None)
-        if "error" in frame:
-            bench.errors.append(frame)
+        elif "error" in message:
+            bench.settled_ack()  # a refused submit is settled too: it will not be drained
+        if "error" in message:
+            bench.errors.append(message)
         elif started is not None:
             bench.latencies.append(time.perf_counter() - started)
         bench.done += 1
@@ -94,10 +147,6 @@ class _LoadMaster(_BenchConnection):
                 bench.finished.callback(None)
         else:
             self.fill()
-
-    def connectionLost(self, reason):
-        if not self.bench.finished.called:
-            self.bench.finished.errback(TransportError("the daemon closed a master connection"))
 
 
 def percentile(values: List[float], fraction: float) -> float:
@@ -117,19 +166,25 @@ class BenchResult:
         drain mode).
     :param latencies: each answered job's seconds from submit to answer.
     :param errors: the error frames received, as dicts.
-    :param settings: the run's ``masters``, ``slaves``, ``window`` and
-        ``body_size``, reported with the figures.
+    :param settings: the run's ``masters``, ``slaves``, ``window``,
+        ``body_size`` and ``daemons``, reported with the figures.
     :param queue_seconds: in drain mode, how long queueing every job took.
+    :param interrupted: whether the run was stopped (`Bench.stop`) before
+        every job was settled.
+    :param planned: how many jobs the run was to settle.
     """
 
     def __init__(self, jobs: int, seconds: float, latencies: List[float], errors: list, settings: dict,
-                 queue_seconds: Optional[float] = None):
+                 queue_seconds: Optional[float] = None, interrupted: bool = False,
+                 planned: Optional[int] = None):
         self.jobs = jobs
         self.queue_seconds = queue_seconds
         self.seconds = seconds
         self.latencies = sorted(latencies)
         self.errors = errors
         self.settings = settings
+        self.interrupted = interrupted
+        self.planned = jobs if planned is None else planned
 
     @property
     def jobs_per_second(self) -> float:
@@ -139,7 +194,7 @@ class BenchResult:
     def figures(self) -> dict:
         """The figures as a JSON-able dict (``gloom bench --json``):
         throughput, latency percentiles in milliseconds, the error count and
-        the settings."""
+        the settings (and ``"interrupted": true`` if the run was stopped)."""
         lat = self.latencies
         ms = (lambda f: round(percentile(lat, f) * 1000, 3)) if lat else (lambda f: None)
         return {"jobs": self.jobs, "seconds": round(self.seconds, 3),
@@ -148,36 +203,47 @@ class BenchResult:
                 "errors": len(self.errors), **self.settings,
                 **({"queue_seconds": round(self.queue_seconds, 3),
                     "queue_per_s": round(self.jobs / self.queue_seconds, 1)}
-                   if self.queue_seconds else {})}
+                   if self.queue_seconds else {}),
+                **({"interrupted": True} if self.interrupted else {})}
 
     def table(self) -> str:
         """The figures as a few lines of text, as ``gloom bench`` prints them."""
         f = self.figures()
+        daemons = f.get("daemons", 1)
+        over = f" over {daemons} daemons" if daemons > 1 else ""
+        head = f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s"
+        if self.interrupted:
+            head = f"interrupted after {f['jobs']} of {self.planned} jobs in {f['seconds']} s: " \
+                   f"{f['jobs_per_s']:,.0f} jobs/s"
         lines = [
-            f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s"
-            + (" drained" if self.queue_seconds else ""),
+            head + (" drained" if self.queue_seconds else ""),
             f"latency ms: p50 {f['p50_ms']}  p90 {f['p90_ms']}  p99 {f['p99_ms']}  max {f['max_ms']}",
             f"({f['masters']} masters x {f['window']} in flight, {f['slaves']} slaves, "
-            f"{f['body_size']}-byte bodies; {f['errors']} errors)",
+            f"{f['body_size']}-byte bodies{over}; {f['errors']} errors)",
         ]
         if self.queue_seconds:
             lines.insert(1, f"queued first in {f['queue_seconds']} s: {f['queue_per_s']:,.0f} jobs/s")
-            lines[-1] = f"(1 master queued them all, then {f['slaves']} slaves drained them; {f['errors']} errors)"
+            lines[-1] = (f"(1 master queued them all, then {f['slaves']} slaves drained them{over}; "
+                         f"{f['errors']} errors)")
         if self.errors:
             lines.append(f"first error: {json.dumps(self.errors[0])}")
         return "\n".join(lines)
 
 
 class Bench:
-    """One benchmark run against a daemon at ``master``/``slave`` addresses.
+    """One benchmark run against daemons at the ``master``/``slave``
+    addresses.  `stop` (or cancelling the Deferred `run` returns) ends it
+    early with an interrupted `BenchResult`.
 
     :param reactor: the reactor to run on.
-    :param master: the daemon's master port, as
-        `gloom.txclient.client_endpoint` takes it.
-    :param slave: the daemon's slave port, likewise.
-    :param masters: how many master connections submit jobs (one in drain
-        mode).
-    :param slaves: how many slave connections echo them.
+    :param master: the daemons' master ports: one address, a list, or a
+        comma-separated string, each as `gloom.txclient.client_endpoint`
+        takes it; None for the environment's or the default.
+    :param slave: the daemons' slave ports, likewise.
+    :param masters: how many load masters submit jobs (one in drain mode),
+        each with a connection to every daemon.
+    :param slaves: how many echo slaves answer them, each with a connection
+        to every daemon.
     :param window: how many jobs each master keeps in flight (every job, in
         drain mode).
     :param body_size: the length of each job's body (a string), in
@@ -186,21 +252,24 @@ class Bench:
     :param progress: a text file to draw a progress bar on, or None.
     :param drain: queue every job first, with no slave connected, then
         connect the slaves to drain the queue.
+    :raises ValueError: if an address cannot be used.
     """
 
-    def __init__(self, reactor, master, slave, masters=4, slaves=8, window=64, body_size=64,
+    def __init__(self, reactor, master=None, slave=None, masters=4, slaves=8, window=64, body_size=64,
                  jobs=20000, progress=None, drain=False):
         self.reactor = reactor
-        self.master_endpoint = client_endpoint(reactor, master)
-        self.slave_endpoint = client_endpoint(reactor, slave)
-        self.addresses = (master, slave)
+        master_addresses = core.addresses(master, core.MASTERS_ENV, core.DEFAULT_MASTER)
+        slave_addresses = core.addresses(slave, core.SLAVES_ENV, core.DEFAULT_SLAVE)
+        self.master_endpoints = [(core.display_name(a), client_endpoint(reactor, a)) for a in master_addresses]
+        self.slave_endpoints = [(core.display_name(a), client_endpoint(reactor, a)) for a in slave_addresses]
         self.drain = drain
         self.master_count, self.slave_count = (1 if drain else masters), slaves
         self.window, self.jobs = (jobs if drain else window), jobs
         self.acks = 0
         self.queued = defer.Deferred()
         self.body = "x" * body_size
-        self.settings = {"masters": masters, "slaves": slaves, "window": window, "body_size": body_size}
+        self.settings = {"masters": masters, "slaves": slaves, "window": window, "body_size": body_size,
+                         "daemons": max(len(master_addresses), len(slave_addresses))}
         self.job_type = f"gloom-bench-{random.randrange(1 << 40):x}"
         self.progress = progress
         self.unsent = jobs
@@ -209,16 +278,70 @@ class Bench:
         self.errors: list = []
         self.masters: List[_LoadMaster] = []
         self.finished = defer.Deferred()
+        self.interrupted = False
+        self._connections: List[_BenchConnection] = []
+        self._waiting: Optional[defer.Deferred] = None
+        self._stop_waiters: List[defer.Deferred] = []
+        self._ended = False
+
+    # --- what the connections tell the bench -----------------------------------------------
+
+    def settled_ack(self) -> None:
+        """One more submit was acked or refused (drain mode waits for all)."""
+        self.acks += 1
+        if self.acks == self.jobs and not self.queued.called:
+            self.queued.callback(None)
+
+    def connection_lost(self, connection: _BenchConnection) -> None:
+        """A connection closed: unless the run is over, it failed."""
+        if not self.finished.called and not self.interrupted and not self._ended:
+            self.finished.errback(TransportError("a daemon closed a bench connection"))
+
+    # --- running ----------------------------------------------------------------------------
+
+    def stop(self) -> defer.Deferred:
+        """End the run early (on Ctrl-C): close the connections; `run`
+        then fires with a `BenchResult` whose ``interrupted`` is True.  The
+        reactor's shutdown calls it too.
+
+        :returns: a Deferred that fires once the run has ended.
+        """
+        if self._ended:
+            return defer.succeed(None)
+        self.interrupted = True
+        waiter = defer.Deferred()
+        self._stop_waiters.append(waiter)
+        if self._waiting is not None and not self._waiting.called:
+            self._waiting.cancel()
+        return waiter
+
+    def _wait(self, deferred: defer.Deferred) -> defer.Deferred:
+        """Await ``deferred`` so that `stop` can cancel it."""
+        if self.interrupted:
+            deferred.cancel()
+        self._waiting = deferred
+        return deferred
 
     @defer.inlineCallbacks
-    def _connect(self, endpoint, protocol_class, address):
-        factory = Factory.forProtocol(protocol_class)
-        factory.bench = self
+    def _connect(self, endpoint, name, owner):
+        factory = Factory.forProtocol(_BenchConnection)
+        factory.noisy = False
+        factory.owner = owner
         try:
-            connection = yield endpoint.connect(factory)
+            connection = yield self._wait(endpoint.connect(factory))
         except Exception as e:
-            raise TransportError(f"cannot connect to {address}: {describe_failure(Failure(e))}")
+            if self.interrupted or isinstance(e, CancelledError):
+                raise CancelledError() from None
+            raise TransportError(f"cannot connect to {name}: {describe_failure(Failure(e))}", name)
+        self._connections.append(connection)
         return connection
+
+    @defer.inlineCallbacks
+    def _connect_all(self, count, endpoints, make):
+        for number in range(count):
+            owner = make(number)
+            for name, endpoint in endpoints:
+                yield self._connect(endpoint, name, owner)
 
     def _draw(self, started: float) -> None:
         width = 30
@@ -229,29 +352,53 @@ class Bench:
                             f"{rate:,.0f} jobs/s ")
         self.progress.flush()
 
-    @defer.inlineCallbacks
-    def _connect_all(self, count, endpoint, protocol_class, address, connections):
-        for _ in range(count):
-            connections.append((yield self._connect(endpoint, protocol_class, address)))
+    def _new_master(self, number: int) -> _LoadMaster:
+        master = _LoadMaster(self, number)
+        self.masters.append(master)
+        return master
 
-    @defer.inlineCallbacks
-    def run(self):
+    def run(self) -> defer.Deferred:
         """Connect, run the jobs, disconnect.
 
-        :returns: a Deferred that fires with the `BenchResult`, or fails
-            with ``TransportError`` if a connection cannot be made or is
-            lost.
+        :returns: a Deferred that fires with the `BenchResult` (interrupted,
+            if `stop` was called or the Deferred cancelled), or fails with
+            `TransportError` if a connection cannot be made or is lost.
         """
-        connections = []
+        result = defer.Deferred(lambda d: self.stop())
+        # A reactor shutting down mid-run (Ctrl-C) interrupts the run rather
+        # than failing it for the connections it closes.
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
+        self._run().addBoth(self._after_run, result, trigger)
+        return result
+
+    def _after_run(self, outcome: Any, result: defer.Deferred, trigger) -> None:
+        self._ended = True
+        try:
+            self.reactor.removeSystemEventTrigger(trigger)
+        except (ValueError, KeyError):
+            pass  # it fired: the reactor is shutting down
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+        elif isinstance(outcome, Failure):
+            outcome.trap(CancelledError)
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    @defer.inlineCallbacks
+    def _run(self):
         queue_seconds = None
         drawing: Optional[task.LoopingCall] = None
+        started = seconds = None
+        slave = _EchoSlave(self)
         try:
             if not self.drain:
-                yield self._connect_all(self.slave_count, self.slave_endpoint, _EchoSlave,
-                                        self.addresses[1], connections)
-            yield self._connect_all(self.master_count, self.master_endpoint, _LoadMaster,
-                                    self.addresses[0], connections)
-            yield task.deferLater(self.reactor, 0.05, lambda: None)
+                yield self._connect_all(self.slave_count, self.slave_endpoints, lambda n: slave)
+            yield self._connect_all(self.master_count, self.master_endpoints, self._new_master)
+            yield self._wait(task.deferLater(self.reactor, 0.05, lambda: None))
             started = time.perf_counter()
             if self.progress is not None:
                 drawing = task.LoopingCall(self._draw, started)
@@ -259,18 +406,23 @@ class Bench:
             for master in self.masters:
                 master.fill()
             if self.drain:
-                yield self.queued
+                yield self._wait(self.queued)
                 queue_seconds = time.perf_counter() - started
                 started = time.perf_counter()
-                yield self._connect_all(self.slave_count, self.slave_endpoint, _EchoSlave,
-                                        self.addresses[1], connections)
-            yield self.finished
+                yield self._connect_all(self.slave_count, self.slave_endpoints, lambda n: slave)
+            yield self._wait(self.finished)
             seconds = time.perf_counter() - started
+        except CancelledError:
+            self.interrupted = True
         finally:
+            self._ended = True
             if drawing is not None:
                 drawing.stop()
                 self._draw(started)
                 self.progress.write("\n")
-            for connection in connections:
+            for connection in self._connections:
                 connection.transport.loseConnection()
-        return BenchResult(self.done, seconds, self.latencies, self.errors, self.settings, queue_seconds)
+        if seconds is None:
+            seconds = time.perf_counter() - started if started is not None else 0.0
+        return BenchResult(self.done, seconds, self.latencies, self.errors, self.settings, queue_seconds,
+                           interrupted=self.interrupted, planned=self.jobs)

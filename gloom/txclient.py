@@ -1,10 +1,13 @@
-"""Twisted clients for Gloom.
+"""Twisted clients for Gloom: a thin shell over `gloom.core`.
 
-`MasterClient` submits jobs; each submit is a Deferred for the answer body.
-`work` runs slave connections that answer jobs with a handler that may
-return a value or a Deferred.  Both reconnect with backoff (``ClientService``)
-when the daemon restarts.  Addresses are ``host:port`` or Twisted client
-endpoint strings, such as ``tls:gloom.example.com:9999:trustRoots=ca/:certificate=c.pem:privateKey=k.pem``::
+`MasterClient` submits jobs to one or more daemons; each submit is a
+Deferred for the answer body.  `Worker` (and `work`) answers jobs with a
+handler that may return a value or a Deferred, serving every daemon given
+while holding no more jobs than its concurrency.  Both are
+``MultiService``\\ s of ``ClientService``\\ s, so they reconnect with backoff
+when a daemon restarts.  Addresses are ``host:port`` or Twisted client
+endpoint strings, such as
+``tls:gloom.example.com:9999:trustRoots=ca/:certificate=c.pem:privateKey=k.pem``::
 
     from gloom.txclient import MasterClient, work
 
@@ -13,33 +16,63 @@ endpoint strings, such as ``tls:gloom.example.com:9999:trustRoots=ca/:certificat
     answer = yield master.submit("upper", "hello")          # "HELLO"
 
     worker = work("upper", lambda job: job.body.upper(), concurrency=4)
+
+This module only moves bytes and fires Deferreds: matching replies,
+routing jobs over daemons, windows and a worker's capacity are
+`gloom.core`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import uuid
-from collections import deque
-from typing import Any, Callable, Dict, List, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gloom import wire
-from gloom.client import Job, ProtocolError, ServerError, TransportError, loads
-from gloom.protocol import FrameReceiver, tune_connection
+from gloom import core
+from gloom.core import EncodeError, Job, ProtocolError, Request, ServerError, TransportError, WorkerError
+
+# Named in the docstrings, and importable from here too.
+_DOCUMENTED = (EncodeError, ServerError, TransportError)
+
+try:
+    from OpenSSL.SSL import Error as _SSLError
+except ImportError:  # pragma: no cover (pyOpenSSL is a dependency)
+    _SSLError = ()
+try:
+    from service_identity import VerificationError as _NameError
+    from service_identity.exceptions import CertificateError as _CertificateError
+except ImportError:  # pragma: no cover (service_identity is a dependency)
+    _NameError = _CertificateError = ()
+
+__all__ = ["MasterClient", "Worker", "work", "client_endpoint", "describe_failure"]
 
 _ENDPOINT_STRING = re.compile(r"^[a-zA-Z0-9]+:.*=|^(tcp|tcp6|tls|ssl|unix):")
+
+# Endpoint-string options that name files, checked to say which one cannot be read.
+_FILE_OPTIONS = ("privateKey", "certificate", "certKey", "trustRoots", "caCertsDir", "extraCertChain")
+
+REPLY_WAIT = 5.0
+"""How long a stopping `Worker` waits, once its jobs are answered, for the
+daemons' replies to its last requests (so that no job crossing its
+``leave`` is left unreleased) before it disconnects all the same."""
+
+
+# --- addresses and failures ----------------------------------------------------------------
 
 
 def client_endpoint(reactor, address, default_host: str = "127.0.0.1") -> IStreamClientEndpoint:
@@ -50,26 +83,110 @@ def client_endpoint(reactor, address, default_host: str = "127.0.0.1") -> IStrea
     :param address: the address, as text, or an ``IStreamClientEndpoint``
         (returned as it is).
     :param default_host: the host for ``:port``.
-    :raises ValueError: if ``address`` is none of these.
+    :raises ValueError: if ``address`` is none of these, or names TLS
+        files that cannot be used (the message names the daemon and the
+        option, not the file's path).
     """
     if IStreamClientEndpoint.providedBy(address):
         return address
-    if _ENDPOINT_STRING.match(address):
-        return endpoints.clientFromString(reactor, address)
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or default_host
-    if not port.isdigit():
+    if not isinstance(address, str):
         raise ValueError(f"{address!r} is neither host:port nor a client endpoint string")
-    return endpoints.HostnameEndpoint(reactor, host, int(port))
+    if _ENDPOINT_STRING.match(address):
+        try:
+            return endpoints.clientFromString(reactor, address)
+        except Exception as e:
+            raise ValueError(_unusable(address, e)) from None
+    try:
+        host, port = core.host_port(address, default_host)
+    except ValueError:
+        raise ValueError(f"{address!r} is neither host:port nor a client endpoint string") from None
+    return endpoints.HostnameEndpoint(reactor, host, port)
+
+
+def _unusable(address: str, error: Exception) -> str:
+    """Why an endpoint string cannot be used, in one line without paths."""
+    name = core.display_name(address)
+    if isinstance(error, (OSError, IOError)) or type(error).__name__ == "UnlistableError":
+        options = dict(part.split("=", 1) for part in address.split(":") if "=" in part)
+        unreadable = [option for option in options
+                      if option in _FILE_OPTIONS and not os.access(options[option], os.R_OK)]
+        which = " and ".join(unreadable) if unreadable else "a file it names"
+        return f"the TLS settings for {name} cannot be used: {which} cannot be read"
+    if isinstance(error, _SSLError) or type(error).__name__ in ("Error", "VerifyError"):
+        reasons = _ssl_reasons(error)
+        text = reasons[0] if reasons else (str(error) or type(error).__name__)
+        if "do not match" in text or "key values mismatch" in text:
+            text = "the private key does not match the certificate"
+        elif "no start line" in text or "PEM" in text:
+            text = f"a certificate or key is not in PEM form ({text})"
+        return f"the TLS settings for {name} cannot be used: {text}"
+    text = str(error).strip()
+    if not text or "=" in text or "/" in text:  # it might quote a path
+        text = type(error).__name__
+    return f"{name} is not a usable client endpoint string: {text}"
+
+
+def _ssl_reasons(error: BaseException) -> List[str]:
+    """The reason strings of a pyOpenSSL error (a list of tuples in its args)."""
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list):
+        return [str(entry[-1]) for entry in args[0] if isinstance(entry, tuple) and entry]
+    return [str(arg) for arg in args if isinstance(arg, str)]
+
+
+# pyOpenSSL reasons that retrying cannot fix, and how to say them.
+_TLS_PERMANENT = (
+    ("certificate verify failed", "certificate verify failed"),
+    ("alert certificate required", "the daemon requires a client certificate"),
+    ("alert handshake failure", "the daemon refused the handshake (does it require a client certificate?)"),
+    ("alert unknown ca", "the daemon does not trust this client's certificate (unknown CA)"),
+    ("alert bad certificate", "the daemon refused this client's certificate (bad certificate)"),
+    ("alert certificate unknown", "the daemon refused this client's certificate (certificate unknown)"),
+    ("alert certificate expired", "the daemon refused this client's certificate (it has expired)"),
+    ("alert certificate revoked", "the daemon refused this client's certificate (it was revoked)"),
+    ("alert unsupported certificate", "the daemon refused this client's certificate (unsupported)"),
+    ("alert access denied", "the daemon denied access"),
+    ("alert protocol version", "no TLS version in common"),
+    ("unsupported protocol", "no TLS version in common"),
+    ("wrong version number", "the daemon does not speak TLS there (wrong version number)"),
+    ("no shared cipher", "no cipher in common"),
+)
+
+
+def _tls_problem(error: BaseException) -> Optional[Tuple[str, bool]]:
+    """``(reason, permanent)`` if ``error`` is a TLS failure, else None."""
+    if _NameError and isinstance(error, (_NameError, _CertificateError)):
+        host = None
+        for mismatch in getattr(error, "errors", ()):
+            identity = getattr(mismatch, "mismatched_id", None)
+            host = getattr(identity, "hostname", None) or getattr(identity, "ip", None)
+            if host is not None:
+                break
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        return (f"the server's certificate is not for {host}" if host is not None
+                else "the server's certificate is not for this host name"), True
+    if _SSLError and isinstance(error, _SSLError):
+        reasons = _ssl_reasons(error)
+        for reason in reasons:
+            for known, text in _TLS_PERMANENT:
+                if known in reason:
+                    return text, True
+        return (reasons[0] if reasons and reasons[0] else "TLS error"), False
+    return None
 
 
 def describe_failure(failure: Failure) -> str:
-    """One line for a connection failure, without a traceback.
+    """One line for a connection failure, without a traceback (a TLS
+    failure says so, and why, in words rather than pyOpenSSL's tuples).
 
     :param failure: why a connection attempt failed or a connection was
         lost.
     """
     error = failure.value
+    tls = _tls_problem(error)
+    if tls is not None:
+        return f"TLS handshake failed: {tls[0]}"
     os_error = getattr(error, "osError", None)
     if isinstance(os_error, int):
         return os.strerror(os_error)
@@ -78,376 +195,843 @@ def describe_failure(failure: Failure) -> str:
     return str(error).strip().rstrip(".") or error.__class__.__name__
 
 
-class _Connection(FrameReceiver):
-    """A client connection: JSON frames in, JSON frames out."""
+def _problem(name: str, failure: Failure, connection: Optional["_Connection"] = None) -> Tuple[str, bool]:
+    """``(line, permanent)`` for a failed attempt (no ``connection``) or
+    a lost connection to the daemon called ``name``."""
+    tls = _tls_problem(failure.value)
+    if tls is not None:
+        return f"TLS handshake with {name} failed: {tls[0]}", tls[1]
+    if connection is None:
+        return f"cannot connect to {name}: {describe_failure(failure)}", False
+    if connection.silent and failure.check(ConnectionDone):
+        # A TLS port closes a plain connection at its first bytes, silently.
+        return (f"the connection to {name} was closed before the daemon said anything (if that port "
+                "expects TLS, give a tls: address)"), False
+    if failure.check(ConnectionDone):
+        return f"the connection to {name} was closed", False
+    return f"the connection to {name} was lost ({describe_failure(failure)})", False
 
-    MAX_LENGTH = wire.FRAME_LIMIT
-    log = Logger()
+
+def _names(addresses: Sequence[Any]) -> List[str]:
+    """Each address's `core.display_name`, made unique."""
+    names: List[str] = []
+    for address in addresses:
+        name = core.display_name(address)
+        candidate, number = name, 2
+        while candidate in names:
+            candidate, number = f"{name} ({number})", number + 1
+        names.append(candidate)
+    return names
+
+
+def _addresses(given, env: Sequence[str], default: str) -> list:
+    if IStreamClientEndpoint.providedBy(given):
+        given = [given]
+    return core.addresses(given, env, default)
+
+
+def _default_policy() -> Callable[[int], float]:
+    return backoffPolicy(initialDelay=0.5, maxDelay=30)
+
+
+# --- connections ------------------------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _Connection(Int32StringReceiver):
+    """A client connection: frames in (split by `core.FrameBuffer`, which
+    takes linear time over a large frame where Int32StringReceiver's own
+    parser copies the buffer on every read), frames out.  It counts as up
+    once connected or, over TLS, once the handshake is done."""
+
+    MAX_LENGTH = core.MAX_FRAME
+
+    def __init__(self, owner, key):
+        self.owner = owner
+        self.key = key
+        self.up = False
+        self.problem: Optional[str] = None
+        self.heard = False
+        self._frames = core.FrameBuffer(self.MAX_LENGTH)
 
     def connectionMade(self) -> None:
-        tune_connection(self.transport)
+        for setting in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(self.transport, setting, None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except OSError:
+                    break
+        if not isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._ready()
+
+    def handshakeCompleted(self) -> None:
+        if not self.up and self.problem is None:
+            self._ready()
+
+    def _ready(self) -> None:
+        self.up = True
+        self.owner._up(self)
+
+    @property
+    def silent(self) -> bool:
+        """Whether this plain (not TLS) connection was up and heard nothing."""
+        return self.up and not self.heard and not isinstance(self.transport, TLSMemoryBIOProtocol)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.heard = True
+        if self.problem is not None:
+            return
+        try:
+            frames = self._frames.feed(data)
+        except ProtocolError as e:
+            self.abort(f"{self.owner._name(self.key)}: {e}")
+            return
+        for frame in frames:
+            if self.problem is not None:
+                return
+            self.stringReceived(frame)
 
     def stringReceived(self, data: bytes) -> None:
-        try:
-            frame = loads(data)
-        except ValueError:
-            self.log.error("The daemon sent a frame that is not JSON; closing the connection")
+        self.owner._received(self, data)
+
+    def abort(self, text: str) -> None:
+        """Close the connection at once; ``text`` says why."""
+        if self.problem is None:
+            self.problem = text
             self.transport.abortConnection()
-            return
-        self.frameReceived(frame)
 
-    def send(self, message: dict) -> None:
-        self.sendString(json.dumps(message, separators=(",", ":"), allow_nan=False).encode())
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.owner._lost(self, reason)
 
 
-class _MasterConnection(_Connection):
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.factory.client._connected(self)
+class _Factory(Factory):
+    noisy = False
 
-    def frameReceived(self, frame: dict) -> None:
-        self.factory.client._frame(frame)
+    def __init__(self, owner, key):
+        self.owner = owner
+        self.key = key
 
-    def connectionLost(self, reason) -> None:
-        self.factory.client._lost(self, reason)
+    def buildProtocol(self, addr):
+        connection = _Connection(self.owner, self.key)
+        connection.factory = self
+        return connection
 
 
-class MasterClient:
-    """Submits jobs over one (re)connecting master connection.
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Tells its owner of each failed connection attempt (a cancelled one
+    is no failure)."""
 
-    Jobs in flight when the connection drops fail with `TransportError`:
-    the daemon drops a disconnected master's jobs.  Nothing connects before
-    `start`.
+    def __init__(self, endpoint, key, failed: Callable[[Any, Failure], None]):
+        self.endpoint = endpoint
+        self.key = key
+        self.failed = failed
 
-    :param address: the daemon's master port: ``host:port``, a client
-        endpoint string or an endpoint (see `client_endpoint`).
-    :param reactor: the reactor; by default, the global one.
-    :param fail_after: how many failed connection attempts a submit waits
-        through before failing with `TransportError` (None: wait for ever).
-    :param retry_policy: how long to wait before each new connection
-        attempt, as ``ClientService`` takes it; by default, backoff from
-        0.5 s to 30 s.
+    def connect(self, factory):
+        def failed(failure):
+            if not failure.check(CancelledError):
+                self.failed(self.key, failure)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
+# --- masters -----------------------------------------------------------------------------------
+
+
+class _MasterDaemon:
+    """What a `MasterClient` keeps of one daemon: its service, its
+    connection while up, and its failed attempts since the last success."""
+
+    def __init__(self, name: str, address):
+        self.name = name
+        self.address = address
+        self.service: Optional[ClientService] = None
+        self.connection: Optional[_Connection] = None
+        self.failures = 0
+        self.problem: Optional[str] = None
+        self.dead: Optional[str] = None
+
+
+class MasterClient(MultiService):
+    """Submits jobs over one (re)connecting master connection per daemon;
+    `gloom.core.MasterCore` routes each job to a daemon by its id and
+    matches the replies.  Nothing connects before `start`.
+
+    A job in flight on a daemon whose connection drops fails with
+    `TransportError` naming it (the daemon drops a departed master's jobs),
+    or with ``resubmit=True`` is submitted again to another daemon.
+
+    :param masters: the daemons' master ports: ``host:port`` or client
+        endpoint strings, a list or one comma-separated string, or an
+        endpoint; None for ``GLOOM_MASTERS``, ``GLOOM_MASTER``, else
+        127.0.0.1:9998.
+    :param reactor: the reactor, which also times the reconnections; by
+        default, the global one.
+    :param fail_after: once every daemon has failed this many connection
+        attempts in a row with none up, the requests waiting for a
+        connection fail with `TransportError` (None: they wait for ever).
+    :param retry_policy: seconds to wait before each new connection attempt,
+        as ``ClientService`` takes it; by default, backoff from 0.5 s to 30 s.
+    :param resubmit: submit a dropped daemon's jobs again elsewhere instead
+        of failing them.
+    :raises ValueError: if an address cannot be used.
     """
 
-    def __init__(self, address="127.0.0.1:9998", reactor=None, fail_after: Optional[int] = None,
-                 retry_policy=None):
+    def __init__(self, masters=None, reactor=None, fail_after: Optional[int] = None,
+                 retry_policy: Optional[Callable[[int], float]] = None, resubmit: bool = False):
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.address = address if isinstance(address, str) else repr(address)
-        factory = Factory.forProtocol(_MasterConnection)
-        factory.client = self
         self.fail_after = fail_after
-        self._service = ClientService(client_endpoint(reactor, address), factory,
-                                      retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30))
-        self._connection: Optional[_MasterConnection] = None
-        self._pending: Dict[str, Deferred] = {}
-        self._sent: Dict[str, _MasterConnection] = {}
-        self._stats: deque = deque()
+        addresses = _addresses(masters, core.MASTERS_ENV, core.DEFAULT_MASTER)
+        names = _names(addresses)
+        self._core = core.MasterCore(names, self._send, self._ended, resubmit=resubmit)
+        self._resubmit = resubmit
+        self._daemons: Dict[str, _MasterDaemon] = OrderedDict()
+        self._closed = False
+        policy = retry_policy or _default_policy()
+        for address, name in zip(addresses, names):
+            daemon = _MasterDaemon(name, address)
+            endpoint = _ReportingEndpoint(client_endpoint(reactor, address), name, self._attempt_failed)
+            daemon.service = ClientService(endpoint, _Factory(self, name), retryPolicy=policy, clock=reactor)
+            daemon.service.setServiceParent(self)
+            self._daemons[name] = daemon
+
+    # --- service ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect, and reconnect whenever the connection is lost."""
-        self._service.startService()
+        """Connect to every daemon, and reconnect whenever a connection is lost."""
+        self.startService()
+
+    def startService(self) -> None:
+        """Start the connections (`start` does this)."""
+        self._closed = False
+        self._core.resubmit = self._resubmit
+        for daemon in self._daemons.values():
+            daemon.dead, daemon.failures = None, 0
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        """Disconnect and stop reconnecting; unfinished requests fail with
+        `TransportError`."""
+        self._closed = True
+        self._core.resubmit = False
+        stopping = super().stopService()
+        return stopping.addBoth(lambda _: self._core.unreachable("the client was stopped"))
 
     def stop(self) -> Deferred:
-        """Disconnect and stop reconnecting; unfinished jobs fail.  (Done on
-        the next turn of the reactor: stop may be called from a callback of
-        the service's own connection attempt, which must not be re-entered.)"""
-        return deferLater(self.reactor, 0, self._service.stopService)
+        """Stop, on the next turn of the reactor (stop may be called from a
+        callback of a service's own connection attempt, which must not be
+        re-entered).
+
+        :returns: a Deferred that fires once every connection is closed.
+        """
+        return deferLater(self.reactor, 0, self.stopService)
 
     @property
     def connected(self) -> bool:
-        """Whether a connection to the daemon is up right now."""
-        return self._connection is not None
+        """Whether a connection to any daemon is up right now."""
+        return bool(self._core.up())
 
-    # --- requests -----------------------------------------------------------------
+    @property
+    def up(self) -> List[str]:
+        """The names of the daemons connected now."""
+        return self._core.up()
 
-    def _when_connected(self) -> Deferred:
-        connected = self._service.whenConnected(failAfterFailures=self.fail_after)
+    @property
+    def daemons(self) -> List[str]:
+        """The names of all the daemons, as messages and errors give them."""
+        return list(self._daemons)
 
-        def refused(failure):
-            if failure.check(CancelledError):
-                return failure
-            raise TransportError(f"cannot connect to {self.address}: {describe_failure(failure)}")
-
-        return connected.addErrback(refused)
+    # --- requests -----------------------------------------------------------------------------
 
     def submit(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
                timeout: Optional[float] = None) -> Deferred:
-        """Submit a job, once connected.  Cancelling the Deferred cancels the
-        job.
+        """Submit a job (now, or once a daemon is up).  Cancelling the
+        Deferred cancels the job.
 
         :param type: the job's type.
-        :param body: the job's body: any value ``json.dumps`` takes.
+        :param body: the job's body: any JSON value.
         :param priority: larger runs first.
         :param id: the job's id, unique among this client's jobs in flight;
             by default a fresh uuid4 hex.
         :param timeout: the job's own time limit on a slave, in seconds.
         :returns: a Deferred that fires with the answer body, or fails with
             `ServerError` (refused, or ``job_failed``) or `TransportError`.
+        :raises EncodeError: if the body cannot be sent as JSON.
         :raises ValueError: if a job with that id is in flight already.
         """
-        job_id = id or uuid.uuid4().hex
-        if job_id in self._pending:
-            raise ValueError(f"job {job_id!r} is already in flight")
-        message = {"action": "submit", "id": job_id, "type": type, "body": body, "priority": priority}
-        if timeout is not None:
-            message["timeout"] = timeout
-        result = Deferred(lambda d: self._cancel(job_id))
-        self._pending[job_id] = result
+        request = self._core.submit(type, body, priority, id, timeout)
+        waiter = Deferred(lambda d: self._abandon(request, d))
+        self._wait(request, waiter)
+        return waiter
 
-        def send(connection):
-            if self._pending.get(job_id) is result:
-                self._sent[job_id] = connection
-                connection.send(message)
+    run = submit
 
-        def not_sent(failure):
-            if self._pending.get(job_id) is result:
-                del self._pending[job_id]
-                result.errback(failure)
+    def map(self, type: str, bodies: Iterable[Any], window: int = 64, priority: int = 0,
+            timeout: Optional[float] = None) -> Deferred:
+        """Submit a job for each body, ``window`` in flight at most.
 
-        self._when_connected().addCallbacks(send, not_sent)
+        :returns: a Deferred that fires with the answer bodies in input
+            order, or fails with the first failure in that order (the jobs
+            still in flight are then cancelled).  Cancelling it cancels them.
+        :raises ValueError: if ``window`` is below 1.
+        """
+        return _Mapping(self, type, iter(bodies), core.InOrder(window), priority, timeout).start()
+
+    def cancel(self, job_id: str) -> Deferred:
+        """Cancel a job by id: its submit Deferred fails with
+        ``CancelledError`` now.
+
+        :param job_id: the id the job was submitted with.
+        :returns: a Deferred that fires once the daemon withdrew the job, or
+            fails with `ServerError` ``unknown_job`` if it had ended or is
+            not this client's.
+        """
+        job = self._core.jobs.get(job_id)
+        waiter = job.waiter if job is not None else None
+        if isinstance(waiter, Deferred):
+            job.waiter = None
+        request = self._core.cancel(job_id)
+        if isinstance(waiter, Deferred) and not waiter.called:
+            waiter.cancel()
+        result = Deferred()
+        self._wait(request, result)
         return result
 
-    def _cancel(self, job_id: str) -> None:
-        self._pending.pop(job_id, None)
-        connection = self._sent.pop(job_id, None)
-        if connection is not None and connection.transport.connected:
-            connection.send({"action": "cancel", "id": job_id})
+    def stats(self, daemon: Optional[str] = None) -> Deferred:
+        """Figures of the daemons: one daemon's own stats, or with several,
+        those of the daemons up added by `core.sum_stats` (each daemon's
+        under ``daemons``).
 
-    def cancel(self, job_id: str) -> None:
-        """Cancel a job by id (the same as cancelling its Deferred).
-
-        :param job_id: the id the job was submitted with; a job not in
-            flight is ignored.
+        :param daemon: the name or address of the one daemon to ask.
+        :returns: a Deferred for the stats dict.
         """
-        pending = self._pending.get(job_id)
-        if pending is not None:
-            pending.cancel()
+        if daemon is not None:
+            name = self._name_of(daemon)
+            result = Deferred()
+            self._wait(self._core.stats(name), result)
+            return result
+        if len(self._daemons) == 1:
+            result = Deferred()
+            self._wait(self._core.stats(), result)
+            return result
+        up = self._core.up()
+        if not up:
+            request = self._core.stats()
+            result = Deferred()
+            self._wait(request, result)
+            return result.addCallback(lambda stats: core.sum_stats({request.daemon: stats}))
+        asked = []
+        for name in up:
+            waiter = Deferred()
+            self._wait(self._core.stats(name), waiter)
+            asked.append(waiter)
 
-    def stats(self) -> Deferred:
-        """The daemon's figures (a Deferred for the stats dict)."""
-        reply = Deferred()
+        def add_up(outcomes):
+            figures = {name: value for name, (ok, value) in zip(up, outcomes) if ok}
+            if not figures:
+                return outcomes[0][1]
+            return core.sum_stats(figures)
 
-        def send(connection):
-            self._stats.append(reply)
-            connection.send({"action": "stats"})
+        return DeferredList(asked, consumeErrors=True).addCallback(add_up)
 
-        self._when_connected().addCallbacks(send, reply.errback)
-        return reply
+    def _name_of(self, daemon) -> str:
+        if daemon in self._daemons:
+            return daemon
+        for name, state in self._daemons.items():
+            if state.address == daemon or core.display_name(daemon) == name:
+                return name
+        raise ValueError(f"{daemon!r} is not one of this client's daemons")
 
-    # --- frames ---------------------------------------------------------------------
+    # --- the core's requests and Deferreds ----------------------------------------------------
 
-    def _connected(self, connection: _MasterConnection) -> None:
-        self._connection = connection
+    def _wait(self, request: Request, waiter) -> None:
+        """Attach a waiter (a Deferred, or a function of the request) and
+        fail the request at once if no daemon can ever take it."""
+        request.waiter = waiter
+        if request.done:
+            self._ended(request)
+        elif not request.sent and self._hopeless():
+            self._core.unreachable(self._hopeless())
 
-    def _frame(self, frame: dict) -> None:
-        job_id = frame.get("id")
-        if "stats" in frame or (job_id is None and "error" in frame):
-            if self._stats:
-                waiting = self._stats.popleft()
-                if "error" in frame:
-                    waiting.errback(ServerError.from_frame(frame))
-                else:
-                    waiting.callback(frame["stats"])
+    def _hopeless(self) -> Optional[str]:
+        """Why no daemon will take a request, if none will."""
+        if self._closed:
+            return "the client was stopped"
+        if all(daemon.dead for daemon in self._daemons.values()):
+            return "; ".join(daemon.dead for daemon in self._daemons.values())
+        return None
+
+    def _ended(self, request: Request) -> None:
+        waiter, request.waiter = request.waiter, None
+        if waiter is None:
             return
-        if frame.get("ok"):
-            return
-        result = self._pending.pop(job_id, None)
-        self._sent.pop(job_id, None)
-        if result is None:
-            return
-        if "error" in frame:
-            result.errback(ServerError.from_frame(frame))
-        elif "body" in frame:
-            result.callback(frame["body"])
-        else:
-            result.errback(ProtocolError(f"unexpected frame {frame!r}"))
-
-    def _lost(self, connection: _MasterConnection, reason: Failure) -> None:
-        if self._connection is connection:
-            self._connection = None
-        lost = [job_id for job_id, sent_on in self._sent.items() if sent_on is connection]
-        why = "the connection to the daemon was lost" if not reason.check(ConnectionDone) else \
-            "the connection to the daemon was closed"
-        for job_id in lost:
-            del self._sent[job_id]
-            result = self._pending.pop(job_id, None)
-            if result is not None:
-                result.errback(TransportError(f"{why}; the outcome of job {job_id!r} is unknown"))
-        while self._stats:
-            self._stats.popleft().errback(TransportError(why))
-
-
-class _SlaveConnection(_Connection):
-    """Joins the worker's type, runs each job through the handler, answers."""
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.slot = self.factory.slot
-        self.busy = False
-        self.slot.connection = self
-        self.send({"action": "join", "type": self.slot.worker.job_type})
-
-    def frameReceived(self, frame: dict) -> None:
-        if frame.get("action") == "job":
-            self.busy = True
-            job = Job(frame)
-            outcome = maybeDeferred(self.slot.worker.handler, job)
-            outcome.addCallbacks(self._respond, self._fail, (job.id,), None, (job.id,))
-            outcome.addErrback(lambda f: self.log.failure("Could not answer job {id!r}", f, id=job.id))
-        elif "error" in frame:
-            if frame["error"] == "timed_out":
-                self.log.warn("Job {id!r} ran past its timeout; the answer was discarded", id=frame.get("id"))
+        if not isinstance(waiter, Deferred):
+            waiter(request)
+        elif not waiter.called:
+            if request.error is not None:
+                waiter.errback(Failure(request.error))
             else:
-                self.log.error("The daemon refused: {error}: {reason}", error=frame.get("error"),
-                               reason=frame.get("reason"))
-            self._answered()
-        elif frame.get("ok") and self.busy:
-            self._answered()
+                waiter.callback(request.value)
 
-    def _respond(self, result: Any, job_id: str) -> None:
-        self.send({"action": "respond", "id": job_id, "body": result})
+    def _abandon(self, request: Request, waiter: Deferred) -> None:
+        """A submit's Deferred was cancelled: cancel the job."""
+        if request.waiter is waiter:
+            request.waiter = None
+            if not request.done:
+                self._core.cancel(request.id)
 
-    def _fail(self, failure: Failure, job_id: str) -> None:
-        reason = failure.getErrorMessage() or failure.type.__name__
-        self.send({"action": "fail", "id": job_id, "reason": reason})
+    # --- connections ------------------------------------------------------------------------
 
-    def _answered(self) -> None:
-        if self.busy:
-            self.busy = False
-            self.slot.job_done()
+    def _name(self, key: str) -> str:
+        return key
 
-    def connectionLost(self, reason) -> None:
-        if self.slot.connection is self:
-            self.slot.connection = None
-        if not self.slot.stopping:
-            self.slot.worker.report(f"connection to {self.slot.worker.address} lost: "
-                                    f"{describe_failure(reason)}; reconnecting")
-        if self.busy:
-            self.busy = False
-            self.slot.job_done()
+    def _send(self, name: str, data: bytes) -> None:
+        self._daemons[name].connection.transport.write(data)
 
+    def _up(self, connection: _Connection) -> None:
+        daemon = self._daemons[connection.key]
+        daemon.connection = connection
+        daemon.failures = 0
+        daemon.problem = None
+        self._core.connected(daemon.name)
 
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """Reports each failed connection attempt (and the recovery after one),
-    so a worker that cannot reach the daemon says so instead of retrying
-    in silence."""
+    def _received(self, connection: _Connection, data: bytes) -> None:
+        if not connection.up:
+            return
+        try:
+            self._core.received(connection.key, core.decode(data, connection.key))
+        except ProtocolError as e:
+            connection.abort(str(e))
 
-    def __init__(self, endpoint, address: str, report: Callable[[str], None]):
-        self.endpoint = endpoint
-        self.address = address
-        self.report = report
-        self.failing = False
+    def _lost(self, connection: _Connection, reason: Failure) -> None:
+        daemon = self._daemons[connection.key]
+        line, permanent = _problem(daemon.name, reason, connection)
+        if daemon.connection is connection:
+            daemon.connection = None
+            if self._closed:
+                why = "the client was stopped"
+            else:
+                why = connection.problem or line
+            self._core.lost(daemon.name, why)
+            if permanent:
+                self._dead(daemon, line)
+        elif not self._closed:
+            # Lost before it was up (the TLS handshake failed): a failed attempt.
+            self._failed(daemon, line, permanent)
 
-    def connect(self, factory):
-        def connected(connection):
-            if self.failing:
-                self.failing = False
-                self.report(f"connected to {self.address}")
-            return connection
+    def _attempt_failed(self, name: str, failure: Failure) -> None:
+        line, permanent = _problem(name, failure)
+        self._failed(self._daemons[name], line, permanent)
 
-        def failed(failure):
-            if not failure.check(CancelledError):
-                self.failing = True
-                self.report(f"cannot connect to {self.address}: {describe_failure(failure)}; retrying")
-            return failure
+    def _failed(self, daemon: _MasterDaemon, line: str, permanent: bool) -> None:
+        daemon.failures += 1
+        daemon.problem = line
+        if permanent:
+            self._dead(daemon, line)
+            return
+        if self.fail_after is None or self._core.up():
+            return
+        daemons = list(self._daemons.values())
+        if all(state.dead or state.failures >= self.fail_after for state in daemons):
+            why = "; ".join(state.dead or state.problem or f"cannot connect to {state.name}"
+                            for state in daemons)
+            for state in daemons:
+                state.failures = 0
+            self._core.unreachable(why)
 
-        return self.endpoint.connect(factory).addCallbacks(connected, failed)
-
-
-class _Slot:
-    """One of a worker's slave connections."""
-
-    def __init__(self, worker: "Worker", endpoint, retry_policy):
-        self.worker = worker
-        factory = Factory.forProtocol(_SlaveConnection)
-        factory.slot = self
-        self.service = ClientService(endpoint, factory, retryPolicy=retry_policy)
-        self.connection: Optional[_SlaveConnection] = None
-        self.stopping = False
-        self._drained: Optional[Deferred] = None
-
-    def job_done(self) -> None:
-        if self._drained is not None:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
-
-    def stop(self) -> Deferred:
-        """Stop after the job in hand, if any, is answered."""
-        self.stopping = True
-        if self.connection is not None and self.connection.busy:
-            self._drained = Deferred()
-            return self._drained.addCallback(lambda _: self.service.stopService())
-        return self.service.stopService()
+    def _dead(self, daemon: _MasterDaemon, line: str) -> None:
+        """Retrying cannot reach this daemon (its TLS settings are wrong):
+        stop trying, and fail what waits if no daemon is left."""
+        if daemon.dead is None:
+            daemon.dead = line
+            self.reactor.callLater(0, daemon.service.stopService)
+        if not self._core.up():
+            why = self._hopeless()
+            if why is not None:
+                self._core.unreachable(why)
 
 
-class Worker:
-    """``concurrency`` slave connections of one type sharing a handler.
-    Nothing connects before `start`.
+class _Mapping:
+    """One `MasterClient.map`: feeds an `InOrder` window from the bodies
+    and collects its answers in order."""
+
+    def __init__(self, client: MasterClient, type: str, bodies, window: "core.InOrder", priority: int,
+                 timeout: Optional[float]):
+        self.client = client
+        self.type = type
+        self.bodies = bodies
+        self.window = window
+        self.priority = priority
+        self.timeout = timeout
+        self.answers: List[Any] = []
+        self.live: List[Request] = []
+        self.exhausted = False
+        self.pumping = False
+        self.again = False
+        self.result = Deferred(lambda d: self._cancel_all())
+
+    def start(self) -> Deferred:
+        self._pump()
+        return self.result
+
+    def _ended(self, request: Request) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        """Take out the answers ready and refill the window, until nothing
+        changes (a request may end while the window is being refilled)."""
+        if self.pumping:
+            self.again = True
+            return
+        self.pumping = True
+        try:
+            self.again = True
+            while self.again and not self.result.called:
+                self.again = False
+                self._step()
+        finally:
+            self.pumping = False
+
+    def _step(self) -> None:
+        for request in self.window.ready():
+            self.live.remove(request)
+            if request.error is not None:
+                self._fail(request.error)
+                return
+            self.answers.append(request.value)
+        while self.window.room and not self.exhausted:
+            try:
+                body = next(self.bodies)
+                request = self.client._core.submit(self.type, body, self.priority, None, self.timeout)
+            except StopIteration:
+                self.exhausted = True
+                break
+            except Exception as e:
+                self._fail(e)
+                return
+            self.window.add(request)
+            self.live.append(request)
+            self.client._wait(request, self._ended)
+        if self.exhausted and not self.live:
+            self.result.callback(self.answers)
+
+    def _cancel_all(self) -> None:
+        """Cancel the jobs still in flight."""
+        self.exhausted = True
+        live, self.live = self.live, []
+        for request in live:
+            request.waiter = None
+            if not request.done:
+                self.client._core.cancel(request.id)
+
+    def _fail(self, error: BaseException) -> None:
+        self._cancel_all()
+        if not self.result.called:
+            self.result.errback(Failure(error))
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+class _WorkerDaemon:
+    """What a `Worker` keeps of one daemon: whether an outage was
+    reported, so it is reported once and its end too."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.reported = False
+
+
+class Worker(MultiService):
+    """Answers jobs of one type from one or more daemons with a handler,
+    ``concurrency`` at once at most: `gloom.core.WorkerCore` keeps
+    ``concurrency`` slave connections to each daemon and asks for work on
+    no more of them than there is room for.  Nothing connects before
+    `start`.
+
+    A fatal error (the daemon refused to serve the type, or TLS settings the
+    daemon rejects) is reported, then the worker stops itself and `done`
+    fails with `WorkerError`.
 
     :param job_type: the type of jobs to take.
     :param handler: called with each `Job`; returns the answer body or a
         Deferred for it, and an exception or failure fails the job with its
         text.
-    :param concurrency: how many connections, so how many jobs at once.
-    :param address: the daemon's slave port: ``host:port``, a client
-        endpoint string or an endpoint (see `client_endpoint`).
-    :param reactor: the reactor; by default, the global one.
+    :param concurrency: the most jobs in hand at once.
+    :param slaves: the daemons' slave ports, as `MasterClient` takes its
+        masters; None for ``GLOOM_SLAVES``, ``GLOOM_SLAVE``, else
+        127.0.0.1:9999.
+    :param reactor: the reactor, which also times the reconnections; by
+        default, the global one.
     :param retry_policy: as `MasterClient` takes it.
     :param report: called with a line of text when a connection attempt
-        fails, when one succeeds after that, and when a connection is lost;
-        by default, a warning is logged.
-    :raises ValueError: if ``concurrency`` is below 1.
+        fails (once until one succeeds, which is reported too), when a
+        connection is lost, and on errors; by default, logged.
+    :param on_job: called with ``(job, seconds, error)`` after each job ran:
+        ``error`` is the exception it failed with, or None.
+    :raises ValueError: if ``concurrency`` is below 1, the type is empty, or
+        an address cannot be used.
     """
 
     log = Logger()
 
-    def __init__(self, job_type: str, handler: Callable[[Job], Any], concurrency: int = 1,
-                 address="127.0.0.1:9999", reactor=None, retry_policy=None,
-                 report: Optional[Callable[[str], None]] = None):
+    def __init__(self, job_type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves=None,
+                 reactor=None, retry_policy: Optional[Callable[[int], float]] = None,
+                 report: Optional[Callable[[str], None]] = None,
+                 on_job: Optional[Callable[[Job, float, Optional[BaseException]], None]] = None):
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        self.reactor = reactor
         self.job_type = job_type
         self.handler = handler
-        self.address = str(address)
-        self.report = report or (lambda message: self.log.warn("{message}", message=message))
-        endpoint = _ReportingEndpoint(client_endpoint(reactor, address), self.address, self.report)
-        policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
-        self.slots: List[_Slot] = [_Slot(self, endpoint, policy) for _ in range(concurrency)]
+        self.concurrency = concurrency
+        self.report = report or (lambda text: self.log.warn("{text}", text=text))
+        self.on_job = on_job
+        addresses = _addresses(slaves, core.SLAVES_ENV, core.DEFAULT_SLAVE)
+        names = _names(addresses)
+        self._core = core.WorkerCore(job_type, concurrency, names, self._send, self._run, self._said)
+        self._daemons = {name: _WorkerDaemon(name) for name in names}
+        self._handlers: Dict[int, Deferred] = {}
+        self._stopping = False
+        self._draining = False
+        self._stopped = False
+        self._reply_timer = None
+        self._error: Optional[WorkerError] = None
+        self._stop_waiters: List[Deferred] = []
+        self._done_waiters: List[Deferred] = []
+        self._rotation: Optional[LoopingCall] = None
+        policy = retry_policy or _default_policy()
+        endpoints_by_name = {
+            name: _ReportingEndpoint(client_endpoint(reactor, address), name, self._attempt_failed)
+            for address, name in zip(addresses, names)}
+        for link in self._core.links:
+            service = ClientService(endpoints_by_name[link.daemon], _Factory(self, link), retryPolicy=policy,
+                                    clock=reactor)
+            service.setServiceParent(self)
+
+    # --- service ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect every slave connection, and reconnect each when lost."""
-        for slot in self.slots:
-            slot.service.startService()
+        self.startService()
+
+    def startService(self) -> None:
+        """Connect, as `start` does; with several daemons, also call the
+        core's ``rotate`` every `gloom.core.WorkerCore.ROTATE_INTERVAL`
+        seconds of the reactor's clock until the worker stops."""
+        MultiService.startService(self)
+        if len(self._core.daemons) > 1 and self._rotation is None and not self._stopping:
+            self._rotation = LoopingCall(self._core.rotate)
+            self._rotation.clock = self.reactor
+            self._rotation.start(self._core.ROTATE_INTERVAL, now=False).addErrback(
+                lambda failure: self.log.failure("rotating the asks failed", failure))
+
+    def stopService(self) -> Deferred:
+        """Stop gracefully, as `stop` does."""
+        return self.stop()
 
     def stop(self) -> Deferred:
-        """Take no new jobs; finish and answer the jobs in hand; disconnect."""
-        return DeferredList([slot.stop() for slot in self.slots])
+        """Take no new job (at once), finish and answer the jobs in hand,
+        hand back any job that crossed the worker's ``leave``, then
+        disconnect.
+
+        :returns: a Deferred that fires once the worker has stopped.
+        """
+        if self._stopped:
+            return succeed(None)
+        waiter = Deferred()
+        self._stop_waiters.append(waiter)
+        if not self._stopping:
+            self._stopping = True
+            self._stop_rotation()
+            self._core.stop()
+            self._check_drained()
+        return waiter
+
+    @property
+    def done(self) -> Deferred:
+        """A new Deferred that fires (with None) once the worker has stopped,
+        or fails with `WorkerError` if it stopped on a fatal error."""
+        if self._stopped:
+            return succeed(None) if self._error is None else _failed(self._error)
+        waiter = Deferred()
+        self._done_waiters.append(waiter)
+        return waiter
 
     @property
     def busy(self) -> int:
-        """How many connections hold a job."""
-        return sum(1 for slot in self.slots if slot.connection is not None and slot.connection.busy)
+        """How many jobs the worker holds now."""
+        return self._core.in_hand
+
+    @property
+    def released(self) -> int:
+        """How many jobs were handed back unrun, having come when the
+        worker was full or stopping."""
+        return self._core.released
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def _run(self, link: "core.Link", job: Job) -> None:
+        started = self.reactor.seconds()
+        running = maybeDeferred(self.handler, job)
+        key = id(running)
+        self._handlers[key] = running
+        running.addBoth(self._ran, link, job, started, key)
+
+    def _ran(self, outcome: Any, link: "core.Link", job: Job, started: float, key: int) -> None:
+        self._handlers.pop(key, None)
+        error = None
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            reason = outcome.getErrorMessage() or outcome.type.__name__
+            self._core.finished(link, job, failure=reason)
+        else:
+            self._core.finished(link, job, outcome)
+        if self.on_job is not None:
+            try:
+                self.on_job(job, self.reactor.seconds() - started, error)
+            except Exception:
+                self.log.failure("on_job raised")
+        self._check_drained()
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _name(self, link: "core.Link") -> str:
+        return link.daemon
+
+    def _send(self, link: "core.Link", data: bytes) -> None:
+        link.handle.transport.write(data)
+
+    def _up(self, connection: _Connection) -> None:
+        link = connection.key
+        daemon = self._daemons[link.daemon]
+        if daemon.reported:
+            daemon.reported = False
+            self.report(f"connected to {daemon.name}")
+        link.handle = connection
+        self._core.link_up(link)
+
+    def _received(self, connection: _Connection, data: bytes) -> None:
+        link = connection.key
+        if link.handle is not connection:
+            return
+        try:
+            message = core.decode(data, link.daemon)
+        except ProtocolError as e:
+            self.report(str(e))
+            connection.abort(str(e))
+            return
+        self._core.received(link, message)
+        self._check_drained()
+
+    def _lost(self, connection: _Connection, reason: Failure) -> None:
+        link = connection.key
+        daemon = self._daemons[link.daemon]
+        line, permanent = _problem(daemon.name, reason, connection)
+        if link.handle is connection:
+            link.handle = None
+            job = self._core.link_down(link)
+            if permanent:
+                self._fatal(line)
+            elif not self._draining and not daemon.reported:
+                daemon.reported = True
+                held = f" while running job {job.id!r} (the daemon queues it again)" if job is not None else ""
+                self.report(f"{connection.problem or line}{held}; reconnecting")
+            self._check_drained()
+        elif not self._draining:
+            self._failed(daemon, line, permanent)
+
+    def _attempt_failed(self, name: str, failure: Failure) -> None:
+        line, permanent = _problem(name, failure)
+        self._failed(self._daemons[name], line, permanent)
+
+    def _failed(self, daemon: _WorkerDaemon, line: str, permanent: bool) -> None:
+        if permanent:
+            self._fatal(line)
+        elif not daemon.reported and not self._draining:
+            daemon.reported = True
+            self.report(f"{line}; retrying")
+
+    def _said(self, text: str, fatal: bool) -> None:
+        if fatal:
+            self._fatal(text)
+        else:
+            self.report(text)
+
+    def _fatal(self, text: str) -> None:
+        """An error retrying cannot fix: say it once, then stop."""
+        if self._error is None:
+            self._error = WorkerError(text)
+            self.report(text)
+            self.stop()
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def _stop_rotation(self) -> None:
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
+
+    def _check_drained(self) -> None:
+        """Once stopping, no handler running and no reply awaited (so no job
+        can be crossing a ``leave``), stop the connections."""
+        if not self._stopping or self._draining or self._handlers:
+            return
+        if any(link.up and link.job is not None for link in self._core.links):
+            return
+        if any(link.up and link.replies for link in self._core.links):
+            if self._reply_timer is None:
+                self._reply_timer = self.reactor.callLater(REPLY_WAIT, self._disconnect)
+            return
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        self._stop_rotation()
+        if self._reply_timer is not None and self._reply_timer.active():
+            self._reply_timer.cancel()
+        if self._draining:
+            return
+        self._draining = True
+        stopping = MultiService.stopService(self)
+        stopping.addBoth(self._finished)
+
+    def _finished(self, _) -> None:
+        self._stopped = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        waiters, self._done_waiters = self._done_waiters, []
+        for waiter in waiters:
+            if self._error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(Failure(self._error))
 
 
-def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, address="127.0.0.1:9999",
+def _failed(error: BaseException) -> Deferred:
+    waiter = Deferred()
+    waiter.errback(Failure(error))
+    return waiter
+
+
+def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves=None,
          reactor=None) -> Worker:
-    """Start ``concurrency`` slave connections answering jobs of ``type``
-    with ``handler(job)``.
+    """Start a `Worker` answering jobs of ``type`` with ``handler(job)``.
 
     :param type: the type of jobs to take.
     :param handler: called with each `Job`; returns the answer body or a
         Deferred for it (an exception or failure sends ``fail`` with its
         text).
-    :param concurrency: how many jobs at once, each on its own connection.
-    :param address: the daemon's slave port, as `Worker` takes it.
+    :param concurrency: the most jobs at once.
+    :param slaves: the daemons' slave ports, as `Worker` takes them.
     :param reactor: the reactor; by default, the global one.
     :returns: the started `Worker`.
     """
-    worker = Worker(type, handler, concurrency, address, reactor)
+    worker = Worker(type, handler, concurrency, slaves, reactor)
     worker.start()
     return worker

@@ -1,0 +1,929 @@
+"""An asyncio client for Gloom: `Master` submits jobs and awaits their
+answers, `Worker` (or `work`) answers jobs with a plain or async function.
+
+Both are thin shells over `gloom.core`: they open one connection per
+daemon (per job slot, for a worker), reconnect with backoff, and move
+frames between those connections and `gloom.core.MasterCore` or
+`gloom.core.WorkerCore`.  Only the standard library is used::
+
+    import asyncio
+    from gloom.aio import Master, work
+
+    async def main():
+        worker = await work("upper", lambda job: job.body.upper(), concurrency=4)
+        async with Master() as master:
+            print(await master.run("upper", "hello"))          # HELLO
+            async for answer in master.map("upper", ["a", "b"]):
+                print(answer)                                  # A, then B
+        await worker.stop()
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import ssl as _ssl
+import weakref
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, \
+    Set, Tuple, Union
+
+from gloom import core
+from gloom.core import EncodeError, Job, ProtocolError, TransportError, WorkerError
+
+__all__ = ["Master", "Worker", "Answers", "work"]
+
+Addresses = Union[None, str, Sequence[str]]
+TLS = Union[None, bool, _ssl.SSLContext]
+
+_log = logging.getLogger("gloom.aio")
+
+_TRANSIENT_TLS = (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)
+
+
+# --- connections -----------------------------------------------------------------------------
+
+
+def _tls_failure(error: BaseException, daemon: str) -> Optional[str]:
+    """One line saying a TLS handshake or session with ``daemon`` failed,
+    and why; None if ``error`` is not such a failure."""
+    if isinstance(error, _ssl.SSLCertVerificationError):
+        message = str(error.verify_message or error.reason or error).rstrip(".")
+        if "mismatch" in message.lower():
+            return f"TLS with {daemon} failed: wrong host name ({message})"
+        return f"TLS with {daemon} failed: certificate verify failed ({message})"
+    if not isinstance(error, _ssl.SSLError) or isinstance(error, _TRANSIENT_TLS):
+        return None
+    reason = str(error.reason or "").upper()
+    if "CERTIFICATE_REQUIRED" in reason or "PEER_DID_NOT_RETURN" in reason:
+        why = "the daemon requires a client certificate"
+    elif any(word in reason for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                                         "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED")):
+        why = f"the daemon refused the client certificate ({reason.lower().replace('_', ' ')})"
+    elif "HANDSHAKE_FAILURE" in reason:
+        why = "the daemon refused the handshake (a client certificate may be required)"
+    elif any(word in reason for word in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH")):
+        why = "the daemon does not speak TLS on that port"
+    else:
+        why = (reason.lower().replace("_", " ") or str(error)).strip()
+    return f"TLS with {daemon} failed: {why}"
+
+
+def _connect_failure(error: BaseException, daemon: str, timeout: float) -> Tuple[str, bool]:
+    """Why a connection attempt to ``daemon`` failed, in one line, and
+    whether retrying cannot help (a TLS or configuration error)."""
+    tls = _tls_failure(error, daemon)
+    if tls is not None:
+        return tls, True
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return f"cannot connect to {daemon}: no connection within {timeout:g} s", False
+    if isinstance(error, OSError):
+        return f"cannot connect to {daemon}: {error.strerror or error}", False
+    return f"cannot connect to {daemon}: {error}", True
+
+
+def _loss(error: Optional[BaseException], daemon: str, why: Optional[str]) -> Tuple[str, bool]:
+    """Why a connection to ``daemon`` ended, in one line, and whether it
+    was a TLS failure that retrying cannot help."""
+    if why is not None:
+        return why, False
+    if error is None:
+        return f"the connection to {daemon} was closed", False
+    tls = _tls_failure(error, daemon)
+    if tls is not None:
+        return tls, True
+    text = getattr(error, "strerror", None) or str(error) or error.__class__.__name__
+    return f"the connection to {daemon} was lost: {text}", False
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a daemon: splits the bytes into frames and hands
+    each decoded frame to ``received``; ``closed`` resolves with the
+    exception the connection ended with (None for a clean close)."""
+
+    def __init__(self, name: str, received: Callable[[dict], None]):
+        self.name = name
+        self.received = received
+        self.buffer = core.FrameBuffer()
+        self.transport: Optional[asyncio.Transport] = None
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future = self._loop.create_future()
+        self.why: Optional[str] = None
+        self._unsent: Optional[List[bytes]] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.why is not None:
+            return
+        try:
+            for payload in self.buffer.feed(data):
+                self.received(core.decode(payload, self.name))
+                if self.why is not None:
+                    return
+        except ProtocolError as e:
+            self.abort(f"the connection to {self.name} was dropped: {e}")
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data``: the frames written in one turn of the event loop
+        go out together, in one system call rather than one each."""
+        if self._unsent is None:
+            self._unsent = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._unsent.append(data)
+
+    def flush(self) -> None:
+        """Hand what was written to the transport now."""
+        unsent, self._unsent = self._unsent, None
+        if unsent and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(unsent))
+
+    def close(self) -> None:
+        """Close the connection once what was written is sent."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, why: str) -> None:
+        """Drop the connection at once, for ``why``."""
+        if self.why is None:
+            self.why = why
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Shell:
+    """What `Master` and `Worker` share: addresses, TLS, and connecting with
+    backoff."""
+
+    def __init__(self, addresses: List[str], ssl: TLS, server_hostname: Optional[str],
+                 connect_timeout: float, retry_initial: float, retry_max: float):
+        if retry_initial <= 0 or retry_max < retry_initial:
+            raise ValueError("retry delays must be positive, and retry_max at least retry_initial")
+        self.addresses = addresses
+        self._hosts = {core.display_name(address): core.host_port(address) for address in addresses}
+        self.names = list(self._hosts)
+        if ssl is True:
+            ssl = _ssl.create_default_context()
+        elif ssl is False:
+            ssl = None
+        self._ssl: Optional[_ssl.SSLContext] = ssl
+        self._server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: Dict[Any, asyncio.Task] = {}
+        self._connections: Dict[Any, _Connection] = {}
+        self._closing = False
+
+    async def _open(self, name: str, received: Callable[[dict], None]) -> _Connection:
+        """Connect to daemon ``name``; the seam tests replace."""
+        host, port = self._hosts[name]
+        loop = asyncio.get_running_loop()
+        connection = _Connection(name, received)
+        options: Dict[str, Any] = {}
+        if self._ssl is not None:
+            options = {"ssl": self._ssl, "server_hostname": self._server_hostname or host}
+        await asyncio.wait_for(loop.create_connection(lambda: connection, host, port, **options),
+                               self.connect_timeout)
+        return connection
+
+    def _delay(self, delay: float) -> float:
+        """``delay`` with jitter, so that many clients do not retry in step."""
+        return min(delay, self.retry_max) * random.uniform(0.5, 1.0)
+
+    async def _start(self, keys: Iterable[Tuple[Any, str]]) -> None:
+        """Start a `_keep` task for each (key, daemon name), and wait until
+        each has made its first attempt (at most ``connect_timeout``)."""
+        if self._loop is not None:
+            raise RuntimeError("already started")
+        self._loop = asyncio.get_running_loop()
+        firsts = []
+        for key, name in keys:
+            first = self._loop.create_future()
+            firsts.append(first)
+            self._tasks[key] = self._loop.create_task(self._keep(key, name, first))
+        if firsts:
+            await asyncio.wait(firsts, timeout=self.connect_timeout)
+
+    async def _keep(self, key: Any, name: str, first: asyncio.Future) -> None:
+        """Keep connection ``key`` to daemon ``name`` up until closing:
+        connect, serve, and after each failure or loss try again, waiting
+        twice as long each time (``retry_initial`` to ``retry_max``)."""
+        delay = self.retry_initial
+        failures = 0
+        try:
+            while not self._closing:
+                try:
+                    connection = await self._open(name, self._receiver(key))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    failures += 1
+                    why, permanent = _connect_failure(e, name, self.connect_timeout)
+                    self._attempt_failed(key, failures, why, permanent)
+                    if not first.done():
+                        first.set_result(None)
+                    await asyncio.sleep(self._delay(delay))
+                    delay = min(delay * 2, self.retry_max)
+                    continue
+                if self._closing:
+                    connection.close()
+                    break
+                failures = 0
+                delay = self.retry_initial
+                self._connections[key] = connection
+                self._up(key, connection)
+                if not first.done():
+                    first.set_result(None)
+                error = await connection.closed
+                del self._connections[key]
+                why, permanent = _loss(error, name, connection.why)
+                if self._closing:
+                    why, permanent = f"the connection to {name} was closed by this client", False
+                self._down(key, why, permanent)
+                if not self._closing:
+                    await asyncio.sleep(self._delay(self.retry_initial))
+        finally:
+            if not first.done():
+                first.set_result(None)
+
+    async def _close_connections(self) -> None:
+        """Stop reconnecting; close each connection once what was written
+        to it is sent, and wait for every connection task to end."""
+        self._closing = True
+        connected = dict(self._connections)
+        for key, task in self._tasks.items():
+            if key not in connected:
+                task.cancel()
+        for connection in connected.values():
+            connection.close()
+        closing = [connection.closed for connection in connected.values()]
+        if closing:
+            await asyncio.wait(closing, timeout=self.connect_timeout)
+        for connection in connected.values():
+            if not connection.closed.done() and connection.transport is not None:
+                connection.transport.abort()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- what the subclasses do with their connections ---------------------------------------
+
+    def _receiver(self, key: Any) -> Callable[[dict], None]:
+        """The function that takes each frame connection ``key`` receives."""
+        raise NotImplementedError
+
+    def _attempt_failed(self, key: Any, failures: int, why: str, permanent: bool) -> None:
+        """Connecting failed (``failures`` times in a row)."""
+        raise NotImplementedError
+
+    def _up(self, key: Any, connection: _Connection) -> None:
+        """Connection ``key`` is up."""
+        raise NotImplementedError
+
+    def _down(self, key: Any, why: str, permanent: bool) -> None:
+        """Connection ``key`` is gone (``why``, for people)."""
+        raise NotImplementedError
+
+
+# --- masters ---------------------------------------------------------------------------------
+
+
+class Master(_Shell):
+    """Submits jobs to one or more daemons and awaits their answers.
+
+    Each daemon gets one connection, kept up in a task of its own; jobs
+    are spread over the daemons up by `gloom.core.MasterCore`.  While no
+    daemon is up, requests wait for one.  Use ``async with Master() as
+    master:``, or ``await start()`` and ``await close()``.
+
+    :param masters: the daemons' master addresses: ``host:port`` strings,
+        a list or one comma-separated string; None for ``GLOOM_MASTERS``,
+        then ``GLOOM_MASTER``, else ``127.0.0.1:9998``.
+    :param ssl: None for plain TCP, an ``ssl.SSLContext`` for TLS, or True
+        for TLS checked against the system's certificate authorities.
+    :param server_hostname: the name the daemons' certificates must carry;
+        by default the host of each address.
+    :param connect_timeout: the seconds a connection attempt may take.
+    :param fail_after: once every daemon has refused this many attempts in
+        a row, requests waiting for a connection fail with
+        `gloom.core.TransportError` (and so do new ones, until a daemon is
+        up); None to wait for ever.  A TLS failure counts as all of them:
+        retrying does not fix a certificate.
+    :param resubmit: when a daemon's connection drops, send its unanswered
+        jobs to the others instead of failing them.
+    :param retry_initial: the seconds before the first retry; each failed
+        attempt doubles it, up to ``retry_max`` (both with jitter).
+    :param retry_max: the longest wait between attempts.
+    """
+
+    def __init__(self, masters: Addresses = None, *, ssl: TLS = None, server_hostname: Optional[str] = None,
+                 connect_timeout: float = 10.0, fail_after: Optional[int] = None, resubmit: bool = False,
+                 retry_initial: float = 0.5, retry_max: float = 30.0):
+        super().__init__(core.addresses(masters, core.MASTERS_ENV, core.DEFAULT_MASTER), ssl, server_hostname,
+                         connect_timeout, retry_initial, retry_max)
+        if fail_after is not None and fail_after < 1:
+            raise ValueError("fail_after must be at least 1")
+        self.fail_after = fail_after
+        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit)
+        self._failures: Dict[str, float] = {}
+        self._why: Dict[str, str] = {}
+        self._unreachable: Optional[str] = None
+        self._closed = False
+
+    # --- life ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting to every daemon, and return once each has been
+        tried once (connected or not)."""
+        await self._start((name, name) for name in self.names)
+
+    async def close(self) -> None:
+        """Stop: close every connection once what was written is sent.
+        Requests not yet answered fail with `gloom.core.TransportError`
+        (the daemons drop the jobs of a master that leaves)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._close_connections()
+        self._core.unreachable("the master was closed")
+
+    async def __aenter__(self) -> "Master":
+        if self._loop is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether any daemon is connected."""
+        return bool(self._core.up())
+
+    @property
+    def up(self) -> List[str]:
+        """The names of the daemons connected now."""
+        return self._core.up()
+
+    @property
+    def in_flight(self) -> int:
+        """How many submitted jobs have not ended."""
+        return self._core.in_flight
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def submit(self, type: str, body: Any = None, priority: Optional[int] = 0, id: Optional[str] = None,
+                     timeout: Optional[float] = None) -> Any:
+        """Submit a job and return its answer body.  Cancelling the task
+        that awaits it cancels the job.
+
+        :param type: the job's type.
+        :param body: any JSON value.
+        :param priority: larger runs first.
+        :param id: the job's id; by default a fresh uuid4 hex.
+        :param timeout: the job's time limit on a slave, in seconds.
+        :raises gloom.core.ServerError: the job failed, or the daemon
+            refused it.
+        :raises gloom.core.TransportError: its daemon's connection was
+            lost, or no daemon could be reached (see ``fail_after``).
+        :raises gloom.core.EncodeError: the body is not JSON (at once).
+        """
+        return await self._result(self._submit(type, body, priority, id, timeout))
+
+    run = submit
+
+    def map(self, type: str, bodies: Union[Iterable[Any], AsyncIterable[Any]], window: int = 64,
+            priority: Optional[int] = 0, timeout: Optional[float] = None) -> "Answers":
+        """Run a job for each body, at most ``window`` at once, and return
+        an async iterator of their answers in the order of the bodies.
+
+        A failed job raises its error when its turn comes.  Leaving the
+        iteration early (``break``, an error, or ``aclose()``) cancels the
+        jobs still in flight: ``async with master.map(...) as answers:``
+        makes that happen at once, whatever the interpreter's garbage
+        collection.
+
+        :param bodies: an iterable or an async iterable of JSON values.
+        """
+        return Answers(self, type, bodies, window, priority, timeout)
+
+    async def cancel(self, job_id: str) -> None:
+        """Withdraw one of this master's unfinished jobs.
+
+        :raises gloom.core.ServerError: ``unknown_job``, if the daemon has
+            no such unfinished job of this master.
+        """
+        self._check_open()
+        await self._result(self._core.cancel(job_id))
+
+    async def stats(self, daemon: Optional[str] = None) -> dict:
+        """The daemons' figures: one daemon's (``daemon``, or the only one),
+        or the sum of those up (`gloom.core.sum_stats`, each one's own under
+        ``daemons``)."""
+        self._check_open()
+        if daemon is not None or len(self.names) == 1:
+            return await self._result(self._core.stats(daemon))
+        up = self._core.up()
+        if not up:
+            request = self._core.stats()  # waits for the first daemon up
+            value = await self._result(request)
+            return core.sum_stats({request.daemon: value})
+        outcomes = await asyncio.gather(*(self._result(self._core.stats(name)) for name in up),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return core.sum_stats(dict(zip(up, outcomes)))
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the master is closed")
+        if self._loop is None:
+            raise RuntimeError("the master is not started: use 'async with' or 'await start()'")
+
+    def _submit(self, type: str, body: Any, priority: Optional[int], id: Optional[str],
+                timeout: Optional[float]) -> core.Request:
+        self._check_open()
+        request = self._core.submit(type, body, priority, id, timeout)
+        if self._unreachable is not None and not request.sent:
+            self._core.unreachable(self._unreachable)
+        return request
+
+    async def _result(self, request: core.Request) -> Any:
+        """Wait for a request to end; return or raise its outcome."""
+        if not request.done:
+            future = asyncio.get_running_loop().create_future()
+            request.waiter = future
+            try:
+                await future
+            except asyncio.CancelledError:
+                if request.kind == "submit" and not request.done and not self._closed:
+                    self._core.cancel(request.id)
+                raise
+        return request.result()
+
+    def _ended(self, request: core.Request) -> None:
+        waiter = request.waiter
+        if waiter is None:
+            return
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(None)
+        else:
+            waiter(request)
+
+    def _send(self, daemon: str, data: bytes) -> None:
+        connection = self._connections.get(daemon)
+        if connection is not None:
+            connection.write(data)
+
+    def _receiver(self, key: Any) -> Callable[[dict], None]:
+        def received(message: dict) -> None:
+            try:
+                self._core.received(key, message)
+            except ProtocolError as e:
+                self._connections[key].abort(str(e))
+        return received
+
+    def _up(self, key: Any, connection: _Connection) -> None:
+        self._failures[key] = 0
+        self._unreachable = None
+        self._core.connected(key)
+
+    def _down(self, key: Any, why: str, permanent: bool) -> None:
+        self._core.lost(key, why)
+        if permanent:
+            self._attempt_failed(key, 1, why, True)
+
+    def _attempt_failed(self, key: Any, failures: int, why: str, permanent: bool) -> None:
+        self._failures[key] = float("inf") if permanent else failures
+        self._why[key] = why
+        if self._core.up():
+            return
+        limit = float("inf") if self.fail_after is None else self.fail_after
+        if all(self._failures.get(name, 0) >= limit for name in self.names):
+            if len(self.names) == 1:
+                line = why
+            else:
+                line = "no daemon can be reached: " + "; ".join(self._why[name] for name in self.names)
+            self._unreachable = line
+            self._core.unreachable(line)
+
+
+class Answers:
+    """The answers of `Master.map`, in the order of the bodies: an async
+    iterator, and an async context manager that cancels the jobs still in
+    flight on leaving."""
+
+    def __init__(self, master: Master, type: str, bodies: Union[Iterable[Any], AsyncIterable[Any]],
+                 window: int, priority: Optional[int], timeout: Optional[float]):
+        self._master = master
+        self._order = core.InOrder(window)
+        self._submit = lambda body: master._submit(type, body, priority, None, timeout)
+        self._flying: Set[core.Request] = set()
+        self._wake: Optional[asyncio.Future] = None
+        self._reading: Optional[asyncio.Future] = None
+        self._closed = False
+        self._exhausted = False
+        if hasattr(bodies, "__aiter__"):
+            self._sync: Optional[Iterator[Any]] = None
+            self._async: Optional[AsyncIterator[Any]] = bodies.__aiter__()  # type: ignore[union-attr]
+        else:
+            self._sync = iter(bodies)  # type: ignore[arg-type]
+            self._async = None
+        # The requests' waiter must not keep this iterator alive: dropping
+        # it is how a plain "break" cancels the jobs in flight.
+        this = weakref.ref(self)
+
+        def ended(request: core.Request) -> None:
+            answers = this()
+            if answers is not None:
+                answers._ended(request)
+
+        self._waiter = ended
+
+    def __aiter__(self) -> "Answers":
+        return self
+
+    async def __aenter__(self) -> "Answers":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            while True:
+                if self._sync is not None:
+                    self._fill()
+                else:
+                    self._fill_async()
+                request = next(self._order.ready(), None)
+                if request is not None:
+                    if request.error is not None:
+                        self._finish()
+                    return request.result()
+                if self._exhausted and not len(self._order):
+                    self._finish()
+                    raise StopAsyncIteration
+                self._wake = asyncio.get_running_loop().create_future()
+                waits = [self._wake]
+                if self._reading is not None:
+                    waits.append(self._reading)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._finish()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop: cancel the jobs still in flight, and read no more bodies."""
+        self._finish()
+
+    def __del__(self) -> None:
+        try:
+            self._finish()
+        except Exception:
+            pass
+
+    def _add(self, request: core.Request) -> None:
+        if not request.done:
+            request.waiter = self._waiter
+            self._flying.add(request)
+        self._order.add(request)
+
+    def _submit_body(self, body: Any) -> None:
+        try:
+            request = self._submit(body)
+        except (EncodeError, ValueError, TransportError) as e:
+            self._add(_failed(e))  # it fails in its turn; no more bodies are read
+            self._exhausted = True
+        else:
+            self._add(request)
+
+    def _fill(self) -> None:
+        while not self._exhausted and self._order.room:
+            try:
+                body = next(self._sync)  # type: ignore[arg-type]
+            except StopIteration:
+                self._exhausted = True
+                return
+            self._submit_body(body)
+
+    def _fill_async(self) -> None:
+        """Submit the bodies the async iterable has produced while there is
+        room, and ask it for the next one."""
+        while not self._exhausted and self._order.room:
+            reading = self._reading
+            if reading is None:
+                self._reading = asyncio.ensure_future(self._async.__anext__())  # type: ignore[union-attr]
+                continue
+            if not reading.done():
+                return
+            self._reading = None
+            try:
+                body = reading.result()
+            except StopAsyncIteration:
+                self._exhausted = True
+            except Exception as e:
+                self._add(_failed(e))
+                self._exhausted = True
+            else:
+                self._submit_body(body)
+
+    def _ended(self, request: core.Request) -> None:
+        self._flying.discard(request)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _finish(self) -> None:
+        """Cancel what is in flight; read no more bodies."""
+        if self._closed:
+            return
+        self._closed = True
+        self._exhausted = True
+        flying, self._flying = self._flying, set()
+        if not self._master._closed:
+            for request in flying:
+                if not request.done:
+                    self._master._core.cancel(request.id)
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+
+
+def _failed(error: BaseException) -> core.Request:
+    """A request that ended with ``error`` before it was sent."""
+    request = core.Request("submit", {})
+    request.done, request.error = True, error
+    return request
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+class Worker(_Shell):
+    """Answers jobs of one type with ``handler``, holding at most
+    ``concurrency`` jobs at once over one or more daemons.
+
+    It keeps ``concurrency`` slave connections to each daemon, reconnecting
+    with backoff; `gloom.core.WorkerCore` decides which of them ask for
+    work.  Use ``async with Worker(...)``, or ``await start()``, then
+    ``await stop()`` or ``await wait()``.
+
+    :param type: the type of jobs to take.
+    :param handler: called with each `gloom.core.Job`; returns the answer
+        body.  A plain function runs in the event loop's default executor
+        (a thread); a coroutine function, or a function that returns an
+        awaitable, is awaited in the loop.  An exception fails the job with
+        its text.
+    :param concurrency: the most jobs run at once.
+    :param slaves: the daemons' slave addresses, as for `Master`; None for
+        ``GLOOM_SLAVES``, then ``GLOOM_SLAVE``, else ``127.0.0.1:9999``.
+    :param ssl: as for `Master`; an ``ssl.SSLContext`` carrying this
+        worker's certificate where the daemon asks for one.
+    :param server_hostname: as for `Master`.
+    :param connect_timeout: the seconds a connection attempt may take.
+    :param retry_initial: the seconds before the first retry; doubled
+        after each failed attempt, up to ``retry_max``.
+    :param retry_max: the longest wait between attempts.
+    :param report: called with each line of news for people (a connection
+        lost or refused, a fatal error); by default a warning on the
+        ``gloom.aio`` logger.
+    :param on_job: called as ``on_job(job, seconds, error)`` after each job,
+        ``error`` being the exception it raised or None.
+    """
+
+    def __init__(self, type: str, handler: Callable[[Job], Any], concurrency: int = 1,
+                 slaves: Addresses = None, *, ssl: TLS = None, server_hostname: Optional[str] = None,
+                 connect_timeout: float = 10.0, retry_initial: float = 0.5, retry_max: float = 30.0,
+                 report: Optional[Callable[[str], None]] = None,
+                 on_job: Optional[Callable[[Job, float, Optional[BaseException]], None]] = None):
+        super().__init__(core.addresses(slaves, core.SLAVES_ENV, core.DEFAULT_SLAVE), ssl, server_hostname,
+                         connect_timeout, retry_initial, retry_max)
+        if not callable(handler):
+            raise TypeError("the handler must be callable")
+        self.handler = handler
+        self._async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None))
+        self._report = report if report is not None else _log.warning
+        self._on_job = on_job
+        self._core = core.WorkerCore(type, concurrency, self.names, self._send, self._run, self._reported)
+        self._jobs: Set[asyncio.Task] = set()
+        self._trouble: Dict[str, str] = {}
+        """The last line reported of each daemon that has connection trouble."""
+        self._fatal: Optional[str] = None
+        self._stopping: Optional[asyncio.Task] = None
+        self._done: Optional[asyncio.Future] = None
+        self._changed: Optional[asyncio.Future] = None
+        self._rotation: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def type(self) -> Optional[str]:
+        """The type of jobs taken."""
+        return self._core.job_type
+
+    @property
+    def concurrency(self) -> int:
+        """The most jobs held at once."""
+        return self._core.concurrency
+
+    @property
+    def busy(self) -> int:
+        """How many jobs are in hand now."""
+        return self._core.in_hand
+
+    # --- life ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the connections, and return once each has been tried once.
+        With several daemons, the core's ``rotate`` then runs every
+        `gloom.core.WorkerCore.ROTATE_INTERVAL` seconds until the worker stops."""
+        if self._loop is not None:
+            raise RuntimeError("already started")
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        if len(self._core.daemons) > 1:
+            self._rotation = loop.call_later(self._core.ROTATE_INTERVAL, self._rotate)
+        await self._start((link, link.daemon) for link in self._core.links)
+
+    async def stop(self) -> None:
+        """Take no new job at once, let the jobs in hand finish and be
+        answered, then disconnect."""
+        if self._loop is None:
+            raise RuntimeError("the worker is not started")
+        if self._stopping is None:
+            self._stopping = self._loop.create_task(self._shutdown())
+        await asyncio.shield(self._stopping)
+
+    async def wait(self) -> None:
+        """Wait until the worker has stopped.
+
+        :raises gloom.core.WorkerError: if it stopped on an error that
+            retrying cannot fix (the daemon refused the join, or TLS
+            failed for good).
+        """
+        if self._done is None:
+            raise RuntimeError("the worker is not started")
+        await asyncio.shield(self._done)
+        if self._fatal is not None:
+            raise WorkerError(self._fatal)
+
+    async def __aenter__(self) -> "Worker":
+        if self._loop is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _rotate(self) -> None:
+        """Move the asks that brought nothing, and come again in an interval."""
+        self._rotation = None
+        if self._stopping is not None or self._closing:
+            return
+        self._rotation = self._loop.call_later(self._core.ROTATE_INTERVAL,  # type: ignore[union-attr]
+                                               self._rotate)
+        self._core.rotate()
+
+    def _stop_rotation(self) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
+
+    async def _shutdown(self) -> None:
+        self._stop_rotation()
+        self._core.stop()
+        while self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+        # Wait (a little) for the daemons' replies to what was sent, such as
+        # the last answers, so that nothing is cut off.
+        deadline = self._loop.time() + self.connect_timeout  # type: ignore[union-attr]
+        while any(link.up and link.replies for link in self._core.links):
+            remaining = deadline - self._loop.time()  # type: ignore[union-attr]
+            if remaining <= 0:
+                break
+            self._changed = self._loop.create_future()  # type: ignore[union-attr]
+            await asyncio.wait([self._changed], timeout=remaining)
+        await self._close_connections()
+        if not self._done.done():  # type: ignore[union-attr]
+            self._done.set_result(None)  # type: ignore[union-attr]
+
+    def _fail(self, text: str) -> None:
+        """Stop on an error retrying cannot fix."""
+        if self._fatal is None:
+            self._fatal = text
+        self._stop_rotation()
+        self._core.stop()
+        if self._stopping is None and self._loop is not None:
+            self._stopping = self._loop.create_task(self._shutdown())
+
+    def _trouble_with(self, daemon: str, text: str) -> None:
+        """Report a daemon's connection trouble once, not once per
+        connection or attempt."""
+        if self._trouble.get(daemon) != text:
+            self._trouble[daemon] = text
+            self._report(text)
+
+    def _reported(self, text: str, fatal: bool) -> None:
+        if fatal:
+            if self._fatal is None:
+                self._report(text)
+            self._fail(text)
+        else:
+            self._report(text)
+
+    def _send(self, link: core.Link, data: bytes) -> None:
+        connection = self._connections.get(link)
+        if connection is not None:
+            connection.write(data)
+
+    def _receiver(self, key: Any) -> Callable[[dict], None]:
+        def received(message: dict) -> None:
+            self._core.received(key, message)
+            self._poke()
+        return received
+
+    def _poke(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+    def _up(self, key: Any, connection: _Connection) -> None:
+        if self._trouble.pop(key.daemon, None) is not None:
+            self._report(f"connected to {key.daemon}")
+        self._core.link_up(key)
+
+    def _down(self, key: Any, why: str, permanent: bool) -> None:
+        job = self._core.link_down(key)
+        self._poke()
+        if self._closing:
+            return
+        if permanent:
+            self._reported(why, True)
+        elif job is not None:
+            self._trouble[key.daemon] = text = f"{why}; job {job.id!r} went back to the daemon unanswered"
+            self._report(text)
+        else:
+            self._trouble_with(key.daemon, f"{why} (reconnecting)")
+
+    def _attempt_failed(self, key: Any, failures: int, why: str, permanent: bool) -> None:
+        if permanent:
+            self._reported(why, True)
+        else:
+            self._trouble_with(key.daemon, f"{why} (retrying)")
+
+    def _run(self, link: core.Link, job: Job) -> None:
+        task = self._loop.create_task(self._work(link, job))  # type: ignore[union-attr]
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _work(self, link: core.Link, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        error: Optional[BaseException] = None
+        outcome: Any = None
+        try:
+            if self._async:
+                outcome = await self.handler(job)
+            else:
+                outcome = await loop.run_in_executor(None, self.handler, job)
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+        except Exception as e:
+            error = e
+        if error is None:
+            self._core.finished(link, job, outcome)
+        else:
+            self._core.finished(link, job, failure=str(error) or error.__class__.__name__)
+        if self._on_job is not None:
+            try:
+                self._on_job(job, loop.time() - started, error)
+            except Exception:
+                _log.exception("on_job raised an exception")
+
+
+async def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves: Addresses = None,
+               **kw: Any) -> Worker:
+    """Start a `Worker` and return it once its connections were tried.
+
+    :param kw: `Worker`'s keyword arguments (``ssl``, ``report``...).
+    """
+    worker = Worker(type, handler, concurrency, slaves, **kw)
+    await worker.start()
+    return worker

@@ -1,8 +1,17 @@
 """The ``gloom`` command: submit jobs, turn any program into a worker,
-watch the daemon, and measure it.
+watch the daemons, cancel a job, and measure the daemons.
 
-Exit status: 0 success; 1 a job failed or the daemon refused a request;
-2 bad usage; 3 the daemon could not be reached or the connection was lost.
+Every subcommand takes several daemons (``--master a:9998,b:9998``, or
+the option repeated); the defaults come from the environment as
+`gloom.core.addresses` reads it.
+
+Exit status: 0 success; 1 a job failed, a daemon refused a request, no
+answer came within ``--wait``, or a worker stopped on an error retrying
+cannot fix; 2 bad usage (a body that is not JSON the daemon takes
+included); 3 a daemon could not be reached or a connection was lost; 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM), except where a
+subcommand's help says otherwise (``gloom worker`` exits 0 once it has
+finished its jobs in hand; ``gloom status --watch`` exits 0).
 """
 
 from __future__ import annotations
@@ -10,42 +19,85 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
-from typing import List, Optional
+import threading
+import uuid
+from collections import OrderedDict, deque
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ProcessDone, ProcessTerminated, ReactorNotRunning
 from twisted.python.failure import Failure
 
-from gloom import __version__
-from gloom.client import Job, ServerError, TransportError
+from gloom import __version__, core
+from gloom.core import (EncodeError, GloomError, InOrder, Job, ServerError, TransportError,
+                        WorkerError)
 
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+EXIT_STATUS = """exit status:
+  0    success
+  1    a job failed, a daemon refused a request, no answer came within --wait,
+       or gloom worker stopped on an error retrying cannot fix
+  2    bad usage, including a body that is not JSON the daemon takes
+  3    a daemon could not be reached, or a connection to one was lost
+  130  interrupted by Ctrl-C (143 by SIGTERM), except that gloom worker
+       finishes its jobs in hand and exits 0, and gloom status --watch exits 0
+"""
 
 EPILOG = {
     "submit": """examples:
   gloom submit upper '"hello"'                 run one job, print its answer
   echo '{"n": 2}' | gloom submit square -      the body from standard input
   gloom submit resize --lines < bodies.jsonl   one job per line, answers in order
+  gloom submit upper '"hi"' --wait 10          give up after 10 s without an answer
   gloom submit --master tls:gloom.example.com:9998:trustRoots=ca/ upper '"hi"'
+
+With --lines every line read gets one line of output, in input order: its
+answer, or {"error": CODE, "reason": TEXT} (codes beyond the daemon's own:
+no_answer for --wait, connection_error). Ctrl-C ends the command with
+status 130 and names the jobs left unanswered; the daemon drops them.
 """,
     "worker": """examples:
   gloom worker upper -- tr a-z A-Z             body on stdin, answer from stdout
   gloom worker thumb -c 4 --kill-after 30 -- ./make-thumbnail
   gloom worker upper --raw -- tr a-z A-Z       a string body as plain text
+  gloom worker upper --slave a:9999,b:9999 -- tr a-z A-Z
 
-The command gets the job's body as JSON on standard input (with --raw, a
-string body as plain text), and the job's id and type in GLOOM_JOB_ID and
-GLOOM_JOB_TYPE. Its standard output is the answer: JSON if it parses, else
-a string (one trailing newline removed). A non-zero exit status, or running
-longer than --kill-after, fails the job with the status and the end of its
-standard error. SIGTERM lets the jobs in hand finish before exiting.
+The command gets the job's body as UTF-8 JSON on standard input (with
+--raw, a string body as plain text), and the job's id and type in
+GLOOM_JOB_ID and GLOOM_JOB_TYPE. Its standard output, read as UTF-8, is the
+answer: JSON if it parses, else a string (one trailing newline removed). A
+non-zero exit status, or running longer than --kill-after, fails the job
+with the status and the end of its standard error.
+
+Ctrl-C or SIGTERM: take no new job, finish and answer the jobs in hand,
+exit 0. A second one kills the commands and exits at once (130 or 143);
+the daemon then queues their jobs again. A refused join or a TLS setup the
+daemon rejects stops the worker with status 1.
 """,
     "status": """examples:
   gloom status                                 a table of types and totals
+  gloom status --master a:9998,b:9998          every daemon, then the sums
   gloom status --json                          the stats JSON, for scripts
   gloom status --watch 1                       refresh every second
+
+The figures are the daemons' own, except that "masters" leaves out this
+command's own connections. --json prints the sums in the shape of one
+daemon's stats, each daemon's figures under "daemons" (by address), and
+"unreachable" (address: reason) when a daemon did not answer.
+--watch runs until Ctrl-C, and then exits 0.
+""",
+    "cancel": """examples:
+  gloom cancel 3f2a9c...                       ask the daemons to cancel a job
+
+A job id belongs to the master connection that submitted it, so a daemon
+answers unknown_job to any other connection: this command can only report
+what the daemons say. To withdraw a job, interrupt the gloom submit that
+waits for it (Ctrl-C), or give that command --wait.
 """,
     "bench": """examples:
   gloom bench                                  4 masters x 64 in flight, 8 slaves
@@ -59,57 +111,136 @@ class UsageError(Exception):
     """A mistake on the command line, reported with exit status 2."""
 
 
+class _NoAnswer(GloomError):
+    """No answer came within ``--wait``."""
+
+
+class _BadBody(EncodeError):
+    """A body read from the input is not JSON the daemon takes."""
+
+
+# --- output -------------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    """A line on standard output, as UTF-8 whatever the locale says."""
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:
+        print(text, flush=True)
+        return
+    sys.stdout.flush()
+    stream.write(text.encode("utf-8", "backslashreplace") + b"\n")
+    stream.flush()
+
+
+def _say(message: str) -> None:
+    """A ``gloom:`` line on standard error."""
+    stream = getattr(sys.stderr, "buffer", None)
+    line = f"gloom: {message}"
+    if stream is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    sys.stderr.flush()
+    stream.write(line.encode("utf-8", "backslashreplace") + b"\n")
+    stream.flush()
+
+
+def _fail(message: str, status: int) -> int:
+    _say(message)
+    return status
+
+
+def _dump(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _describe(error: BaseException) -> str:
+    """One line for an error, as the command prints it."""
+    if isinstance(error, ServerError):
+        return f"{error.error}: {error.reason}" if error.reason else error.error
+    return str(error) or error.__class__.__name__
+
+
+def _status_of(error: BaseException) -> int:
+    """The exit status an error calls for."""
+    if isinstance(error, TransportError):
+        return EXIT_UNREACHABLE
+    if isinstance(error, (UsageError, EncodeError)):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+# --- the command line -----------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gloom", description="Command-line tools for the Gloom job daemon.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Addresses are host:port or Twisted client endpoint strings (tls:... for TLS).\n"
-               "Exit status: 0 ok, 1 a job failed or was refused, 2 bad usage, 3 daemon unreachable.")
+        epilog="Addresses are host:port or Twisted client endpoint strings (tls:... for TLS);\n"
+               "give several as a,b or by repeating the option.\n\n" + EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"gloom {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    parser.subparsers = {}
 
     def command(name, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.subparsers[name] = sub
         return sub
 
     def master_option(sub):
-        sub.add_argument("--master", default="127.0.0.1:9998", metavar="ADDRESS",
-                         help="the daemon's master port (default 127.0.0.1:9998)")
+        sub.add_argument("--master", action="append", metavar="ADDRESS",
+                         help="the daemons' master ports, comma-separated or repeated (default "
+                              f"${core.MASTERS_ENV[0]}, else ${core.MASTERS_ENV[1]}, "
+                              f"else {core.DEFAULT_MASTER})")
 
     def slave_option(sub):
-        sub.add_argument("--slave", default="127.0.0.1:9999", metavar="ADDRESS",
-                         help="the daemon's slave port (default 127.0.0.1:9999)")
+        sub.add_argument("--slave", action="append", metavar="ADDRESS",
+                         help="the daemons' slave ports, comma-separated or repeated (default "
+                              f"${core.SLAVES_ENV[0]}, else ${core.SLAVES_ENV[1]}, "
+                              f"else {core.DEFAULT_SLAVE})")
 
     submit = command("submit", "Submit jobs and print their answers as JSON.")
     submit.add_argument("type", help="the job type")
     submit.add_argument("body", nargs="?", default=None,
                         help="the body as JSON, or - to read it from standard input (default null)")
     submit.add_argument("--lines", action="store_true",
-                        help="one JSON body per line of standard input; answers as JSON lines, in order")
+                        help="one JSON body per line of standard input, sent as each line is read; "
+                             "answers as JSON lines, in order")
     submit.add_argument("--window", type=int, default=32, help="jobs in flight with --lines (default 32)")
     submit.add_argument("--priority", type=int, default=0, help="the jobs' priority (default 0)")
-    submit.add_argument("--timeout", type=float, help="seconds one attempt may run on a slave")
+    submit.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="seconds one attempt may run on a slave (the daemon's limit)")
+    submit.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="give up on a job (and cancel it) with no answer after SECONDS")
     master_option(submit)
 
     worker = command("worker", "Answer jobs by running a command once per job.")
-    worker.usage = ("gloom worker [-h] [-c N] [--raw] [--kill-after SECONDS] [--slave ADDRESS] "
+    worker.usage = ("gloom worker [-h] [-c N] [--raw] [--kill-after SECONDS] [-v] [--slave ADDRESS] "
                     "TYPE -- CMD [ARGS ...]")
     worker.add_argument("type", help="the job type to serve")
-    worker.add_argument("-c", "--concurrency", type=int, default=1,
-                        help="jobs run at once, one slave connection each (default 1)")
+    worker.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
+    worker.add_argument("-c", "--concurrency", type=int, default=1, metavar="N",
+                        help="jobs run at once (default 1)")
     worker.add_argument("--raw", action="store_true",
                         help="give a string body to the command as plain text, not JSON")
     worker.add_argument("--kill-after", type=float, metavar="SECONDS",
                         help="kill the command and fail the job after this long")
+    worker.add_argument("-v", "--verbose", action="store_true",
+                        help="log each job: its id, how long it took, its outcome")
     slave_option(worker)
 
-    status = command("status", "Show what the daemon is doing.")
+    status = command("status", "Show what the daemons are doing.")
     status.add_argument("--json", action="store_true", help="print the stats JSON")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
-                        help="refresh every SECONDS (default 2) until interrupted")
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
     master_option(status)
+
+    cancel = command("cancel", "Ask the daemons to cancel a job.")
+    cancel.add_argument("id", help="the job's id")
+    master_option(cancel)
 
     bench = command("bench", "Measure a running daemon's throughput and latency.")
     bench.add_argument("--masters", type=int, default=4, help="master connections (default 4)")
@@ -121,95 +252,452 @@ def _parser() -> argparse.ArgumentParser:
                        help="queue every job first (random priorities), then let the slaves drain them")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="show a progress bar (default: when standard error is a terminal)")
+                       help="show a progress bar (default: when standard error is a terminal)")
     master_option(bench)
     slave_option(bench)
     return parser
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"gloom: {message}", file=sys.stderr)
-    return status
+def _masters(args) -> List[str]:
+    return _addresses(args.master, core.MASTERS_ENV, core.DEFAULT_MASTER)
 
 
-def _parse_body(text: str, where: str):
+def _slaves(args) -> List[str]:
+    return _addresses(args.slave, core.SLAVES_ENV, core.DEFAULT_SLAVE)
+
+
+def _addresses(given: Optional[List[str]], env, default: str) -> List[str]:
+    """The addresses of a repeatable option (each may list several), else
+    the environment's, else the default."""
     try:
-        return json.loads(text)
+        return core.addresses(None if given is None else ",".join(given), env, default)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _names(addresses: List[str]) -> str:
+    return ", ".join(core.display_name(address) for address in addresses)
+
+
+class _NotJSON(ValueError):
+    """A constant Python's json reads but JSON has not (NaN, Infinity)."""
+
+
+def _reject_constant(name: str):
+    raise _NotJSON(f"{name} is not JSON")
+
+
+def _parse_body(text, where: str):
+    """A body from text, refusing what the daemon refuses (NaN, Infinity)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{where} is not UTF-8 ({e})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise UsageError(f"{where} is not JSON the daemon takes: it nests too deeply") from None
+    except _NotJSON as e:
+        raise UsageError(f"{where} is not JSON the daemon takes: {e}") from None
     except ValueError as e:
         raise UsageError(f"{where} is not valid JSON ({e}); a string needs quotes, e.g. '\"text\"'") from None
 
 
-def _dump(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _positive(value, name: str):
     if value is not None and value <= 0:
-        raise UsageError(f"{name} must be positive, not {value}")
+        raise UsageError(f"{name} must be positive, not {value:g}")
+
+
+def _bounded(deferred: defer.Deferred, reactor, seconds: float = 2.0) -> defer.Deferred:
+    """``deferred``, given up (quietly) after ``seconds``."""
+    return deferred.addTimeout(seconds, reactor).addErrback(lambda failure: None)
+
+
+# --- how a run ends: the status, signals -----------------------------------------------
+
+
+class _Session:
+    """One run of the command: its reactor, and what a signal (Ctrl-C,
+    SIGTERM) does to it.
+
+    A subcommand sets ``on_signal(signum, count)``: it returns an exit
+    status (or a Deferred of one) to end the run with, or None to let the
+    subcommand end it.  Without one, a signal prints ``interrupted`` and
+    ends the run with 128 + the signal's number.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.signals = 0
+        self.on_signal: Optional[Callable[[int, int], Any]] = None
+        self.ended = defer.Deferred()
+
+    def end(self, outcome) -> None:
+        """End the run with a status or a Failure (the first one wins)."""
+        if not self.ended.called:
+            self.ended.callback(outcome)
+
+    def signalled(self, signum: int) -> None:
+        self.signals += 1
+        if self.ended.called:
+            return
+        handler = self.on_signal or _interrupted
+        try:
+            result = handler(signum, self.signals)
+        except Exception:
+            result = Failure()
+        if result is not None:
+            defer.maybeDeferred(lambda: result).addBoth(self.end)
+
+
+def _signal_word(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+def _interrupted(signum: int, count: int) -> int:
+    _say(_signal_word(signum))
+    return 128 + signum
 
 
 # --- submit -----------------------------------------------------------------------
 
 
-@defer.inlineCallbacks
-def _submit(reactor, args):
-    from gloom.txclient import MasterClient
+class _StdinReader:
+    """Reads standard input on a thread of its own, so a slow pipe never
+    holds up the reactor, and hands the reactor each line (or, whole, the
+    entire input) as it arrives.  At most ``ahead`` lines wait for the
+    reactor to take them (`taken`).
 
-    _positive(args.window, "--window")
-    _positive(args.timeout, "--timeout")
-    if args.lines:
-        if args.body is not None:
-            raise UsageError("--lines reads bodies from standard input; give no BODY")
-        bodies = (_parse_body(line, f"line {number}")
-                  for number, line in enumerate(sys.stdin, 1) if line.strip())
-    elif args.body == "-":
-        bodies = iter([_parse_body(sys.stdin.read(), "standard input")])
-    else:
-        bodies = iter([None if args.body is None else _parse_body(args.body, "BODY")])
-    master = MasterClient(args.master, reactor, fail_after=1)
-    master.start()
-    try:
-        status = yield _run_in_order(master, args, bodies)
-    finally:
-        yield master.stop()
-    return status
+    :param line: called in the reactor with each line (bytes, without its
+        newline) and its number.
+    :param end: called in the reactor at the end of input, with None or
+        the OSError that ended it.
+    """
 
+    CHUNK = 1 << 20
 
-@defer.inlineCallbacks
-def _run_in_order(master, args, bodies):
-    """Submit with up to --window in flight; print answers in input order."""
-    in_flight: List[defer.Deferred] = []
-    status = 0
+    def __init__(self, reactor, line: Callable[[bytes, int], None], end: Callable[[Any], None],
+                 ahead: int, whole: bool = False, fd: int = 0):
+        self.reactor = reactor
+        self.line = line
+        self.end = end
+        self.whole = whole
+        self.fd = fd
+        self.stopped = False
+        self._room = threading.Semaphore(ahead)
 
-    def settle(result):
-        return ("ok", result) if not isinstance(result, Failure) else ("failed", result)
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="gloom-stdin", daemon=True).start()
 
-    def submit_next():
-        try:
-            body = next(bodies)
-        except StopIteration:
+    def taken(self) -> None:
+        """The reactor took a line: room for one more."""
+        self._room.release()
+
+    def stop(self) -> None:
+        """Read no further (the thread may stay blocked in a read until the
+        process exits)."""
+        self.stopped = True
+        self._room.release()
+
+    def _hand(self, data: bytes, number: int) -> bool:
+        self._room.acquire()
+        if self.stopped:
             return False
-        in_flight.append(master.submit(args.type, body, args.priority, timeout=args.timeout)
-                         .addBoth(settle))
+        self.reactor.callFromThread(self.line, data, number)
         return True
 
-    while len(in_flight) < args.window and submit_next():
-        pass
-    while in_flight:
-        outcome, value = yield in_flight.pop(0)
-        if outcome == "ok":
-            print(_dump(value), flush=True)
+    def _read(self) -> None:
+        pieces: List[bytes] = []
+        number = 0
+        error = None
+        try:
+            while not self.stopped:
+                chunk = os.read(self.fd, self.CHUNK)
+                if not chunk:
+                    break
+                if self.whole:
+                    pieces.append(chunk)
+                    continue
+                start = 0
+                while True:
+                    newline = chunk.find(b"\n", start)
+                    if newline < 0:
+                        break
+                    pieces.append(chunk[start:newline])
+                    start = newline + 1
+                    number += 1
+                    data, pieces = b"".join(pieces), []
+                    if not self._hand(data, number):
+                        return
+                if start < len(chunk):
+                    pieces.append(chunk[start:])
+        except OSError as e:
+            error = e
+        if self.stopped:
+            return
+        if error is None and (pieces or self.whole):
+            if not self._hand(b"".join(pieces), number + 1):
+                return
+        self.reactor.callFromThread(self.end, error)
+
+
+class _Slot:
+    """One line of ``gloom submit``'s output: a job (or a bad body) and,
+    once it ended, its outcome.  `core.InOrder` keeps them in input order."""
+
+    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired")
+
+    def __init__(self, number: int, job_id: Optional[str] = None):
+        self.number = number
+        self.id = job_id
+        self.done = False
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.deferred: Optional[defer.Deferred] = None
+        self.timer = None
+        self.expired = False
+
+
+class _Submitter:
+    """``gloom submit``: bodies in, answers out in input order, with up to
+    ``window`` jobs in flight; ``finished`` fires with the exit status."""
+
+    def __init__(self, session: _Session, master, args):
+        self.session = session
+        self.reactor = session.reactor
+        self.master = master
+        self.args = args
+        self.lines = args.lines
+        self.window = InOrder(args.window if args.lines else 1)
+        self.open: deque = deque()  # the window's slots, oldest first
+        self.pending: deque = deque()
+        self.reader: Optional[_StdinReader] = None
+        self.at_end = False
+        self.stopped_reading = False
+        self.status = EXIT_OK
+        self.finished = defer.Deferred()
+        self._hint_waiters: List[defer.Deferred] = []
+        self._pumping = False
+
+    # --- input ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        args = self.args
+        if args.lines or args.body == "-":
+            self.reader = _StdinReader(self.reactor, self.line, self.end_of_input,
+                                       args.window if args.lines else 1, whole=not args.lines)
+            self.reader.start()
         else:
-            error = value.value
-            if isinstance(error, TransportError):
-                raise error
-            if not isinstance(error, ServerError):
-                value.raiseException()
-            status = EXIT_FAILED
-            print(f"gloom: {error.error}: {error.reason}", file=sys.stderr, flush=True)
-            if args.lines:
-                print(_dump({"error": error.error, "reason": error.reason}), flush=True)
-        submit_next()
+            self.line(args.body, 0)
+            self.end_of_input(None)
+
+    def line(self, data, number: int) -> None:
+        if self.finished.called:
+            return
+        self.pending.append((data, number))
+        self.pump()
+
+    def end_of_input(self, error) -> None:
+        if self.finished.called:
+            return
+        if error is not None:
+            _say(f"cannot read standard input: {error.strerror or error}")
+            self.status = max(self.status, EXIT_USAGE)
+        self.at_end = True
+        self.pump()
+
+    def stop_reading(self) -> None:
+        self.stopped_reading = True
+        self.pending.clear()
+        if self.reader is not None:
+            self.reader.stop()
+
+    # --- jobs -----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Submit what waits while the window has room; end when all is done."""
+        if self._pumping:
+            return  # a bad body ends at once, and its flush calls back here
+        self._pumping = True
+        try:
+            self._submit_waiting()
+        finally:
+            self._pumping = False
+        if self.at_end and not self.pending and not len(self.window) and not self.finished.called:
+            self.finish(self.status)
+
+    def _submit_waiting(self) -> None:
+        args = self.args
+        while self.pending and self.window.room and not self.stopped_reading:
+            data, number = self.pending.popleft()
+            if self.reader is not None:
+                self.reader.taken()
+            if self.lines and not data.strip():
+                continue
+            slot = _Slot(number, uuid.uuid4().hex)
+            self.window.add(slot)
+            self.open.append(slot)
+            where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
+            try:
+                body = None if data is None else _parse_body(data, where)
+                deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
+                                              timeout=args.timeout)
+            except UsageError as e:
+                slot.id = None
+                self._ended(Failure(_BadBody(str(e))), slot)
+                continue
+            except EncodeError as e:
+                slot.id = None
+                self._ended(Failure(_BadBody(f"cannot send {where}: {e}")), slot)
+                continue
+            except Exception as e:  # whatever it is, it ends this job, not the command
+                slot.id = None
+                self._ended(Failure(e), slot)
+                continue
+            slot.deferred = deferred
+            if args.wait:
+                slot.timer = self.reactor.callLater(args.wait, self._expire, slot)
+            deferred.addBoth(self._ended, slot)
+
+    def _expire(self, slot: _Slot) -> None:
+        slot.timer = None
+        if slot.done:
+            return
+        slot.expired = True
+        slot.deferred.cancel()
+
+    def _ended(self, result, slot: _Slot) -> None:
+        if slot.timer is not None and slot.timer.active():
+            slot.timer.cancel()
+        slot.timer = None
+        if isinstance(result, Failure):
+            if slot.expired:
+                self._no_answer().addCallback(self._settle, slot, None)
+                return None
+            return self._settle(None, slot, result.value)
+        return self._settle(None, slot, None, result)
+
+    def _settle(self, hint, slot: _Slot, error: Optional[BaseException], value: Any = None) -> None:
+        if slot.expired:
+            error = _NoAnswer(f"no answer within {self.args.wait:g} s{hint or ''}")
+        slot.done = True
+        slot.value, slot.error = value, error
+        if not self.finished.called:
+            self.flush()
+
+    def _no_answer(self) -> defer.Deferred:
+        """A hint for a job given up on: whether any slave serves its type
+        (one stats request for the jobs given up on together)."""
+        waiter = defer.Deferred()
+        self._hint_waiters.append(waiter)
+        if len(self._hint_waiters) == 1:
+            job_type = self.args.type
+
+            def hint(stats):
+                figures = stats.get("types", {}).get(job_type)
+                if figures is None:
+                    return "" if stats.get("types_omitted") else f"; no slave serves {job_type!r}"
+                idle, busy = figures.get("idle_slaves", 0), figures.get("busy_slaves", 0)
+                if not idle + busy:
+                    return f"; no slave serves {job_type!r}"
+                if not idle:
+                    return f"; the {busy} slave(s) serving {job_type!r} are all busy"
+                return ""
+
+            def told(text):
+                waiters, self._hint_waiters = self._hint_waiters, []
+                for each in waiters:
+                    each.callback(text or "")
+
+            asked = defer.maybeDeferred(self.master.stats).addCallback(hint)
+            _bounded(asked, self.reactor, 2.0).addCallback(told)
+        return waiter
+
+    def flush(self) -> None:
+        """Print the outcomes at the head of the window, in input order."""
+        for slot in self.window.ready():
+            self.open.popleft()
+            error = slot.error
+            if error is None:
+                _out(_dump(slot.value))
+                continue
+            status = _status_of(error)
+            self.status = max(self.status, status)
+            where = f"line {slot.number}: " if self.lines else ""
+            _say(where + _describe(error))
+            if self.lines:
+                _out(_dump(_error_object(error)))
+            if isinstance(error, TransportError) and not self.stopped_reading:
+                # The connection is gone: its jobs' outcomes are unknown, and
+                # every line after this one would wait for a reconnection.
+                if self.lines and (self.pending or not self.at_end):
+                    _say(f"stopped reading input after line {slot.number}")
+                self.stop_reading()
+                self.at_end = True
+        self.pump()
+
+    def unanswered(self) -> List[_Slot]:
+        return [slot for slot in self.open if slot.id and not slot.done]
+
+    def interrupt(self, signum: int, count: int) -> int:
+        """Ctrl-C: name the jobs left unanswered and end with 128 + the
+        signal (the daemons drop the jobs of a connection that closes)."""
+        self.stop_reading()
+        waiting = self.unanswered()
+        word = _signal_word(signum)
+        job_type = self.args.type
+        if len(waiting) == 1:
+            _say(f"{word}; job {waiting[0].id} ({job_type}) was not answered")
+        elif waiting:
+            ids = ", ".join(slot.id for slot in waiting[:5])
+            more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+            _say(f"{word}; {len(waiting)} jobs ({job_type}) were not answered: {ids}{more}")
+        else:
+            _say(word)
+        self.finish(128 + signum)
+        return 128 + signum
+
+    def finish(self, status: int) -> None:
+        if self.finished.called:
+            return
+        self.stop_reading()
+        for slot in self.open:
+            if slot.timer is not None and slot.timer.active():
+                slot.timer.cancel()
+        self.finished.callback(status)
+
+
+def _error_object(error: BaseException) -> dict:
+    """The JSON line ``--lines`` prints for a line that got no answer."""
+    if isinstance(error, ServerError):
+        return {"error": error.error, "reason": error.reason}
+    if isinstance(error, _NoAnswer):
+        return {"error": "no_answer", "reason": str(error)}
+    if isinstance(error, EncodeError):
+        code = "size_error" if "frame may be at most" in str(error) else "invalid_json"
+        return {"error": code, "reason": str(error)}
+    if isinstance(error, TransportError):
+        return {"error": "connection_error", "reason": str(error)}
+    return {"error": error.__class__.__name__, "reason": str(error)}
+
+
+@defer.inlineCallbacks
+def _submit(session: _Session, args):
+    from gloom.txclient import MasterClient
+
+    try:
+        master = MasterClient(args.masters_at, session.reactor, fail_after=1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    submitter = _Submitter(session, master, args)
+    session.on_signal = submitter.interrupt
+    master.start()
+    try:
+        submitter.start()
+        status = yield submitter.finished
+    finally:
+        yield _bounded(defer.maybeDeferred(master.stop), session.reactor, 1.0)
     return status
 
 
@@ -254,61 +742,135 @@ def _answer_from(output: bytes):
         return text[:-1] if text.endswith("\n") else text
 
 
-def _run_command(reactor, args, job: Job) -> defer.Deferred:
-    if args.raw and isinstance(job.body, str):
-        stdin = job.body.encode()
-    else:
-        stdin = json.dumps(job.body).encode()
-    command = _Command(stdin)
-    env = dict(os.environ, GLOOM_JOB_ID=str(job.id), GLOOM_JOB_TYPE=str(job.type))
+def _command_input(body, raw: bool) -> bytes:
+    """What the command reads: the body as UTF-8 JSON, characters written
+    as themselves (a lone surrogate, which UTF-8 cannot hold, escaped);
+    with ``raw``, a string body as UTF-8 text."""
+    if raw and isinstance(body, str):
+        return body.encode("utf-8", errors="replace")
+    text = json.dumps(body, ensure_ascii=False)
     try:
-        reactor.spawnProcess(command, args.argv[0], args.argv, env=env)
-    except OSError as e:
-        return defer.fail(CommandFailed(f"cannot run {args.argv[0]}: {e.strerror or e}"))
-    killer = None
-    if args.kill_after:
-        def kill():
-            command.killed_after = args.kill_after
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body).encode("ascii")
+
+
+class _Commands:
+    """Runs the worker's command once per job, and keeps track of the
+    runs, so a second Ctrl-C can kill them without answering their jobs."""
+
+    def __init__(self, reactor, args, argv: List[str]):
+        self.reactor = reactor
+        self.args = args
+        self.argv = argv
+        self.running: Dict[str, _Command] = {}
+        self.abandoned = False
+
+    def run(self, job: Job) -> defer.Deferred:
+        args = self.args
+        command = _Command(_command_input(job.body, args.raw))
+        env = dict(os.environ, GLOOM_JOB_ID=str(job.id), GLOOM_JOB_TYPE=str(job.type))
+        try:
+            self.reactor.spawnProcess(command, self.argv[0], self.argv, env=env)
+        except OSError as e:
+            return defer.fail(CommandFailed(f"cannot run {self.args.argv[0]}: {e.strerror or e}"))
+        key = uuid.uuid4().hex
+        self.running[key] = command
+        killer = None
+        if args.kill_after:
+            def kill():
+                command.killed_after = args.kill_after
+                try:
+                    command.transport.signalProcess("KILL")
+                except Exception:
+                    pass
+            killer = self.reactor.callLater(args.kill_after, kill)
+
+        def ended(reason):
+            self.running.pop(key, None)
+            if killer is not None and killer.active():
+                killer.cancel()
+            if self.abandoned:
+                return defer.Deferred()  # never answered: the daemon queues the job again
+            tail = command.stderr.decode("utf-8", errors="replace").strip()
+            tail = f": {tail}" if tail else ""
+            if command.killed_after is not None:
+                raise CommandFailed(f"killed after {command.killed_after:g} s{tail}")
+            if isinstance(reason, ProcessDone):
+                return _answer_from(b"".join(command.stdout))
+            if isinstance(reason, ProcessTerminated) and reason.signal is not None:
+                raise CommandFailed(f"killed by signal {reason.signal}{tail}")
+            code = reason.exitCode if isinstance(reason, ProcessTerminated) else "unknown"
+            raise CommandFailed(f"exit status {code}{tail}")
+
+        return command.done.addCallback(ended)
+
+    def abandon(self) -> None:
+        """Kill every run; their jobs get no answer."""
+        self.abandoned = True
+        for command in list(self.running.values()):
             try:
                 command.transport.signalProcess("KILL")
             except Exception:
                 pass
-        killer = reactor.callLater(args.kill_after, kill)
-
-    def ended(reason):
-        if killer is not None and killer.active():
-            killer.cancel()
-        tail = command.stderr.decode("utf-8", errors="replace").strip()
-        tail = f": {tail}" if tail else ""
-        if command.killed_after is not None:
-            raise CommandFailed(f"killed after {command.killed_after:g} s{tail}")
-        if isinstance(reason, ProcessDone):
-            return _answer_from(b"".join(command.stdout))
-        if isinstance(reason, ProcessTerminated) and reason.signal is not None:
-            raise CommandFailed(f"killed by signal {reason.signal}{tail}")
-        code = reason.exitCode if isinstance(reason, ProcessTerminated) else "unknown"
-        raise CommandFailed(f"exit status {code}{tail}")
-
-    return command.done.addCallback(ended)
 
 
-def _worker(reactor, args):
+_SETSID = shutil.which("setsid")
+"""util-linux's setsid, when there is one: each command runs in a session
+of its own, so that Ctrl-C in a terminal reaches the worker, which finishes
+the jobs in hand, and not the commands running them."""
+
+
+def _job_logger(job, seconds: float, error) -> None:
+    """``gloom worker -v``: a line per job."""
+    error = getattr(error, "value", error)  # a Failure's exception
+    outcome = "answered" if error is None else f"failed: {_describe(error)}"
+    _say(f"job {job.id} ({job.type}) {seconds:.3f} s {outcome}")
+
+
+@defer.inlineCallbacks
+def _worker(session: _Session, args):
     from gloom.txclient import Worker
 
     argv = args.argv
-    if not argv:
-        raise UsageError("give the command to run after --, e.g. gloom worker upper -- tr a-z A-Z")
-    _positive(args.concurrency, "--concurrency")
-    _positive(args.kill_after, "--kill-after")
-    worker = Worker(args.type, lambda job: _run_command(reactor, args, job), args.concurrency,
-                    args.slave, reactor, report=lambda message: print(f"gloom: {message}", file=sys.stderr,
-                                                                      flush=True))
-    print(f"gloom: serving {args.type!r} with {args.concurrency} x {' '.join(argv)} "
-          f"(from {args.slave}); SIGTERM finishes the jobs in hand and exits", file=sys.stderr, flush=True)
+    slaves = args.slaves_at
+    commands = _Commands(session.reactor, args, [_SETSID, argv[0], *argv[1:]] if _SETSID else argv)
+    reported = []
+
+    def report(text):
+        reported.append(text)
+        _say(text)
+
+    try:
+        worker = Worker(args.type, commands.run, concurrency=args.concurrency, slaves=slaves,
+                        reactor=session.reactor, report=report,
+                        on_job=_job_logger if args.verbose else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _say(f"serving {args.type!r} with {args.concurrency} x {' '.join(argv)} (from {_names(slaves)}); "
+         "Ctrl-C or SIGTERM finishes the jobs in hand and exits")
+
+    def signalled(signum, count):
+        if count == 1:
+            busy = worker.busy
+            _say(f"{_signal_word(signum)}: finishing {busy} job(s) in hand, then exiting (again to stop at once)"
+                 if busy else f"{_signal_word(signum)}: exiting")
+            defer.maybeDeferred(worker.stop).addErrback(lambda failure: None)
+            return None
+        commands.abandon()
+        _say(f"{_signal_word(signum)} again: stopping now; the daemon queues the unfinished jobs again")
+        return 128 + signum
+
+    session.on_signal = signalled
     worker.start()
-    stopped = defer.Deferred()
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: worker.stop().addBoth(stopped.callback))
-    return stopped.addCallback(lambda _: 0)
+    try:
+        yield worker.done
+    except WorkerError as e:
+        message = str(e)
+        if not reported or reported[-1] != message:
+            _say(message)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # --- status ----------------------------------------------------------------------------
@@ -326,27 +888,51 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-def format_status(stats: dict) -> str:
+def _table(headings, rows) -> List[str]:
+    """Columns: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in [headings] + rows) for i in range(len(headings))]
+    return ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                      for i, cell in enumerate(row)).rstrip() for row in [headings] + rows]
+
+
+def format_status(stats: dict, unreachable: Optional[Dict[str, str]] = None) -> str:
     """The stats as a readable table.
 
-    :param stats: the daemon's figures, as the stats action returns them.
-    :returns: a table of the types, then the connections, the uptime and
-        the job totals, as ``gloom status`` prints them.
+    :param stats: one daemon's figures, as the stats action returns them,
+        or several daemons' sums as `gloom.core.sum_stats` makes them.
+    :param unreachable: the daemons that did not answer, with why.
+    :returns: a row per daemon (when there are several), a table of the
+        types, then the connections, the uptime and the job totals.
     """
+    unreachable = unreachable or {}
+    daemons = stats.get("daemons") or {}
+    lines = []
+    if len(daemons) > 1 or unreachable:
+        width = max(len(name) for name in ["DAEMON", *daemons, *unreachable])
+        rows = [(name.ljust(width), str(each.get("masters", 0)), str(each.get("slaves", 0)),
+                 str(sum(t.get("queued", 0) for t in each.get("types", {}).values())),
+                 str(sum(t.get("running", 0) for t in each.get("types", {}).values())),
+                 _duration(each.get("uptime", 0)), str(each.get("version", "?")))
+                for name, each in daemons.items()]
+        lines += _table(("DAEMON".ljust(width), "MASTERS", "SLAVES", "QUEUED", "RUNNING", "UP", "VERSION"),
+                        rows)
+        lines += [f"{name.ljust(width)}  unreachable: {why}" for name, why in unreachable.items()]
+        if not daemons:
+            return "\n".join(lines)
+        lines.append("")
     headings = ("TYPE", "QUEUED", "RUNNING", "IDLE SLAVES", "BUSY SLAVES")
-    rows = [(name, str(t["queued"]), str(t["running"]), str(t["idle_slaves"]), str(t["busy_slaves"]))
-            for name, t in sorted(stats["types"].items())]
-    widths = [max(len(row[i]) for row in [headings] + rows) for i in range(len(headings))]
-    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
-                       for i, cell in enumerate(row)) for row in [headings] + rows]
+    rows = [(name, str(t.get("queued", 0)), str(t.get("running", 0)), str(t.get("idle_slaves", 0)),
+             str(t.get("busy_slaves", 0))) for name, t in sorted(stats["types"].items())]
+    lines += _table(headings, rows)
     if not rows:
         lines.append("(no jobs and no slaves)")
     if stats.get("types_omitted"):
         lines.append(f"(and {stats['types_omitted']} less busy types)")
     totals = stats["totals"]
+    scope = f"{len(daemons)} daemons: " if len(daemons) > 1 else ""
     lines += [
         "",
-        f"masters {stats['masters']}   slaves {stats['slaves']}   "
+        f"{scope}masters {stats['masters']}   slaves {stats['slaves']}   "
         f"up {_duration(stats['uptime'])}   version {stats['version']}",
         "jobs: " + "   ".join(f"{name.replace('_', ' ')} {totals[name]}" for name in totals),
     ]
@@ -354,53 +940,180 @@ def format_status(stats: dict) -> str:
 
 
 @defer.inlineCallbacks
-def _status(reactor, args):
+def _status(session: _Session, args):
     from gloom.txclient import MasterClient
 
-    _positive(args.watch, "--watch")
-    master = MasterClient(args.master, reactor, fail_after=1)
-    master.start()
+    reactor = session.reactor
+    watch = args.watch
+    # One client per daemon: each daemon's figures (or why it did not
+    # answer) on their own, and this command's own connection to it known.
+    def policy(attempt, cap=max(watch or 0, 0.5)):  # with --watch, retry at least once a refresh
+        return min(cap, 0.5 * 2 ** attempt)
+    try:
+        clients = OrderedDict((core.display_name(address),
+                               MasterClient([address], reactor, fail_after=1,
+                                            retry_policy=policy if watch else None))
+                              for address in args.masters_at)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if watch:
+        session.on_signal = lambda signum, count: EXIT_OK
+    for client in clients.values():
+        client.start()
     try:
         while True:
-            stats = yield master.stats()
+            asked = [client.stats() for client in clients.values()]
+            if watch:
+                asked = [d.addTimeout(max(2.0, watch), reactor) for d in asked]
+            answers = yield defer.DeferredList(asked, consumeErrors=True)
+            by_daemon, unreachable = OrderedDict(), OrderedDict()
+            for name, (ok, value) in zip(clients, answers):
+                if ok:
+                    own = dict(value)
+                    own["masters"] = max(0, own.get("masters", 0) - 1)  # not this command's
+                    by_daemon[name] = own
+                elif value.check(defer.TimeoutError, defer.CancelledError):
+                    unreachable[name] = "no answer"
+                elif value.check(GloomError):
+                    unreachable[name] = str(value.value)
+                else:
+                    value.raiseException()
+            if not by_daemon and not watch:
+                for name, why in unreachable.items():
+                    _say(why if name in why else f"{name}: {why}")
+                return EXIT_UNREACHABLE
+            total = core.sum_stats(by_daemon)
             if args.json:
-                print(json.dumps(stats, indent=2), flush=True)
+                if unreachable:
+                    total["unreachable"] = dict(unreachable)
+                _out(json.dumps(total, indent=2, ensure_ascii=False))
             else:
-                if args.watch and sys.stdout.isatty():
+                if watch and sys.stdout.isatty():
                     sys.stdout.write("\x1b[H\x1b[2J")
-                print(format_status(stats), flush=True)
-            if not args.watch:
-                return 0
+                _out(format_status(total, unreachable))
+            if not watch:
+                for name, why in unreachable.items():
+                    _say(why if name in why else f"{name}: {why}")
+                return EXIT_UNREACHABLE if unreachable else EXIT_OK
             if not sys.stdout.isatty():
-                print(flush=True)
-            yield task.deferLater(reactor, args.watch, lambda: None)
+                _out("")
+            yield task.deferLater(reactor, watch, lambda: None)
     finally:
-        yield master.stop()
+        yield defer.DeferredList([_bounded(defer.maybeDeferred(client.stop), reactor, 1.0)
+                                  for client in clients.values()])
+
+
+# --- cancel ------------------------------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def _cancel(session: _Session, args):
+    from gloom.txclient import MasterClient
+
+    reactor = session.reactor
+    try:
+        clients = [MasterClient([address], reactor, fail_after=1) for address in args.masters_at]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for client in clients:
+        client.start()
+
+    @defer.inlineCallbacks
+    def ask(client):
+        yield client.stats()  # once connected: the daemon itself answers the cancel
+        result = yield client.cancel(args.id)
+        return result
+
+    try:
+        answers = yield defer.DeferredList([ask(client) for client in clients], consumeErrors=True)
+    finally:
+        yield defer.DeferredList([_bounded(defer.maybeDeferred(client.stop), reactor, 1.0)
+                                  for client in clients])
+    if any(ok for ok, _ in answers):
+        _say(f"job {args.id} cancelled")
+        return EXIT_OK
+    errors = [failure.value for _, failure in answers]
+    refusals = [e for e in errors if isinstance(e, ServerError)]
+    if refusals:
+        error = refusals[0]
+        hint = (" (a job can be cancelled only over the connection that submitted it)"
+                if error.error == "unknown_job" else "")
+        _say(_describe(error) + hint)
+        return EXIT_FAILED
+    for error in errors:
+        if not isinstance(error, GloomError):
+            raise error
+        _say(_describe(error))
+    return _status_of(errors[0])
 
 
 # --- bench -------------------------------------------------------------------------------
 
 
 @defer.inlineCallbacks
-def _bench(reactor, args):
+def _bench(session: _Session, args):
     from gloom.bench import Bench
 
-    for name in ("masters", "slaves", "window", "jobs"):
-        _positive(getattr(args, name), f"--{name.replace('_', '-')}")
-    if args.body_size < 0:
-        raise UsageError("--body-size must not be negative")
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
-    bench = Bench(reactor, args.master, args.slave, masters=args.masters, slaves=args.slaves,
+    bench = Bench(session.reactor, args.masters_at, args.slaves_at, masters=args.masters, slaves=args.slaves,
                   window=args.window, body_size=args.body_size, jobs=args.jobs,
                   progress=sys.stderr if progress else None, drain=args.drain)
+
+    signals: List[int] = []
+
+    def signalled(signum, count):
+        if count > 1:
+            return _interrupted(signum, count)
+        signals.append(signum)
+        bench.stop()  # the run ends with the figures so far
+        return None
+
+    session.on_signal = signalled
     result = yield bench.run()
-    print(json.dumps(result.figures()) if args.json else result.table())
-    return 0 if not result.errors else EXIT_FAILED
+    _out(json.dumps(result.figures()) if args.json else result.table())
+    if signals:
+        return _interrupted(signals[0], 1)
+    return EXIT_OK if not result.errors else EXIT_FAILED
 
 
 # --- main -------------------------------------------------------------------------------------
 
-_COMMANDS = {"submit": _submit, "worker": _worker, "status": _status, "bench": _bench}
+_COMMANDS = {"submit": _submit, "worker": _worker, "status": _status, "cancel": _cancel, "bench": _bench}
+
+
+def _check(args, parser: argparse.ArgumentParser) -> None:
+    """Refuse bad usage before connecting anywhere.
+
+    :raises UsageError: for most mistakes; a mistake in ``gloom worker``'s
+        own arguments shows that subcommand's usage and exits.
+    """
+    for name in ("window", "timeout", "wait", "concurrency", "kill_after", "watch", "jobs"):
+        _positive(getattr(args, name, None), "--" + name.replace("_", "-"))
+    if getattr(args, "master", False) is not False:
+        args.masters_at = _masters(args)
+    if getattr(args, "slave", False) is not False:
+        args.slaves_at = _slaves(args)
+    if args.command == "submit":
+        if not args.type:
+            raise UsageError("TYPE must not be empty")
+        if args.lines and args.body is not None:
+            raise UsageError("--lines reads bodies from standard input; give no BODY")
+        if not args.lines and args.body not in (None, "-"):
+            _parse_body(args.body, "BODY")
+    elif args.command == "worker":
+        usage = parser.subparsers["worker"]
+        if args.stray:
+            usage.error(f"put the command after --, as in: gloom worker {args.type} -- "
+                        f"{' '.join(args.stray)}")
+        if not args.argv:
+            usage.error(f"give the command to run after --, e.g. gloom worker {args.type} -- tr a-z A-Z")
+        if shutil.which(args.argv[0]) is None:
+            raise UsageError(f"cannot run {args.argv[0]}: no such program")
+    elif args.command == "bench":
+        for name in ("masters", "slaves"):
+            _positive(getattr(args, name), f"--{name}")
+        if args.body_size < 0:
+            raise UsageError("--body-size must not be negative")
 
 
 def _split_command(argv: List[str]):
@@ -420,49 +1133,64 @@ def main(argv: Optional[List[str]] = None) -> int:
     :returns: the exit status (see the module's documentation).
     """
     own, command = _split_command(list(sys.argv[1:] if argv is None else argv))
-    args = _parser().parse_args(own)
+    parser = _parser()
+    args = parser.parse_args(own)
     args.argv = command
+    try:
+        _check(args, parser)
+    except UsageError as e:
+        return _fail(str(e), EXIT_USAGE)
     outcome = {}
-
-    def run(reactor):
-        started = defer.maybeDeferred(_COMMANDS[args.command], reactor, args)
-
-        def finished(result):
-            if isinstance(result, Failure):
-                outcome["failure"] = result
-            else:
-                outcome["status"] = result
-            try:
-                reactor.stop()
-            except ReactorNotRunning:
-                pass
-
-        started.addBoth(finished)
 
     from twisted.internet import reactor
 
-    reactor.callWhenRunning(run, reactor)
-    reactor.run()
-    failure = outcome.get("failure")
-    if failure is None:
-        return outcome.get("status", 0) or 0
-    error = failure.value
-    if isinstance(error, UsageError):
+    session = _Session(reactor)
+
+    def finished(result):
+        outcome["result"] = result
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def on_signal(signum, frame):
+        reactor.callFromThread(session.signalled, signum)
+
+    def run():
+        # Twisted's own handlers stop the reactor at once; these let each
+        # subcommand decide (name the unanswered jobs, finish the jobs in hand).
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        session.ended.addBoth(finished)
+        defer.maybeDeferred(_COMMANDS[args.command], session, args).addBoth(session.end)
+
+    reactor.callWhenRunning(run)
+    try:
+        reactor.run()
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    result = outcome.get("result", EXIT_INTERRUPTED)
+    if not isinstance(result, Failure):
+        return result or 0
+    error = result.value
+    if isinstance(error, (UsageError, EncodeError)):
         return _fail(str(error), EXIT_USAGE)
-    if isinstance(error, TransportError):
-        return _fail(str(error), EXIT_UNREACHABLE)
-    if isinstance(error, ServerError):
-        return _fail(f"{error.error}: {error.reason}", EXIT_FAILED)
+    if isinstance(error, GloomError):
+        return _fail(_describe(error), _status_of(error))
     if isinstance(error, ValueError):
         return _fail(str(error), EXIT_USAGE)
-    failure.printTraceback(file=sys.stderr)
+    result.printTraceback(file=sys.stderr)
     return EXIT_FAILED
 
 
 def entry_point() -> None:
     """The ``gloom`` console script."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before the reactor took over Ctrl-C
+        status = _fail("interrupted", EXIT_INTERRUPTED)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import reserved_port
@@ -21,15 +22,19 @@ def gloom_command():
 
 
 class _Run(protocol.ProcessProtocol):
-    def __init__(self, stdin: bytes):
+    def __init__(self, stdin, keep_open=False):
         self.stdin = stdin
+        self.keep_open = keep_open
         self.out, self.err = [], []
         self.ended = defer.Deferred()
         self._watches = []
 
     def connectionMade(self):
+        if self.stdin is None:
+            return  # standard input is a file
         self.transport.write(self.stdin)
-        self.transport.closeStdin()
+        if not self.keep_open:
+            self.transport.closeStdin()
 
     def outReceived(self, data):
         self.out.append(data)
@@ -65,23 +70,36 @@ class _Run(protocol.ProcessProtocol):
 
 
 class CLITestCase(DaemonTestCase):
-    def start(self, *args, stdin=b""):
-        """Start ``gloom ARGS``; its ProcessProtocol, whose ``ended`` fires with (out, err, status)."""
-        run = _Run(stdin)
+    def start(self, *args, stdin=b"", keep_open=False, env=None, stdin_path=None):
+        """Start ``gloom ARGS``; its ProcessProtocol, whose ``ended`` fires
+        with (out, err, status).  ``keep_open``: standard input stays open
+        for the test to write to; ``env``: more environment variables;
+        ``stdin_path``: a file to read standard input from instead."""
+        run = _Run(None if stdin_path else stdin, keep_open)
         argv = gloom_command() + list(args)
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("GLOOM_")}
+        environment.update(env or {})
+        fds = None
+        if stdin_path:
+            with open(stdin_path, "rb") as source:
+                fds = {0: os.dup(source.fileno()), 1: "r", 2: "r"}
+            self.addCleanup(os.close, fds[0])
         self.processes = getattr(self, "processes", [])
-        self.processes.append(reactor.spawnProcess(run, argv[0], argv, env=os.environ))
+        self.processes.append(reactor.spawnProcess(run, argv[0], argv, env=environment, childFDs=fds))
         self.addCleanup(self._reap, run)
         return run
 
     def _reap(self, run):
         if not run.ended.called:
-            run.transport.signalProcess("KILL")
+            try:
+                run.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass  # its end is on the way
         return run.ended
 
-    def gloom(self, *args, stdin=b""):
+    def gloom(self, *args, stdin=b"", env=None):
         """Run ``gloom ARGS`` to the end: a Deferred of (stdout, stderr, status)."""
-        return self.start(*args, stdin=stdin).ended
+        return self.start(*args, stdin=stdin, env=env).ended
 
     def master_arg(self):
         return ["--master", f"127.0.0.1:{self.port('master')}"]
@@ -115,7 +133,7 @@ class SubmitTests(CLITestCase):
         self.assertEqual(status, 1)
         self.assertEqual([json.loads(line) for line in out.splitlines()],
                          [[1], [2], {"error": "job_failed", "reason": "exit status 4: no"}, [4]])
-        self.assertIn("gloom: job_failed: exit status 4: no", err)
+        self.assertIn("gloom: line 4: job_failed: exit status 4: no", err)
 
     @inlineCallbacks
     def test_priority_and_timeout_are_sent(self):
@@ -134,24 +152,36 @@ class SubmitTests(CLITestCase):
             (["submit", "upper", "1", "--master", "nonsense"], 2, "neither host:port nor"),
             (["submit", "upper", "1", "--lines", *self.master_arg()], 2, "give no BODY"),
             (["worker", "upper", *self.slave_arg()], 2, "give the command to run after --"),
+            (["worker", "upper", "cat", *self.slave_arg()], 2,
+             "usage: gloom worker [-h] [-c N] [--raw] [--kill-after SECONDS] [-v] [--slave ADDRESS] "
+             "TYPE -- CMD [ARGS ...]\ngloom worker: error: put the command after --, as in: "
+             "gloom worker upper -- cat\n"),
+            (["worker", "upper", *self.slave_arg(), "--", "/nonexistent/program"], 2,
+             "gloom: cannot run /nonexistent/program: no such program\n"),
+            (["submit", "echo", "NaN", *self.master_arg()], 2,
+             "gloom: BODY is not JSON the daemon takes: NaN is not JSON\n"),
+            (["submit", "echo", "--wait", "0", *self.master_arg()], 2, "--wait must be positive"),
             (["bench", "--jobs", "0", *self.master_arg()], 2, "--jobs must be positive"),
             (["submit"], 2, "the following arguments are required: type"),
         ]
-        for args, expected_status, message in cases:
-            out, err, status = yield self.gloom(*args)
+        port = reserved_port(self)  # bound, never listening: connections are refused
+        refused = f"gloom: cannot connect to 127.0.0.1:{port}: Connection refused\n"
+        cases += [(command + ["--master", f"127.0.0.1:{port}"], 3, refused)
+                  for command in (["submit", "upper", "1"], ["status"])]
+        # At once: each is a process of its own.
+        results = yield defer.gatherResults([self.gloom(*args) for args, _, _ in cases])
+        for (args, expected_status, message), (out, err, status) in zip(cases, results):
             self.assertEqual(status, expected_status, (args, err))
             self.assertIn(message, err)
             self.assertNotIn("Traceback", err)
-        port = reserved_port(self)  # bound, never listening: connections are refused
-        for command in (["submit", "upper", "1"], ["status"]):
-            out, err, status = yield self.gloom(*command, "--master", f"127.0.0.1:{port}")
-            self.assertEqual(status, 3, err)
-            self.assertEqual(err, f"gloom: cannot connect to 127.0.0.1:{port}: Connection refused\n")
+        for (_, _, message), (out, err, status) in zip(cases[-2:], results[-2:]):
+            self.assertEqual(err, message)
 
     @inlineCallbacks
     def test_help_has_examples(self):
-        for command in ("submit", "worker", "status", "bench"):
-            out, err, status = yield self.gloom(command, "--help")
+        commands = ("submit", "worker", "status", "cancel", "bench")
+        results = yield defer.gatherResults([self.gloom(command, "--help") for command in commands])
+        for command, (out, err, status) in zip(commands, results):
             self.assertEqual(status, 0)
             self.assertIn("examples:", out)
             self.assertIn("--master" if command != "worker" else "--slave", out)
@@ -174,9 +204,9 @@ class WorkerTests(CLITestCase):
         yield self.worker("slow", "sleep", "30", options=["--kill-after", "0.2"])
         out, err, status = yield self.gloom("submit", "slow", "1", *self.master_arg())
         self.assertEqual(err, "gloom: job_failed: killed after 0.2 s\n")
-        yield self.worker("missing", "/nonexistent/program")
+        yield self.worker("missing", "sh", "-c", "exec /nonexistent/program")
         out, err, status = yield self.gloom("submit", "missing", "1", *self.master_arg())
-        self.assertIn("gloom: job_failed: ", err)
+        self.assertIn("gloom: job_failed: exit status 127: ", err)
         self.assertEqual(status, 1)
 
     @inlineCallbacks
@@ -228,10 +258,13 @@ class StatusAndBenchTests(CLITestCase):
         lines = out.splitlines()
         self.assertEqual(lines[0].split(), ["TYPE", "QUEUED", "RUNNING", "IDLE", "SLAVES", "BUSY", "SLAVES"])
         self.assertEqual(lines[1].split(), ["queued-type", "1", "0", "0", "0"])
-        self.assertIn("masters 2", out)
+        self.assertIn("masters 1 ", out)  # the submitter: not gloom status itself
         self.assertIn("submitted 1", out)
         out, err, status = yield self.gloom("status", "--json", *self.master_arg())
-        self.assertEqual(json.loads(out)["types"]["queued-type"]["queued"], 1)
+        figures = json.loads(out)
+        self.assertEqual(figures["types"]["queued-type"]["queued"], 1)
+        self.assertEqual(figures["masters"], 1)
+        self.assertEqual(list(figures["daemons"]), [f"127.0.0.1:{self.port('master')}"])
         submitter.transport.signalProcess("KILL")
 
     @inlineCallbacks
@@ -240,7 +273,7 @@ class StatusAndBenchTests(CLITestCase):
         yield watcher.printed(lambda out, err: out.count(b"TYPE") >= 3)
         watcher.transport.signalProcess(signal.SIGINT)
         out, err, status = yield watcher.ended
-        self.assertNotIn("Traceback", err)
+        self.assertEqual((err, status), ("", 0))
 
     @inlineCallbacks
     def test_bench(self):
@@ -286,19 +319,38 @@ class TLSTests(CLITestCase):
         self.assertEqual((out, status), ('"SECRET"\n', 0), err)
 
     @inlineCallbacks
-    def test_worker_reports_a_refused_handshake(self):
+    def test_worker_stops_on_a_certificate_it_cannot_verify(self):
         untrusted = self.ca.issue("localhost-elsewhere", server=True)[1]
         shutil.copy(untrusted, os.path.join(self.trust, "ca.pem"))
         slave = f"tls:localhost:{self.port('slave')}:trustRoots={self.trust}"
-        worker = self.start("worker", "upper", "--slave", slave, "--", "cat")
+        out, err, status = yield self.gloom("worker", "upper", "--slave", slave, "--", "cat")
+        self.assertEqual(status, 1, err)
+        first, *rest = err.splitlines()
+        self.assertEqual(first, f"gloom: serving 'upper' with 1 x cat (from tls:localhost:{self.port('slave')}); "
+                                "Ctrl-C or SIGTERM finishes the jobs in hand and exits")
+        self.assertTrue(rest and all(line.startswith("gloom: ") for line in rest), err)
+        self.assertIn("TLS", rest[-1])
+        self.assertIn("certificate verify failed", rest[-1])
+        for noise in ("trustRoots", "VerificationError(", "SSL routines'", "Traceback", self.trust):
+            self.assertNotIn(noise, err)
 
-        def refusal(err):
-            """The first whole line of stderr that reports the failed verification."""
-            lines = err.split(b"\n")[:-1]
-            return next((line for line in lines if b"certificate verify failed" in line), None)
+    @inlineCallbacks
+    def submit_fails(self, master):
+        """``gloom submit`` to ``master`` fails with one line (returned) and status 3."""
+        out, err, status = yield self.gloom("submit", "upper", '"x"', "--master", master)
+        self.assertEqual((out, status, len(err.splitlines())), ("", 3, 1), err)
+        return err
 
-        yield worker.printed(lambda out, err: refusal(err) is not None)
-        self.assertTrue(refusal(b"".join(worker.err)).endswith(b"; reconnecting"), worker.err)
+    @inlineCallbacks
+    def test_a_tls_client_without_trust_roots_says_why(self):
+        err = yield self.submit_fails(f"tls:localhost:{self.port('master')}")  # the system's roots
+        self.assertEqual(err, f"gloom: TLS handshake with tls:localhost:{self.port('master')} failed: "
+                              "certificate verify failed\n")
+
+    @inlineCallbacks
+    def test_a_plain_client_on_a_tls_port_says_tls(self):
+        err = yield self.submit_fails(f"127.0.0.1:{self.port('master')}")
+        self.assertIn("TLS", err)
 
 
 class BenchDrainTests(CLITestCase):
@@ -335,3 +387,27 @@ class FormatStatusTests(SynchronousTestCase):
         self.assertIn("(and 3000 less busy types)", format_status(stats))
         del stats["types_omitted"]
         self.assertNotIn("less busy", format_status(stats))
+
+    def test_a_row_per_daemon_then_the_sums(self):
+        from gloom.cli import format_status
+        from gloom.core import sum_stats
+
+        def daemon(queued, slaves, uptime):
+            return {"types": {"t": {"queued": queued, "running": 0, "idle_slaves": slaves, "busy_slaves": 0}},
+                    "totals": {"submitted": queued}, "masters": 1, "slaves": slaves, "uptime": uptime,
+                    "version": "0.1.0"}
+
+        text = format_status(sum_stats({"a:1": daemon(2, 0, 90), "b:22": daemon(3, 4, 30)}),
+                             {"c:333": "cannot connect to c:333: Connection refused"})
+        self.assertEqual(text.splitlines(), [
+            "DAEMON  MASTERS  SLAVES  QUEUED  RUNNING     UP  VERSION",
+            "a:1           1       0       2        0  1m30s    0.1.0",
+            "b:22          1       4       3        0  0m30s    0.1.0",
+            "c:333   unreachable: cannot connect to c:333: Connection refused",
+            "",
+            "TYPE  QUEUED  RUNNING  IDLE SLAVES  BUSY SLAVES",
+            "t          5        0            4            0",
+            "",
+            "2 daemons: masters 2   slaves 4   up 0m30s   version 0.1.0",
+            "jobs: submitted 5",
+        ])

@@ -977,12 +977,16 @@ class EndToEndTests(TxClientTestCase):
     @inlineCallbacks
     def test_stop_finishes_the_job_in_hand(self):
         started, release = defer.Deferred(), defer.Deferred()
+        ran = []
 
         def handler(job):
-            started.callback(None)
+            ran.append(job.body)
+            if not started.called:
+                started.callback(None)
             return release.addCallback(lambda _: "finished")
 
-        worker = self.worker("t", handler, concurrency=2)
+        worker = self.worker("t", handler, concurrency=1)
+        yield self.until(lambda: self.scheduler.idle_slaves("t") == 1)
         master = self.master()
         answer = master.submit("t", None)
         queued = master.submit("t", "never run")
@@ -997,6 +1001,7 @@ class EndToEndTests(TxClientTestCase):
         yield self.until(lambda: len(self.service.factories[1].connections) == 0)
         self.assertEqual(self.scheduler.queued("t"), 1)
         self.assertEqual(self.scheduler.totals["retried"], 0)
+        self.assertEqual(ran, [None])
         queued.cancel()
         yield self.assertFailure(queued, CancelledError)
 

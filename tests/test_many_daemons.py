@@ -184,21 +184,21 @@ class ConcurrencyTests(ManyDaemonsTestCase):
     jobs = 12  # per daemon
 
     @inlineCallbacks
-    def load(self, jobs=None, indexes=(0, 1, 2), job_type="t", prefix=""):
-        """A master per daemon fills its queue with ``jobs`` jobs of ``job_type``."""
+    def load(self, jobs=None):
+        """A master per daemon fills its queue with ``jobs`` jobs of type "t"."""
         jobs = self.jobs if jobs is None else jobs
         answers = []
-        for index in indexes:
-            answers += self.submit(index, [f"{prefix}{index}-{n}" for n in range(jobs)], job_type)
-        yield self.until(lambda: all(self.schedulers()[i].queued(job_type) >= jobs for i in indexes))
+        for index in range(3):
+            answers += self.submit(index, [f"{index}-{n}" for n in range(jobs)])
+        yield self.until(lambda: [s.queued("t") for s in self.schedulers()] == [jobs] * 3)
         return answers
 
-    def submit(self, index, ids, job_type="t"):
-        """Submit jobs with these ids (and bodies) to daemon ``index`` alone."""
+    def submit(self, index, ids):
+        """Submit jobs of type "t" with these ids (and bodies) to daemon ``index`` alone."""
         master = MasterClient(self.names("master")[index], reactor, retry_policy=FAST_RETRY)
         master.start()
         self.addCleanup(master.stop)
-        return [master.submit(job_type, job_id, id=job_id) for job_id in ids]
+        return [master.submit("t", job_id, id=job_id) for job_id in ids]
 
     def check_attempts(self):
         """No job counts an attempt for having been offered to a busy worker."""
@@ -208,11 +208,10 @@ class ConcurrencyTests(ManyDaemonsTestCase):
                 self.assertLessEqual(job.attempt, 1, job)
 
     def watch(self, job_type, most):
-        """Sample the three daemons after each of their events and every
-        5 ms: return the samples, each the sum over the daemons of the jobs
-        of ``job_type`` running and of the busy slaves, plus the highest
-        attempt of any job, all of which must stay within ``most`` (1 for
-        attempts); checked at the end of the test."""
+        """Sample the three daemons after each of their events and every 5 ms,
+        checking at cleanup that their sums of running jobs and of busy slaves
+        of ``job_type`` stayed within ``most`` and no job's attempts over 1;
+        return the samples, ``(running, busy, most attempts)``."""
         samples = []
 
         def sample():
@@ -279,9 +278,9 @@ class ConcurrencyTests(ManyDaemonsTestCase):
             return task.deferLater(reactor, 0.005 if slow[0] else 0, lambda: job.body)
 
         worker = self.worker("t", handler, concurrency=1)
-        yield self.until(lambda: sum(self.idle("t")) == 1)
+        yield self.until(lambda: self.idle("t") == [1, 0, 0])  # idle, the ask visits every daemon
         started = reactor.seconds()
-        answers = yield self.load(50, indexes=(2,))
+        answers = self.submit(2, [f"2-{n}" for n in range(50)])
         self.assertEqual(len((yield defer.gatherResults(answers))), 50)
         self.assertLess(reactor.seconds() - started, 5.0)
         self.assertEqual(len(ran), 50)

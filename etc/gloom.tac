@@ -15,6 +15,19 @@ JOB_TIMEOUT = None                        # seconds one attempt may run when the
 FRAME_TIMEOUT = 30                        # seconds a connection may stay part way through a
                                           # frame or its TLS handshake before it is closed
 MAX_QUEUED = 100000                       # unfinished jobs one master may have at once
+RETRY_BACKOFF = 1                         # seconds before the first retry of a detached job
+                                          # (or one submitted with backoff); doubles each time
+RETRY_BACKOFF_MAX = 300                   # most seconds any retry waits
+KEEP_RESULTS = 600                        # seconds the end of a detached job is kept for status
+KEEP_RESULTS_MAX = 100000                 # most ends of detached jobs kept at once
+KEEP_RESULTS_BYTES = 64 * 1024 * 1024     # most bytes of their answers kept at once
+DEAD_MAX = 10000                          # most jobs on the dead list (0: none)
+MAX_DETACHED = 1000000                    # most detached jobs queued, delayed or running
+JOURNAL = None                            # SQLite file keeping detached, delayed and dead
+                                          # jobs across restarts, e.g. "/var/lib/gloom/journal.db";
+                                          # None: nothing on disk
+JOURNAL_SYNC = "normal"                   # "full": commits survive a power cut; "normal":
+                                          # a process crash
 HTTP = None                               # where /status and /metrics are served, e.g.
                                           # "tcp:9997:interface=127.0.0.1"; None: off
 
@@ -26,6 +39,15 @@ settings = {
     "--job-timeout": JOB_TIMEOUT,
     "--frame-timeout": FRAME_TIMEOUT,
     "--max-queued": MAX_QUEUED,
+    "--retry-backoff": RETRY_BACKOFF,
+    "--retry-backoff-max": RETRY_BACKOFF_MAX,
+    "--keep-results": KEEP_RESULTS,
+    "--keep-results-max": KEEP_RESULTS_MAX,
+    "--keep-results-bytes": KEEP_RESULTS_BYTES,
+    "--dead-max": DEAD_MAX,
+    "--max-detached": MAX_DETACHED,
+    "--journal": JOURNAL,
+    "--journal-sync": JOURNAL_SYNC,
     "--http": HTTP,
 }
 options = Options()

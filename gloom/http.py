@@ -15,6 +15,9 @@ from twisted.web.server import Site
 
 from gloom.scheduler import TOTALS
 
+DETACHED_TOTALS = ("detached", "dead", "dead_dropped", "results_dropped")
+"""The totals of detached jobs, besides the scheduler's `TOTALS`."""
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -26,6 +29,26 @@ _TOTAL_HELP = {
     "retried": "Times a job was queued again after losing its slave or timing out.",
     "timed_out": "Attempts given up for running past their timeout.",
     "released": "Jobs a slave handed back unrun (release), queued again at the front.",
+    "delayed": "Jobs submitted with a delay or a start time.",
+    "detached": "Detached jobs accepted (submitted, retried from the dead list, or loaded).",
+    "dead": "Detached jobs that used up their retries and went to the dead list.",
+    "dead_dropped": "Dead jobs dropped, oldest first, to keep the dead list within --dead-max.",
+    "results_dropped": "Kept ends of detached jobs dropped early to stay within their bounds.",
+}
+
+_DETACHED_HELP = {
+    "live": "Detached jobs queued, delayed or running.",
+    "results": "Ends of detached jobs kept for status.",
+    "results_bytes": "Bytes of answers kept for status.",
+    "dead": "Jobs on the dead list.",
+}
+
+_JOURNAL_HELP = {
+    "bytes": "Bytes of the journal on disk (database and write-ahead log).",
+    "commits": "Group commits written to the journal.",
+    "errors": "Journal commits that failed.",
+    "last_commit_ms": "Milliseconds the last journal commit took.",
+    "max_commit_ms": "Most milliseconds a journal commit took.",
 }
 
 
@@ -46,12 +69,14 @@ class StatsCollector:
         totals, the per-type queue and slave gauges, the connected masters
         and slaves, and the uptime."""
         figures = self.stats()
-        for name in TOTALS:
+        for name in TOTALS + DETACHED_TOTALS:
             counter = CounterMetricFamily(f"gloom_jobs_{name}", _TOTAL_HELP[name])
             counter.add_metric([], figures["totals"][name])
             yield counter
         per_type = {
             "queued": GaugeMetricFamily("gloom_jobs_queued", "Jobs waiting for a slave.", labels=["type"]),
+            "delayed": GaugeMetricFamily("gloom_jobs_delayed", "Jobs waiting for their time to run.",
+                                         labels=["type"]),
             "running": GaugeMetricFamily("gloom_jobs_running", "Jobs held by a slave.", labels=["type"]),
             "idle_slaves": GaugeMetricFamily("gloom_slaves_idle", "Slaves waiting for a job.", labels=["type"]),
             "busy_slaves": GaugeMetricFamily("gloom_slaves_busy", "Slaves holding a job.", labels=["type"]),
@@ -60,6 +85,17 @@ class StatsCollector:
             for key, gauge in per_type.items():
                 gauge.add_metric([job_type], counts[key])
         yield from per_type.values()
+        for name, help_text in _DETACHED_HELP.items():
+            gauge = GaugeMetricFamily(f"gloom_detached_{name}", help_text)
+            gauge.add_metric([], figures["detached"][name])
+            yield gauge
+        journal = figures.get("journal")
+        if journal is not None:
+            for name, help_text in _JOURNAL_HELP.items():
+                family = CounterMetricFamily if name in ("commits", "errors") else GaugeMetricFamily
+                metric = family(f"gloom_journal_{name}", help_text)
+                metric.add_metric([], journal[name] or 0)
+                yield metric
         for role in ("masters", "slaves"):
             gauge = GaugeMetricFamily(f"gloom_{role}_connected", f"Connected {role}.")
             gauge.add_metric([], figures[role])

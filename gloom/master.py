@@ -8,10 +8,15 @@ from typing import Any, Callable, Dict, Optional
 from zope.interface import implementer
 
 from gloom import wire
+from gloom.detached import DetachedJobs, IdTaken, describe
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import IJobOwner, ScheduledJob, ShuttingDown
+from gloom.scheduler import IJobOwner, RetryPolicy, ScheduledJob, ShuttingDown
 
 DEFAULT_MAX_QUEUED = 100_000
+
+DEFAULT_MAX_DETACHED = 1_000_000
+"""Most live detached jobs the daemon holds (they belong to no master, so
+no master's limit bounds them)."""
 
 MAX_NAME = wire.MAX_NAME_BYTES
 _MISSING = wire.MISSING
@@ -44,6 +49,10 @@ class MasterProtocol(GloomProtocol):
         priority = wire.optional_priority(message, job_id)
         timeout = wire.optional_timeout(message, job_id)
         body = wire.required_body(message, job_id)
+        if (message.detach is not _MISSING or message.delay is not _MISSING
+                or message.at is not _MISSING or message.retries is not _MISSING
+                or message.backoff is not _MISSING):
+            return self._submit_with_options(message, job_id, job_type, body, priority, timeout)
         unfinished = self._unfinished
         if job_id in unfinished:
             raise wire.MessageError(
@@ -70,18 +79,129 @@ class MasterProtocol(GloomProtocol):
         else:
             self.sendString(wire.with_ref(wire.ack(id_json), ref))
 
-    def do_cancel(self, message: wire.Message) -> None:
-        """Withdraw one of this master's jobs: queued, it leaves the queue;
-        running, its answer will be dropped."""
-        job_id = wire.required_name(message, "id")
-        job = self._unfinished.pop(job_id, None)
-        if job is None:
+    def _submit_with_options(self, message: wire.Message, job_id: str, job_type: str, body,
+                             priority: int, timeout: Optional[float]) -> None:
+        """A submit that is detached, delayed, or names how it is retried."""
+        factory = self.factory
+        detach = wire.optional_flag(message, "detach", job_id)
+        backoff = wire.optional_flag(message, "backoff", job_id)
+        retries = wire.optional_count(message, "retries", None, 0, wire.MAX_RETRIES, job_id)
+        run_at = wire.optional_run_at(message, factory.clock.seconds(), job_id)
+        id_json = wire.encode_id(job_id)
+        job_frame = wire.job(id_json, wire.encode_id(job_type), body)
+        ref = message.ref
+        if not detach:
+            self._check_room(job_id)
+            policy = RetryPolicy.of(retries, backoff)
+            try:
+                job = factory.scheduler.submit(self, job_id, job_type, job_frame, priority,
+                                               timeout, run_at, policy)
+            except ShuttingDown as e:
+                raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
+            self._unfinished[job_id] = job
+            self.reply(wire.ack(id_json), ref)
+            return
+        detached = factory.detached
+        if len(detached.live) + len(detached.pending) >= factory.max_detached:
             raise wire.MessageError(
-                wire.UNKNOWN_JOB, f"this master has no unfinished job {wire.quoted(job_id)}",
+                wire.QUEUE_FULL, f"the daemon already holds {factory.max_detached} detached jobs",
+                job_id)
+        try:
+            taken = detached.submit(job_id, job_type, job_frame, priority, timeout, run_at,
+                                    retries)
+        except IdTaken:
+            raise wire.MessageError(
+                wire.ID_EXISTS, f"a detached job with id {wire.quoted(job_id)} is queued, "
+                "delayed, running or dead", job_id) from None
+        except ShuttingDown as e:
+            raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
+        taken.addCallbacks(self._detached_taken, self._detached_refused,
+                           callbackArgs=(id_json, ref), errbackArgs=(job_id, ref))
+
+    def _detached_taken(self, _, id_json: bytes, ref) -> None:
+        if not self.closed.called:
+            self.reply(wire.ack(id_json), ref)
+
+    def _detached_refused(self, failure, job_id: str, ref) -> None:
+        if failure.check(ShuttingDown):
+            code = wire.SHUTDOWN
+        else:
+            code = wire.JOURNAL_ERROR
+        reason = (f"the journal could not record the job, so it was not accepted: "
+                  f"{failure.getErrorMessage()}" if code == wire.JOURNAL_ERROR
+                  else failure.getErrorMessage())
+        if not self.closed.called:
+            self.sendString(wire.error(code, reason, job_id, ref if ref is not _MISSING else None))
+
+    def _check_room(self, job_id: str) -> None:
+        if job_id in self._unfinished:
+            raise wire.MessageError(
+                wire.ID_EXISTS,
+                f"this master already has an unfinished job with id {wire.quoted(job_id)}",
                 job_id,
             )
-        self.factory.scheduler.cancel(job)
+        if len(self._unfinished) >= self.factory.max_queued:
+            raise wire.MessageError(
+                wire.QUEUE_FULL,
+                f"this master already has {self.factory.max_queued} unfinished jobs",
+                job_id,
+            )
+
+    def do_cancel(self, message: wire.Message) -> None:
+        """Withdraw one of this master's jobs, or else a detached job:
+        queued or delayed, it leaves the queue; running, its answer will be
+        dropped."""
+        job_id = wire.required_name(message, "id")
+        job = self._unfinished.pop(job_id, None)
+        if job is not None:
+            self.factory.scheduler.cancel(job)
+        elif not self.factory.detached.cancel(job_id):
+            raise wire.MessageError(
+                wire.UNKNOWN_JOB,
+                f"this master has no unfinished job {wire.quoted(job_id)}, "
+                "and no detached job has that id",
+                job_id,
+            )
         self.reply(wire.ack(wire.encode_id(job_id)), message.ref)
+
+    def do_status(self, message: wire.Message) -> None:
+        """Say where a job is: one of this master's own, or a detached one
+        (never another master's)."""
+        job_id = wire.required_name(message, "id")
+        job = self._unfinished.get(job_id)
+        if job is not None:
+            status = describe(job, detached=False)
+        else:
+            status = self.factory.detached.status(job_id) or {"state": "unknown"}
+        self.reply(wire.status(job_id, status), message.ref)
+
+    def do_dead_list(self, message: wire.Message) -> None:
+        """A page of the dead list, oldest first."""
+        offset = wire.optional_count(message, "offset", 0, 0, 2**31, None)
+        limit = wire.optional_count(message, "limit", 100, 1, wire.MAX_PAGE, None)
+        total, page = self.factory.detached.dead_page(offset, limit)
+        self.reply(wire.encode_value({"ok": True, "total": total, "offset": offset,
+                                      "dead": page}), message.ref)
+
+    def do_dead_retry(self, message: wire.Message) -> None:
+        """Queue a dead job again, with fresh retries."""
+        job_id = wire.required_name(message, "id")
+        try:
+            found = self.factory.detached.retry_dead(job_id)
+        except ShuttingDown as e:
+            raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
+        self._dead_reply(found, job_id, message.ref)
+
+    def do_dead_discard(self, message: wire.Message) -> None:
+        """Forget a dead job."""
+        job_id = wire.required_name(message, "id")
+        self._dead_reply(self.factory.detached.discard_dead(job_id), job_id, message.ref)
+
+    def _dead_reply(self, found: bool, job_id: str, ref) -> None:
+        if not found:
+            raise wire.MessageError(
+                wire.UNKNOWN_JOB, f"no dead job has id {wire.quoted(job_id)}", job_id)
+        self.reply(wire.ack(wire.encode_id(job_id)), ref)
 
     def do_stats(self, message: wire.Message) -> None:
         """Send the daemon's figures (built at most once per reactor turn;
@@ -116,13 +236,21 @@ class MasterFactory(GloomFactory):
     protocol = MasterProtocol
 
     def __init__(self, *args, max_queued: int = DEFAULT_MAX_QUEUED,
-                 stats: Callable[[], dict] = dict, **kwargs):
+                 stats: Callable[[], dict] = dict, detached: Optional[DetachedJobs] = None,
+                 max_detached: int = DEFAULT_MAX_DETACHED, **kwargs):
         """Takes `GloomFactory`'s arguments, and:
 
         :param max_queued: how many unfinished jobs one master may have.
         :param stats: returns the figures of the stats reply.
+        :param detached: the daemon's detached jobs; new ones, kept in
+            memory only, if None.
+        :param max_detached: how many live detached jobs the daemon holds.
         """
         super().__init__(*args, **kwargs)
+        if detached is None:
+            detached = DetachedJobs(self.scheduler, self.clock)
+        self.detached = detached
+        self.max_detached = max_detached
         self.max_queued = max_queued
         self.stats = stats
         self._stats_frame: Optional[bytes] = None

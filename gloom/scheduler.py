@@ -25,12 +25,20 @@ the younger jobs of its priority, found by a scan from the front of that
 priority's queue (short in practice: most of the queue is younger); a job
 a slave hands back unrun (`Scheduler.hand_back`) goes to the very front of
 its priority's queue, in O(1).
+
+A job that may not run yet (submitted with a later start, or waiting out
+the backoff of a retry) is delayed: it waits in one heap of delayed jobs,
+ordered by when each may run, held as itself (a heap slot, like a queue
+slot), with one timer for the whole heap, set for the earliest; delaying,
+waking and withdrawing a job cost O(log n).  How a job is retried is its
+`RetryPolicy`: most jobs have none and follow the scheduler's defaults.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections import Counter, OrderedDict, deque
 from typing import Any, Callable, Dict, List, Optional, Set, Union
 
@@ -44,13 +52,21 @@ from gloom.quoting import quoted
 
 QUEUED = "queued"
 RUNNING = "running"
+DELAYED = "delayed"
 ENDED = "ended"
 
 # Compact a type's queue only when withdrawn entries outnumber live ones and
 # are at least this many.
 _COMPACT_MINIMUM = 64
 
-TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out", "released")
+TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out", "released",
+          "delayed")
+
+DEFAULT_BACKOFF = 1.0
+"""Seconds before the first retry of a job that backs off."""
+
+DEFAULT_BACKOFF_MAX = 300.0
+"""Most seconds any retry of a job that backs off waits."""
 
 
 class ShuttingDown(Exception):
@@ -96,6 +112,8 @@ class ScheduledJob:
         "state",
         "timer",
         "holder",
+        "run_at",
+        "policy",
     )
 
     def __init__(self, owner: Optional["IJobOwner"], job_id: str, job_type: str, body: Any,
@@ -123,9 +141,57 @@ class ScheduledJob:
         self.state = QUEUED
         self.timer = None
         self.holder = None
+        self.run_at = 0.0
+        self.policy: Optional[RetryPolicy] = None
+
+    def __lt__(self, other: "ScheduledJob") -> bool:
+        """Delayed jobs are ordered by when they may run, then by age."""
+        return (self.run_at, self.sequence) < (other.run_at, other.sequence)
 
     def __repr__(self) -> str:
         return f"<ScheduledJob {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
+
+
+class RetryPolicy:
+    """How one job is retried, when not as the scheduler's defaults say.
+
+    Policies are shared: `RetryPolicy.of` returns one object per distinct
+    policy, so a job pays for a reference, not a policy of its own.
+    """
+
+    __slots__ = ("retries", "backoff", "retry_failures", "observer")
+
+    _known: Dict[tuple, "RetryPolicy"] = {}
+
+    def __init__(self, retries: Optional[int], backoff: bool, retry_failures: bool,
+                 observer: Any):
+        """
+        :param retries: times the job may be queued again after a lost
+            attempt; the scheduler's ``max_retries`` if None.
+        :param backoff: whether a retry waits, longer each time, rather
+            than queueing at once.
+        :param retry_failures: whether a slave's ``fail`` is retried like a
+            lost attempt, rather than ending the job.
+        :param observer: told through ``job_started(job)`` and
+            ``job_waiting(job)`` when an attempt starts and when the job is
+            queued or delayed again (for a journal); or None.
+        """
+        self.retries = retries
+        self.backoff = backoff
+        self.retry_failures = retry_failures
+        self.observer = observer
+
+    @classmethod
+    def of(cls, retries: Optional[int] = None, backoff: bool = False,
+           retry_failures: bool = False, observer: Any = None) -> Optional["RetryPolicy"]:
+        """The shared policy with these settings; None for the default one."""
+        if retries is None and not backoff and not retry_failures and observer is None:
+            return None
+        key = (retries, backoff, retry_failures, id(observer))
+        policy = cls._known.get(key)
+        if policy is None or policy.observer is not observer:
+            policy = cls._known[key] = cls(retries, backoff, retry_failures, observer)
+        return policy
 
 
 class IJobOwner(Interface):
@@ -294,19 +360,27 @@ class Scheduler(Service):
     log = Logger()
 
     def __init__(self, max_retries: int = 3, clock: Optional[IReactorTime] = None,
-                 default_timeout: Optional[float] = None):
+                 default_timeout: Optional[float] = None, backoff: float = DEFAULT_BACKOFF,
+                 backoff_max: float = DEFAULT_BACKOFF_MAX,
+                 jitter: Callable[[], float] = random.random):
         """
         :param max_retries: how many times a job whose attempt was lost
             (its slave went away or it timed out) is queued again.
         :param clock: times attempts and answers; the global reactor if None.
         :param default_timeout: seconds an attempt may run when the job
             names no timeout of its own, or None for no limit.
+        :param backoff: seconds the first retry of a job that backs off waits.
+        :param backoff_max: most seconds any retry waits.
+        :param jitter: returns a number in [0, 1) that spreads retries out.
         """
         if clock is None:
             from twisted.internet import reactor as clock
         self.max_retries = max_retries
         self.clock = clock
         self.default_timeout = default_timeout
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.jitter = jitter
         self.on_answer: Optional[Callable[[str, float], None]] = None
         """Called, if set, with a job's type and the seconds from its
         submission to its answer."""
@@ -323,12 +397,18 @@ class Scheduler(Service):
         self._busy: Counter = Counter()
         self._sequence = itertools.count()
         self._stopping = False
+        self._delayed: List[ScheduledJob] = []  # a heap, with withdrawn entries
+        self._delayed_of_type: Counter = Counter()
+        self._delayed_withdrawn = 0
+        self._wake_call = None
 
     # --- masters ----------------------------------------------------------
 
     def submit(self, owner: IJobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
-               timeout: Optional[float] = None) -> ScheduledJob:
-        """Queue a job, or hand it to an idle slave at once.
+               timeout: Optional[float] = None, run_at: Optional[float] = None,
+               policy: Optional[RetryPolicy] = None, sequence: Optional[int] = None) -> ScheduledJob:
+        """Queue a job, or hand it to an idle slave at once, or (with a
+        ``run_at`` still to come) delay it until then.
 
         :param owner: hears how the job ends.
         :param job_id: the owner's name for the job.
@@ -336,6 +416,10 @@ class Scheduler(Service):
         :param body: what the slave is handed.
         :param priority: higher runs first; equal priorities run oldest first.
         :param timeout: seconds one attempt may run; ``default_timeout`` if None.
+        :param run_at: the clock's time from which the job may run; now if None.
+        :param policy: how the job is retried; the scheduler's defaults if None.
+        :param sequence: its place among jobs of its priority, from
+            `next_sequence`; the next one if None.
         :returns: the job, for `cancel`.
         :raises ShuttingDown: once the scheduler is stopping.  If handing
             the job out fails, nothing has changed.
@@ -344,18 +428,37 @@ class Scheduler(Service):
             raise ShuttingDown("the daemon is shutting down")
         if timeout is None:
             timeout = self.default_timeout
-        job = ScheduledJob(owner, job_id, job_type, body, priority, next(self._sequence), timeout,
+        if sequence is None:
+            sequence = next(self._sequence)
+        job = ScheduledJob(owner, job_id, job_type, body, priority, sequence, timeout,
                            self.clock.seconds())
+        job.policy = policy
         self._jobs.add(job)
         self.totals["submitted"] += 1
         try:
-            self._dispatch(job)
+            if run_at is not None and run_at > job.submitted_at:
+                self._delay(job, run_at)
+            else:
+                self._dispatch(job)
         except BaseException:
             self._jobs.discard(job)
             self.totals["submitted"] -= 1
             job.state = ENDED
             raise
         return job
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the scheduler is stopping (and takes no new jobs)."""
+        return self._stopping
+
+    def next_sequence(self) -> int:
+        """Take the next submission number, for a job submitted later."""
+        return next(self._sequence)
+
+    def sequence_from(self, first: int) -> None:
+        """Number submissions from ``first`` on (after a journal's jobs)."""
+        self._sequence = itertools.count(first)
 
     def cancel(self, job: ScheduledJob) -> None:
         """The owner withdraws the job (or went away): a queued job leaves
@@ -372,6 +475,86 @@ class Scheduler(Service):
             if not queue:
                 del self._queues[job.type]
                 self._maybe_unused(job.type)
+        elif job.state is DELAYED:
+            self._end(job)
+            self._undelay(job)
+            self._maybe_unused(job.type)
+
+    # --- delayed jobs -----------------------------------------------------
+
+    def _delay(self, job: ScheduledJob, run_at: float) -> None:
+        """Hold the job until ``run_at`` (the clock's time)."""
+        job.state = DELAYED
+        job.run_at = run_at
+        heapq.heappush(self._delayed, job)
+        self._delayed_of_type[job.type] += 1
+        self.totals["delayed"] += 1
+        call = self._wake_call
+        if call is None or run_at < call.getTime():
+            self._set_wake()
+
+    def _undelay(self, job: ScheduledJob) -> None:
+        """A delayed job left early: its heap entry is now withdrawn,
+        removed when it reaches the top, or when most entries are withdrawn."""
+        _decrement(self._delayed_of_type, job.type)
+        self._delayed_withdrawn += 1
+        withdrawn, heap = self._delayed_withdrawn, self._delayed
+        if withdrawn >= _COMPACT_MINIMUM and withdrawn * 2 > len(heap):
+            self._delayed = [entry for entry in heap if entry.state is DELAYED]
+            heapq.heapify(self._delayed)
+            self._delayed_withdrawn = 0
+            self._set_wake()
+
+    def _set_wake(self) -> None:
+        """Set the one timer of the delayed jobs for the earliest of them."""
+        heap = self._delayed
+        while heap and heap[0].state is not DELAYED:
+            heapq.heappop(heap)
+            self._delayed_withdrawn -= 1
+        call, self._wake_call = self._wake_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if heap and not self._stopping:
+            wait = max(0.0, heap[0].run_at - self.clock.seconds())
+            self._wake_call = self.clock.callLater(wait, self._wake)
+
+    def _wake(self) -> None:
+        """Queue (or hand out) every delayed job whose time has come."""
+        self._wake_call = None
+        heap, now = self._delayed, self.clock.seconds()
+        while heap and heap[0].run_at <= now:
+            job = heapq.heappop(heap)
+            if job.state is not DELAYED:
+                self._delayed_withdrawn -= 1
+                continue
+            _decrement(self._delayed_of_type, job.type)
+            try:
+                self._dispatch(job)
+            except Exception:
+                self.log.failure("Delayed job {id} ({type}) could not be queued",
+                                 id=quoted(job.id), type=quoted(job.type))
+                self._fail(job, "it could not be queued when its delay ended")
+                continue
+            self._observe_waiting(job)
+        self._set_wake()
+
+    def delayed(self, job_type: Optional[str] = None) -> int:
+        """How many jobs (of ``job_type``, or of every type) are delayed."""
+        if job_type is None:
+            return len(self._delayed) - self._delayed_withdrawn
+        return self._delayed_of_type.get(job_type, 0)
+
+    def backoff_delay(self, retries: int) -> float:
+        """Seconds the retry after ``retries`` earlier retries waits: the
+        backoff doubled for each (up to ``backoff_max``), of which a random
+        half is taken off so that jobs lost together spread out."""
+        wait = min(self.backoff_max, self.backoff * 2.0 ** min(retries, 64))
+        return wait / 2 + wait / 2 * self.jitter()
+
+    def _observe_waiting(self, job: ScheduledJob) -> None:
+        policy = job.policy
+        if policy is not None and policy.observer is not None:
+            self._contain(policy.observer.job_waiting, job)
 
     def _dispatch(self, job: ScheduledJob, front: bool = False) -> None:
         """Hand the job to the longest-idle slave of its type, or queue it
@@ -406,6 +589,9 @@ class Scheduler(Service):
         job.holder = slave
         self._running[job.type] += 1
         self._busy[job.type] += 1
+        policy = job.policy
+        if policy is not None and policy.observer is not None:
+            self._contain(policy.observer.job_started, job)
 
     # --- slaves -----------------------------------------------------------
 
@@ -536,7 +722,11 @@ class Scheduler(Service):
         """
         try:
             if self._attempt_over(slave, job):
-                self._fail(job, reason)
+                policy = job.policy
+                if policy is not None and policy.retry_failures:
+                    self._retry(job, f"its slave failed it: {reason}")
+                else:
+                    self._fail(job, reason)
         finally:
             if job.type not in self._joined:
                 self._maybe_unused(job.type)
@@ -627,11 +817,17 @@ class Scheduler(Service):
         if job.owner is None:
             self._end(job)
             return
-        if job.retries >= self.max_retries:
+        policy = job.policy
+        limit = self.max_retries if policy is None or policy.retries is None else policy.retries
+        if job.retries >= limit:
             self._fail(job, f"{why}; gave up after {job.attempt} attempts")
             return
         try:
-            self._dispatch(job)
+            if policy is not None and policy.backoff:
+                self._delay(job, self.clock.seconds() + self.backoff_delay(job.retries))
+                self.totals["delayed"] -= 1  # counted as a retry, not as a delayed submit
+            else:
+                self._dispatch(job)
         except Exception:
             self.log.failure("Job {id} ({type}) could not be queued again",
                              id=quoted(job.id), type=quoted(job.type))
@@ -639,6 +835,7 @@ class Scheduler(Service):
             return
         job.retries += 1
         self.totals["retried"] += 1
+        self._observe_waiting(job)
 
     def _fail(self, job: ScheduledJob, reason: str) -> None:
         """End the job without an answer, and tell its owner why."""
@@ -686,7 +883,8 @@ class Scheduler(Service):
         """Tell ``on_type_unused`` once a type has no jobs and no slaves left."""
         if (self.on_type_unused is not None and job_type not in self._joined
                 and job_type not in self._queues and job_type not in self._running
-                and job_type not in self._busy and job_type not in self._idle):
+                and job_type not in self._busy and job_type not in self._idle
+                and job_type not in self._delayed_of_type):
             self._contain(self.on_type_unused, job_type)
 
     # --- inspection and lifecycle -------------------------------------------
@@ -710,12 +908,13 @@ class Scheduler(Service):
 
     def type_names(self) -> Set[str]:
         """The types with queued or running jobs, or idle or busy slaves."""
-        return set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
+        return (set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
+                | set(self._delayed_of_type))
 
     def types(self, limit: Optional[int] = None,
               names: Optional[Set[str]] = None) -> Dict[str, Dict[str, int]]:
-        """Per type with any jobs or slaves: queued and running jobs, idle
-        and busy slaves.
+        """Per type with any jobs or slaves: queued, delayed and running
+        jobs, idle and busy slaves.
 
         :param limit: report only this many types, those with the most jobs
             queued and running; all if None.
@@ -728,6 +927,7 @@ class Scheduler(Service):
         return {
             name: {
                 "queued": self.queued(name),
+                "delayed": self._delayed_of_type.get(name, 0),
                 "running": self._running.get(name, 0),
                 "idle_slaves": self.idle_slaves(name),
                 "busy_slaves": self._busy.get(name, 0),
@@ -736,7 +936,8 @@ class Scheduler(Service):
         }
 
     def _jobs_of_type(self, job_type: str) -> int:
-        return self.queued(job_type) + self._running.get(job_type, 0)
+        return (self.queued(job_type) + self._running.get(job_type, 0)
+                + self._delayed_of_type.get(job_type, 0))
 
     def stopService(self):
         """Fail every unfinished job with `ShuttingDown`, refuse new ones,
@@ -744,6 +945,12 @@ class Scheduler(Service):
         self._stopping = True
         jobs = self.jobs()
         self._queues.clear()
+        self._delayed.clear()
+        self._delayed_of_type.clear()
+        self._delayed_withdrawn = 0
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
         for job in jobs:
             if job.state is RUNNING:
                 self._end_attempt(job)

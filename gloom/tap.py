@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,9 +25,10 @@ from zope.interface import implementer
 
 import gloom
 from gloom import transport, wire
-from gloom.master import DEFAULT_MAX_QUEUED, MasterFactory
+from gloom import detached as detached_jobs
+from gloom.master import DEFAULT_MAX_DETACHED, DEFAULT_MAX_QUEUED, MasterFactory
 from gloom.protocol import DEFAULT_FRAME_TIMEOUT, Outbox, address_name
-from gloom.scheduler import Scheduler
+from gloom.scheduler import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, Scheduler
 from gloom.slave import SlaveFactory
 
 DEFAULT_MASTER = "tcp:9998:interface=127.0.0.1"
@@ -77,6 +79,24 @@ def _seconds_up_to(option: str, most: float):
     return seconds
 
 
+def _count_from(option: str, least: int):
+    """A coercer for an option of a whole number, at least ``least``."""
+
+    def count(value: str) -> int:
+        number = _whole_number(value, option)
+        if number < least:
+            raise ValueError(f"{option} must be at least {least}, not {number}")
+        return number
+
+    return count
+
+
+def _journal_sync(value: str) -> str:
+    if value not in ("full", "normal"):
+        raise ValueError(f"--journal-sync takes full or normal, not {value!r}")
+    return value
+
+
 def _whole_number(value: str, option: str) -> int:
     try:
         return int(value)
@@ -119,6 +139,34 @@ class Options(usage.Options):
         ["max-queued", None, DEFAULT_MAX_QUEUED,
          "Unfinished (queued or running) jobs one master may have at once (1 or more)",
          _queue_limit],
+        ["retry-backoff", None, DEFAULT_BACKOFF,
+         "Seconds before the first retry of a detached job (or of a job submitted with "
+         "backoff); each retry waits twice as long, less a random part of up to a half",
+         _seconds_up_to("--retry-backoff", wire.MAX_TIMEOUT)],
+        ["retry-backoff-max", None, DEFAULT_BACKOFF_MAX,
+         "Most seconds a retry waits", _seconds_up_to("--retry-backoff-max", wire.MAX_TIMEOUT)],
+        ["keep-results", None, detached_jobs.DEFAULT_KEEP_RESULTS,
+         "Seconds the end (answer or reason) of a detached job is kept for status",
+         _seconds_up_to("--keep-results", wire.MAX_TIMEOUT)],
+        ["keep-results-max", None, detached_jobs.DEFAULT_KEEP_RESULTS_MAX,
+         "Most ends of detached jobs kept at once, the oldest dropped first (0 or more)",
+         _count_from("--keep-results-max", 0)],
+        ["keep-results-bytes", None, detached_jobs.DEFAULT_KEEP_RESULTS_BYTES,
+         "Most bytes of answers of detached jobs kept at once (0 or more)",
+         _count_from("--keep-results-bytes", 0)],
+        ["dead-max", None, detached_jobs.DEFAULT_DEAD_MAX,
+         "Most detached jobs kept on the dead list, the oldest dropped first "
+         "(0: none; such jobs end failed)", _count_from("--dead-max", 0)],
+        ["max-detached", None, DEFAULT_MAX_DETACHED,
+         "Most detached jobs queued, delayed or running at once (1 or more)",
+         _count_from("--max-detached", 1)],
+        ["journal", None, None,
+         "SQLite file keeping detached, delayed and dead jobs and kept results across "
+         "restarts [default: off, nothing on disk]"],
+        ["journal-sync", None, "normal",
+         "How hard each journal commit is synced: full survives a power cut, normal a crash "
+         "of the daemon (full or normal)",
+         _journal_sync],
         ["http", None, None,
          "Endpoint serving /status (JSON) and /metrics (Prometheus), "
          "e.g. tcp:9997:interface=127.0.0.1 [default: off]"],
@@ -252,6 +300,7 @@ class GloomService(MultiService):
         MultiService.__init__(self)
         self.scheduler = scheduler
         self.factories = factories
+        self.detached = factories[0].detached
         self.reactor = reactor
         self.started_at = reactor.seconds()
         scheduler.setServiceParent(self)
@@ -259,7 +308,15 @@ class GloomService(MultiService):
     def stopService(self):
         stopped = MultiService.stopService(self)
         stopped.addCallback(lambda _: self._close_connections())
+        stopped.addBoth(self._close_journal)
         return stopped
+
+    def _close_journal(self, result):
+        """Once every connection is closed, write what the journal holds."""
+        self.detached.stop()
+        if self.detached.journal is not None:
+            self.detached.journal.close()
+        return result
 
     def privilegedStartService(self) -> None:
         self.log.info("Gloom {version} starting", version=gloom.__version__)
@@ -286,11 +343,46 @@ class GloomService(MultiService):
             "slaves": len(slaves.connections),
             "types": types,
             "types_omitted": len(names) - len(types),
-            "totals": dict(self.scheduler.totals),
+            "totals": {**self.scheduler.totals, **self.detached.totals},
+            "delayed": self.scheduler.delayed(),
+            "detached": self.detached.stats(),
+            "journal": self.detached.journal.stats() if self.detached.journal is not None else None,
         }
 
     def _close_connections(self):
         return gatherResults([f.close_all(CLOSE_TIMEOUT) for f in self.factories])
+
+
+def _detached_jobs(config, scheduler: Scheduler, reactor) -> detached_jobs.DetachedJobs:
+    """The daemon's detached jobs, with the journal's loaded if there is
+    one.  A journal that cannot be used stops start-up with one line."""
+    def setting(name, default):
+        value = config.get(name)
+        return default if value is None else value
+
+    journal = None
+    path = config.get("journal")
+    if path:
+        from gloom.journal import Journal, JournalOpenError
+
+        try:
+            journal = Journal(path, setting("journal-sync", "normal"), clock=reactor)
+        except JournalOpenError as e:
+            raise SystemExit(str(e)) from None
+    detached = detached_jobs.DetachedJobs(
+        scheduler, reactor, journal,
+        keep_results=setting("keep-results", detached_jobs.DEFAULT_KEEP_RESULTS),
+        keep_results_max=setting("keep-results-max", detached_jobs.DEFAULT_KEEP_RESULTS_MAX),
+        keep_results_bytes=setting("keep-results-bytes", detached_jobs.DEFAULT_KEEP_RESULTS_BYTES),
+        dead_max=setting("dead-max", detached_jobs.DEFAULT_DEAD_MAX))
+    if journal is not None:
+        started = time.monotonic()
+        counts = detached.load(journal.load())
+        Logger().info("Journal {path}: loaded {total} jobs ({counts}) in {seconds:.2f} s",
+                      path=path, total=sum(counts.values()),
+                      counts=", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                      or "none", seconds=time.monotonic() - started)
+    return detached
 
 
 def makeService(config, reactor: Optional[object] = None) -> GloomService:
@@ -299,12 +391,17 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
     if reactor is None:
         from twisted.internet import reactor
     scheduler = Scheduler(max_retries=config["retries"], clock=reactor,
-                          default_timeout=config.get("job-timeout"))
+                          default_timeout=config.get("job-timeout"),
+                          backoff=config.get("retry-backoff") or DEFAULT_BACKOFF,
+                          backoff_max=config.get("retry-backoff-max") or DEFAULT_BACKOFF_MAX)
     max_frame = config["max-frame"]
     frame_timeout = config.get("frame-timeout") or DEFAULT_FRAME_TIMEOUT
     outbox = Outbox(reactor)
+    detached = _detached_jobs(config, scheduler, reactor)
     masters = MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout,
-                            max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED)
+                            max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED,
+                            detached=detached,
+                            max_detached=config.get("max-detached") or DEFAULT_MAX_DETACHED)
     slaves = SlaveFactory(scheduler, reactor, max_frame, outbox, frame_timeout)
     root = GloomService(scheduler, (masters, slaves), reactor)
     masters.stats = root.stats

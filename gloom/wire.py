@@ -82,6 +82,7 @@ QUEUE_FULL = "queue_full"
 TIMED_OUT = "timed_out"
 WRONG_JOB = "wrong_job"
 INTERNAL_ERROR = "internal_error"
+JOURNAL_ERROR = "journal_error"
 
 ERROR_CODES = (
     SIZE_ERROR,
@@ -98,6 +99,7 @@ ERROR_CODES = (
     TIMED_OUT,
     WRONG_JOB,
     INTERNAL_ERROR,
+    JOURNAL_ERROR,
 )
 """Every ``error`` code an error frame may carry."""
 
@@ -112,7 +114,18 @@ MAX_REF = 2**63 - 1
 a 64-bit signed integer, which every JSON decoder reads exactly."""
 
 
-MASTER_ACTIONS = frozenset({"submit", "cancel", "stats"})
+MAX_DELAY = 365 * 24 * 3600
+"""Longest ``delay`` a submit may ask for, in seconds (a year); an ``at``
+may be at most this far ahead."""
+
+MAX_RETRIES = 1000
+"""Largest ``retries`` a submit may ask for."""
+
+MAX_PAGE = 1000
+"""Most dead jobs one ``dead_list`` reply lists."""
+
+MASTER_ACTIONS = frozenset({"submit", "cancel", "stats", "status", "dead_list", "dead_retry",
+                            "dead_discard"})
 """The actions a master may send (on the master port)."""
 
 SLAVE_ACTIONS = frozenset({"join", "respond", "fail", "leave", "release"})
@@ -195,7 +208,8 @@ _BODY_VIEWS = platform.python_implementation() == "CPython"
 copy.  On PyPy a view saves nothing (the copy is made when the body is
 spliced into the frame that carries it on) and costs time."""
 
-MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason", "ref")
+MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason", "ref",
+                  "detach", "delay", "at", "retries", "backoff", "offset", "limit")
 """The fields of a request that Gloom reads; any others are ignored."""
 _FIELD_KEYS = {name.encode("ascii"): name for name in MESSAGE_FIELDS}
 
@@ -226,6 +240,13 @@ if msgspec is not None:
         timeout: Any = msgspec.UNSET
         reason: Any = msgspec.UNSET
         ref: msgspec.Raw = msgspec.UNSET
+        detach: Any = msgspec.UNSET
+        delay: Any = msgspec.UNSET
+        at: Any = msgspec.UNSET
+        retries: Any = msgspec.UNSET
+        backoff: Any = msgspec.UNSET
+        offset: Any = msgspec.UNSET
+        limit: Any = msgspec.UNSET
 
     class _RawFields(msgspec.Struct):
         """A request's fields, each as its raw JSON text."""
@@ -238,6 +259,13 @@ if msgspec is not None:
         timeout: msgspec.Raw = msgspec.UNSET
         reason: msgspec.Raw = msgspec.UNSET
         ref: msgspec.Raw = msgspec.UNSET
+        detach: msgspec.Raw = msgspec.UNSET
+        delay: msgspec.Raw = msgspec.UNSET
+        at: msgspec.Raw = msgspec.UNSET
+        retries: msgspec.Raw = msgspec.UNSET
+        backoff: msgspec.Raw = msgspec.UNSET
+        offset: msgspec.Raw = msgspec.UNSET
+        limit: msgspec.Raw = msgspec.UNSET
 
     _fast_decode = msgspec.json.Decoder(Message).decode
     _raw_fields_decode = msgspec.json.Decoder(_RawFields).decode
@@ -268,7 +296,9 @@ else:
         __slots__ = MESSAGE_FIELDS
 
         def __init__(self, action=MISSING, id=MISSING, type=MISSING, body=MISSING,
-                     priority=MISSING, timeout=MISSING, reason=MISSING, ref=MISSING):
+                     priority=MISSING, timeout=MISSING, reason=MISSING, ref=MISSING,
+                     detach=MISSING, delay=MISSING, at=MISSING, retries=MISSING,
+                     backoff=MISSING, offset=MISSING, limit=MISSING):
             self.action = action
             self.id = id
             self.type = type
@@ -277,6 +307,13 @@ else:
             self.timeout = timeout
             self.reason = reason
             self.ref = ref
+            self.detach = detach
+            self.delay = delay
+            self.at = at
+            self.retries = retries
+            self.backoff = backoff
+            self.offset = offset
+            self.limit = limit
 
     _fast_decode = None
     _fast_encode = None
@@ -722,6 +759,74 @@ def optional_timeout(message: "Message", job_id: Optional[str] = None) -> Option
     return timeout
 
 
+def optional_flag(message: "Message", field: str, job_id: Optional[str] = None) -> bool:
+    """A ``true``/``false`` field such as ``detach``; False if absent.
+
+    :param message: the request, from `decode`.
+    :param field: the field's name.
+    :param job_id: the id of the job the request concerns, named in the error.
+    :raises MessageError: if the field is there and not a JSON boolean.
+    """
+    value = getattr(message, field)
+    if value is MISSING:
+        return False
+    if type(value) is not bool:
+        raise MessageError(INVALID_MESSAGE, f"field {field!r} must be true or false", job_id)
+    return value
+
+
+def optional_run_at(message: "Message", now: float, job_id: Optional[str] = None) -> Optional[float]:
+    """When a submit's job may first run: ``now`` plus its ``delay``, or its
+    ``at`` (a Unix time; one already past means now), or None to run as
+    soon as a slave is free.
+
+    :param message: the request, from `decode`.
+    :param now: the daemon's clock, in seconds since the epoch.
+    :param job_id: the id of the job, named in the error.
+    :raises MessageError: if both are given, or either is not a number in range.
+    """
+    delay, at = message.delay, message.at
+    if delay is MISSING and at is MISSING:
+        return None
+    if delay is not MISSING and at is not MISSING:
+        raise MessageError(INVALID_MESSAGE, "give 'delay' or 'at', not both", job_id)
+    if delay is not MISSING:
+        if type(delay) not in (int, float) or not 0 <= delay <= MAX_DELAY:
+            raise MessageError(
+                INVALID_MESSAGE,
+                f"field 'delay' must be a number of seconds from 0 to {MAX_DELAY}", job_id)
+        return now + delay if delay else None
+    if type(at) not in (int, float) or not math.isfinite(at) or at < 0:
+        raise MessageError(INVALID_MESSAGE,
+                           "field 'at' must be a Unix time: seconds since 1970, as a number",
+                           job_id)
+    if at > now + MAX_DELAY:
+        raise MessageError(INVALID_MESSAGE,
+                           f"field 'at' is more than {MAX_DELAY} seconds (a year) ahead", job_id)
+    return at if at > now else None
+
+
+def optional_count(message: "Message", field: str, default: Optional[int], least: int,
+                   most: int, job_id: Optional[str] = None) -> Optional[int]:
+    """A whole-number field such as ``retries`` or ``limit``, or ``default``.
+
+    :param message: the request, from `decode`.
+    :param field: the field's name.
+    :param default: what an absent field means.
+    :param least: the smallest value allowed.
+    :param most: the largest value allowed.
+    :param job_id: the id of the job the request concerns, named in the error.
+    :raises MessageError: if the field is not an integer from ``least`` to ``most``.
+    """
+    value = getattr(message, field)
+    if value is MISSING:
+        return default
+    if type(value) is not int or not least <= value <= most:
+        raise MessageError(
+            INVALID_MESSAGE, f"field {field!r} must be an integer from {least} to {most}", job_id)
+    return value
+
+
 _MAX_REF_TEXT = 6 * MAX_NAME_BYTES + 2
 """The longest JSON text of a string ref that can be valid: a byte of UTF-8
 takes at most six characters to write (``\\u00e9``), plus the quotes."""
@@ -794,6 +899,20 @@ def stats(figures: dict) -> bytes:
     :param figures: the figures, a JSON-able dict.
     """
     return encode_value({"ok": True, "stats": figures})
+
+
+def status(job_id: str, figures: dict) -> bytes:
+    """The reply to ``status``: the job's id and its figures; a ``result``
+    among them is an answer's JSON text, spliced in as it is.
+
+    :param job_id: the job's id.
+    :param figures: ``state`` and what else applies.
+    """
+    result = figures.pop("result", None)
+    frame = encode_value({"ok": True, "id": job_id, **figures})
+    if result is None:
+        return frame
+    return b"".join((frame[:-1], b',"result":', bytes(result), b"}"))
 
 
 def job(id_json: bytes, type_json: bytes, body) -> bytes:

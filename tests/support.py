@@ -97,11 +97,18 @@ def _ipv4(host, port):
 class Daemon:
     """A scheduler with both factories, in memory."""
 
-    def __init__(self, max_retries=3, max_frame=1024 * 1024, max_queued=1000, default_timeout=None):
-        self.clock = Clock()
+    def __init__(self, max_retries=3, max_frame=1024 * 1024, max_queued=1000, default_timeout=None,
+                 journal=None, clock=None, max_detached=1000, jitter=lambda: 0.0, **detached):
+        """Keyword arguments beyond these go to `gloom.detached.DetachedJobs`;
+        retries back off by exactly half their full wait (``jitter``)."""
+        from gloom.detached import DetachedJobs
+
+        self.clock = clock or Clock()
         self.scheduler = Scheduler(max_retries=max_retries, clock=self.clock,
-                                   default_timeout=default_timeout)
-        self.masters = MasterFactory(self.scheduler, self.clock, max_frame, max_queued=max_queued)
+                                   default_timeout=default_timeout, jitter=jitter)
+        self.detached = DetachedJobs(self.scheduler, self.clock, journal, **detached)
+        self.masters = MasterFactory(self.scheduler, self.clock, max_frame, max_queued=max_queued,
+                                     detached=self.detached, max_detached=max_detached)
         self.slaves = SlaveFactory(self.scheduler, self.clock, max_frame)
 
     def master(self) -> Peer:

@@ -233,7 +233,8 @@ class WaitAndCancelTests(CLITestCase):
     def test_cancel_reports_what_the_daemon_says(self):
         out, err, status = yield self.gloom("cancel", "abc", *self.master_arg())
         self.assertEqual((out, err, status),
-                         ("", "gloom: unknown_job: this master has no unfinished job 'abc' (a job can be "
+                         ("", "gloom: unknown_job: this master has no unfinished job 'abc', and no detached job "
+                              "has that id (a job can be "
                               "cancelled only over the connection that submitted it)\n", 1))
 
 

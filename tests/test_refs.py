@@ -57,7 +57,7 @@ class MasterRefTests(SynchronousTestCase):
         self.assertEqual(RawPeer(slave).send(b'{"action":"respond","body":2}'), [b'{"ok":true}'])
         self.assertEqual(self.raw.received(), [b'{"id":"1","body":2}'])
         self.assertEqual(self.raw.send(b'{"action":"cancel","id":"1"}'),
-                         [b'{"error":"unknown_job","reason":"this master has no unfinished job \'1\'","id":"1"}'])
+                         [b'{"error":"unknown_job","reason":"this master has no unfinished job \'1\', and no detached job has that id","id":"1"}'])
 
     def test_answers_and_failures_do_not_carry_it(self):
         slave = self.daemon.slave("t")

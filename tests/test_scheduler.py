@@ -127,7 +127,7 @@ class QueueOrderTests(SynchronousTestCase):
         self.scheduler.join(slave, "t")
         (job,) = slave.ask().results
         self.assertEqual((job.id, job.state, job.attempt, job.holder), ("b", RUNNING, 1, slave))
-        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
 
     def test_submit_reaches_a_waiting_slave_at_once(self):
@@ -349,7 +349,7 @@ class HandBackTests(SynchronousTestCase):
         self.assertEqual((job.state, job.attempt), (RUNNING, 2))
         self.assertIsNot(job.holder, slow)
         self.assertEqual(self.scheduler.totals["released"], 0)
-        self.assertEqual(self.scheduler.types(), {"t": {"queued": 0, "running": 1, "idle_slaves": 0,
+        self.assertEqual(self.scheduler.types(), {"t": {"queued": 0, "delayed": 0, "running": 1, "idle_slaves": 0,
                                                         "busy_slaves": 1}})
 
     def test_withdrawn_job_ends(self):
@@ -404,7 +404,7 @@ class TimeoutTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.scheduler.queued("t"), 1)
         self.assertEqual(self.scheduler.totals["timed_out"], 1)
-        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "running": 0, "idle_slaves": 0, "busy_slaves": 1})
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 0, "idle_slaves": 0, "busy_slaves": 1})
         fast = take(self.scheduler, "t")
         self.assertIs(fast, slow)
         self.assertRaises(AttemptGivenUp, self.scheduler.complete, slow_slave, slow, "late")
@@ -495,9 +495,9 @@ class FigureTests(SynchronousTestCase):
         queued.cancel()
         take(scheduler, "t")
         self.assertEqual(scheduler.totals, {"submitted": 7, "completed": 1, "failed": 2, "cancelled": 1,
-                                            "retried": 1, "timed_out": 0, "released": 0})
+                                            "retried": 1, "timed_out": 0, "released": 0, "delayed": 0})
         self.assertEqual(answered, [("t", 3.0)])
-        self.assertEqual(scheduler.types(), {"t": {"queued": 2, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
+        self.assertEqual(scheduler.types(), {"t": {"queued": 2, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
         self.assertEqual(len(scheduler), 3)
 
 

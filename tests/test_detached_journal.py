@@ -1,0 +1,158 @@
+"""Detached jobs with a journal, in memory with a `Clock` and a real SQLite
+file: acks wait for the group commit, a restart takes the jobs back, a full
+disk refuses detached submits and nothing else."""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from gloom.journal import Journal
+from tests.support import Daemon
+
+
+def submit(job_id, **fields):
+    return {"action": "submit", "id": job_id, "type": fields.pop("type", "t"),
+            "body": fields.pop("body", None), **fields}
+
+
+class JournalledDaemonTests(SynchronousTestCase):
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "journal.db")
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.daemon = self.start()
+        self.master = self.daemon.master()
+
+    def start(self, **options):
+        """A daemon on the journal, its jobs loaded, as at start-up."""
+        journal = Journal(self.path, "normal", clock=self.clock, max_pages=options.pop("max_pages", None))
+        daemon = Daemon(journal=journal, clock=self.clock, **options)
+        daemon.detached.load(journal.load())
+        self.addCleanup(journal.close)
+        return daemon
+
+    def status(self, job_id, daemon=None):
+        master = self.master if daemon is None else daemon.master()
+        replies = master.send({"action": "status", "id": job_id})
+        self.assertEqual(len(replies), 1, replies)
+        return replies[0]
+
+    def test_the_ack_waits_for_the_commit_of_its_turn(self):
+        journal = self.daemon.detached.journal
+        self.assertEqual(self.master.send(submit("a", detach=True), submit("b", detach=True),
+                                          submit("attached")),
+                         [{"ok": True, "id": "attached"}])
+        self.assertEqual(journal.commits, 0)
+        self.clock.advance(0)
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "a"}, {"ok": True, "id": "b"}])
+        self.assertEqual(journal.commits, 1)  # both submits, one transaction
+        self.assertEqual(sorted(r.id for r in Journal(self.path, clock=self.clock).load()), ["a", "b"])
+
+    def test_a_duplicate_while_the_first_is_being_written(self):
+        (refusal,) = self.master.send(submit("a", detach=True), submit("a", detach=True))
+        self.assertEqual((refusal["error"], refusal["id"]), ("id_exists", "a"))
+        self.assertEqual(self.status("a")["state"], "queued")
+
+    def test_attached_jobs_never_touch_the_disk(self):
+        slave = self.daemon.slave("t")
+        self.master.send(submit("a"), submit("b", delay=5), submit("c", backoff=True))
+        slave.send({"action": "respond", "body": 1})
+        self.clock.advance(10)
+        self.assertEqual(self.daemon.detached.journal.commits, 0)
+        self.assertEqual(list(Journal(self.path, clock=self.clock).load()), [])
+
+    def test_a_restart_takes_every_state_back(self):
+        daemon, master = self.daemon, self.master
+        slave = daemon.slave("t")
+        master.send(submit("done", detach=True), submit("running", detach=True, priority=-1),
+                    submit("queued", detach=True, priority=-2),
+                    submit("later", detach=True, delay=100), submit("dead", detach=True, retries=0,
+                                                                   type="u"))
+        self.clock.advance(0)
+        self.assertEqual(len(master.received()), 5)
+        slave.received()
+        slave.send({"action": "respond", "body": {"n": 1}})  # done; running starts
+        dead_slave = daemon.slave("u")
+        dead_slave.send({"action": "fail", "reason": "bad input"})
+        self.clock.advance(0)
+        self.assertEqual(self.status("running")["state"], "running")
+        # The daemon is killed: nothing more is written, nothing closed.
+        again = self.start()
+        self.assertEqual(self.status("done", again)["result"], {"n": 1})
+        self.assertEqual(self.status("dead", again)["state"], "dead")
+        self.assertEqual(self.status("dead", again)["reason"],
+                         "its slave failed it: bad input; gave up after 1 attempts")
+        later = self.status("later", again)
+        self.assertEqual((later["state"], later["run_at"]), ("delayed", 1_700_000_100))
+        running = self.status("running", again)
+        self.assertEqual((running["state"], running["attempts"]), ("queued", 1))
+        self.assertEqual(again.scheduler.jobs()[0].retries, 1)  # its lost attempt was a retry
+        self.assertEqual(self.status("queued", again)["state"], "queued")
+        slave = again.slave("t")
+        self.assertEqual([m["id"] for m in slave.received()], ["running"])  # priority order kept
+        self.assertEqual(slave.send({"action": "respond", "body": None})[1]["id"], "queued")
+
+    def test_a_job_lost_on_its_last_attempt_is_dead_after_the_restart(self):
+        slave = self.daemon.slave("t")
+        self.master.send(submit("x", detach=True, retries=0))
+        self.clock.advance(0)
+        self.assertEqual([m["id"] for m in slave.received()], ["x"])
+        self.clock.advance(0)
+        again = self.start()
+        reply = self.status("x", again)
+        self.assertEqual(reply["state"], "dead")
+        self.assertIn("the daemon stopped during its last attempt", reply["reason"])
+
+    def test_dead_retry_and_discard_are_recorded(self):
+        slave = self.daemon.slave("t")
+        self.master.send(submit("a", detach=True, retries=0), submit("b", detach=True, retries=0))
+        self.clock.advance(0)
+        slave.send({"action": "fail", "reason": "no"})
+        slave.send({"action": "fail", "reason": "no"})
+        slave.send({"action": "leave"})
+        self.master.send({"action": "dead_retry", "id": "a"}, {"action": "dead_discard", "id": "b"})
+        self.clock.advance(0)
+        again = self.start()
+        self.assertEqual((self.status("a", again)["state"], self.status("b", again)["state"]),
+                         ("queued", "unknown"))
+
+    def test_expired_results_leave_the_file(self):
+        slave = self.daemon.slave("t")
+        self.master.send(submit("a", detach=True))
+        self.clock.advance(0)
+        slave.send({"action": "respond", "body": 1})
+        self.clock.advance(600)
+        self.clock.advance(0)
+        self.assertEqual(list(Journal(self.path, clock=self.clock).load()), [])
+
+    def test_a_full_disk_refuses_detached_submits_only(self):
+        daemon = self.start(max_pages=20)
+        master = daemon.master()
+        master.send(submit("kept", detach=True))
+        self.clock.advance(0)
+        self.assertEqual(master.received(), [{"ok": True, "id": "kept"}])
+        big = "x" * 200_000
+        master.send(submit("big", detach=True, body=big, ref=1))
+        self.clock.advance(0)
+        (refusal,) = master.received()
+        self.assertEqual((refusal["error"], refusal["id"], refusal["ref"]), ("journal_error", "big", 1))
+        self.assertIn("not accepted", refusal["reason"])
+        self.assertEqual(self.status("big", daemon)["state"], "unknown")
+        self.assertEqual(master.send(submit("attached", body=big)), [{"ok": True, "id": "attached"}])
+        self.assertEqual(daemon.detached.journal.errors, 1)
+        master.send(submit("small", detach=True))
+        self.clock.advance(0)
+        self.assertEqual(master.received(), [{"ok": True, "id": "small"}])
+        self.assertEqual(sorted(r.id for r in Journal(self.path, clock=self.clock).load()),
+                         ["kept", "small"])
+
+    def test_a_master_gone_before_the_commit_still_has_its_job_taken(self):
+        self.master.send(submit("a", detach=True))
+        self.master.disconnect()
+        self.clock.advance(0)
+        self.assertEqual(self.status("a", self.daemon)["state"], "queued")

@@ -156,3 +156,36 @@ class JournalledDaemonTests(SynchronousTestCase):
         self.master.disconnect()
         self.clock.advance(0)
         self.assertEqual(self.status("a", self.daemon)["state"], "queued")
+
+    def test_stats_and_metrics_show_the_journal_and_detached_jobs(self):
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from gloom.http import StatsCollector
+        from gloom.tap import GloomService
+
+        daemon = self.daemon
+        service = GloomService(daemon.scheduler, (daemon.masters, daemon.slaves), self.clock)
+        daemon.masters.stats = service.stats
+        self.master.send(submit("a", detach=True), submit("b", detach=True, delay=30),
+                         submit("c", detach=True, retries=0, type="u"))
+        self.clock.advance(0)
+        slave = daemon.slave("u")
+        slave.send({"action": "fail", "reason": "no"})
+        self.clock.advance(0)
+        stats = service.stats()
+        self.assertEqual(stats["detached"], {"live": 2, "results": 0, "results_bytes": 0, "dead": 1})
+        journal = stats["journal"]
+        self.assertEqual((journal["path"], journal["sync"], journal["errors"], journal["pending"]),
+                         (self.path, "normal", 0, 0))
+        self.assertGreater(journal["bytes"], 0)
+        self.assertGreaterEqual(journal["commits"], 2)
+        registry = CollectorRegistry()
+        registry.register(StatsCollector(lambda: service.stats(types_limit=None)))
+        lines = set(generate_latest(registry).decode().splitlines())
+        for expected in ("gloom_jobs_detached_total 3.0", "gloom_jobs_dead_total 1.0",
+                         "gloom_jobs_delayed_total 1.0", 'gloom_jobs_delayed{type="t"} 1.0',
+                         "gloom_detached_live 2.0", "gloom_detached_dead 1.0",
+                         "gloom_journal_errors_total 0.0"):
+            self.assertIn(expected, lines)
+        self.assertTrue(any(line.startswith("gloom_journal_commits_total ") for line in lines))
+        self.assertTrue(any(line.startswith("gloom_journal_bytes ") for line in lines))

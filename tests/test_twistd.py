@@ -14,6 +14,7 @@ import tempfile
 from twisted.application.service import IService, loadApplication
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gloom import tap
@@ -186,11 +187,42 @@ class OptionsTests(SynchronousTestCase):
     def test_refusals(self):
         for arguments in (["--retries", "-2"], ["--max-frame", str(2**32)], ["--slave", "nonsense"],
                           ["--job-timeout", "0"], ["--job-timeout", "soon"], ["--max-queued", "0"],
-                          ["--http", "nonsense:1"],
+                          ["--http", "nonsense:1"], ["--journal-sync", "sometimes"],
+                          ["--dead-max", "-1"], ["--keep-results", "0"], ["--keep-results-max", "x"],
+                          ["--retry-backoff", "-1"], ["--retry-backoff-max", "0"],
+                          ["--max-detached", "0"], ["--keep-results-bytes", "-5"],
                           ["--slave", "mtls:0:privateKey=/nonexistent.key:caCerts=/nonexistent.crt"],
                           ["--slave", f"mtls:0:privateKey={TAC}"]):
             error = self.assertRaises(UsageError, tap.Options().parseOptions, arguments)
             self.assertNotIn("\n", str(error))
+
+    def test_detached_job_options(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "journal.db")
+        options = tap.Options()
+        options.parseOptions(["--journal", path, "--journal-sync", "full", "--dead-max", "0",
+                              "--keep-results", "30", "--retry-backoff", "0.25"])
+        self.assertEqual((options["journal"], options["journal-sync"], options["dead-max"],
+                          options["keep-results"], options["retry-backoff"]),
+                         (path, "full", 0, 30.0, 0.25))
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        self.addCleanup(service.detached.journal.close)
+        self.assertEqual((service.detached.dead_max, service.detached.keep_results,
+                          service.scheduler.backoff, service.detached.journal.sync),
+                         (0, 30.0, 0.25, "full"))
+
+    def test_an_unusable_journal_stops_make_service_with_one_line(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "journal.db")
+        with open(path, "wb") as garbage:
+            garbage.write(b"not a database at all" * 100)
+        options = tap.Options()
+        options.parseOptions(["--journal", path])
+        error = self.assertRaises(SystemExit, tap.makeService, options, MemoryReactorClock())
+        self.assertIn(f"gloom: cannot use journal {path}", str(error))
+        self.assertNotIn("\n", str(error))
 
     def test_new_options(self):
         options = tap.Options()

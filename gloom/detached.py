@@ -55,6 +55,10 @@ DEFAULT_DEAD_MAX = 10_000
 
 CANCELLED_REASON = "cancelled by a master"
 
+MAX_REASON = 1000
+"""Longest reason kept for a dead or failed job, in characters (a slave's
+reason may be as long as a frame)."""
+
 # A kept result's bookkeeping, beyond its answer, in bytes (for the bound).
 _RESULT_OVERHEAD = 200
 
@@ -202,7 +206,8 @@ class DetachedJobs:
 
         def on_disk(_):
             del self.pending[job_id]
-            self._take(job_id, job_type, frame, priority, timeout, run_at, policy, sequence)
+            if not self.scheduler.stopping:  # else it runs after the restart
+                self._take(job_id, job_type, frame, priority, timeout, run_at, policy, sequence)
 
         def not_on_disk(failure):
             del self.pending[job_id]
@@ -278,6 +283,8 @@ class DetachedJobs:
 
         :returns: whether there was such a dead job.
         """
+        if job_id in self.dead and self.scheduler.stopping:
+            raise ShuttingDown("the daemon is shutting down")
         dead = self.dead.pop(job_id, None)
         if dead is None:
             return False
@@ -314,6 +321,8 @@ class DetachedJobs:
             return
         self.live.pop(job.id, None)
         reason = error.reason if isinstance(error, JobFailed) else str(error)
+        if len(reason) > MAX_REASON:
+            reason = f"{reason[:MAX_REASON]}... ({len(reason)} characters in all)"
         if self.dead_max <= 0:
             self._keep(job, FAILED, None, reason)
             return

@@ -534,8 +534,6 @@ class Scheduler(Service):
                 self.log.failure("Delayed job {id} ({type}) could not be queued",
                                  id=quoted(job.id), type=quoted(job.type))
                 self._fail(job, "it could not be queued when its delay ended")
-                continue
-            self._observe_waiting(job)
         self._set_wake()
 
     def delayed(self, job_type: Optional[str] = None) -> int:

@@ -377,3 +377,44 @@ class KeptResultTests(SynchronousTestCase):
         self.run_job("huge", "h" * 20_000)  # over the bound on its own: not kept
         self.assertEqual(self.state("huge"), "unknown")
         self.assertEqual(self.state("bigger"), "completed")
+
+
+class HostileInputTests(SynchronousTestCase):
+    def test_a_long_failure_reason_is_kept_short(self):
+        daemon = Daemon()
+        master, slave = daemon.master(), daemon.slave("t")
+        master.send(submit("d", detach=True, retries=0))
+        slave.send({"action": "fail", "reason": "x" * 100_000})
+        (reply,) = master.send({"action": "status", "id": "d"})
+        self.assertEqual(reply["state"], "dead")
+        self.assertLess(len(reply["reason"]), 1100)
+        self.assertIn("characters in all", reply["reason"])
+
+    def test_detached_jobs_are_bounded_daemon_wide(self):
+        daemon = Daemon(max_detached=3)
+        masters = [daemon.master() for _ in range(2)]
+        masters[0].send(submit("a", detach=True), submit("b", detach=True, delay=50))
+        masters[1].send(submit("c", detach=True))
+        (refusal,) = masters[1].send(submit("d", detach=True))
+        self.assertEqual((refusal["error"], refusal["id"]), ("queue_full", "d"))
+        self.assertEqual(masters[1].send(submit("attached")), [{"ok": True, "id": "attached"}])
+
+    def test_delayed_attached_jobs_count_towards_max_queued(self):
+        daemon = Daemon(max_queued=2)
+        master = daemon.master()
+        master.send(submit("a", delay=10), submit("b", delay=10))
+        (refusal,) = master.send(submit("c"))
+        self.assertEqual(refusal["error"], "queue_full")
+
+    def test_stopping_ends_delayed_jobs_and_their_timer(self):
+        daemon = Daemon()
+        master = daemon.master()
+        master.send(submit("a", delay=10), submit("d", detach=True, delay=10))
+        daemon.scheduler.stopService()
+        daemon.detached.stop()
+        self.assertEqual(master.received(), [{"error": "shutdown", "id": "a",
+                                              "reason": "the daemon is shutting down"}])
+        self.assertEqual(daemon.clock.getDelayedCalls(), [])
+        self.assertEqual(daemon.scheduler.delayed(), 0)
+        (refusal,) = master.send(submit("e", detach=True))
+        self.assertEqual(refusal["error"], "shutdown")

@@ -189,3 +189,10 @@ class JournalledDaemonTests(SynchronousTestCase):
             self.assertIn(expected, lines)
         self.assertTrue(any(line.startswith("gloom_journal_commits_total ") for line in lines))
         self.assertTrue(any(line.startswith("gloom_journal_bytes ") for line in lines))
+
+    def test_a_job_on_disk_as_the_daemon_stops_is_acked_and_runs_after_the_restart(self):
+        self.master.send(submit("late", detach=True))
+        self.daemon.scheduler.stopService()
+        self.clock.advance(0)
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "late"}])
+        self.assertEqual(self.status("late", self.start())["state"], "queued")

@@ -1,5 +1,7 @@
 """An asyncio client for Gloom: `Master` submits jobs and awaits their
-answers, `Worker` (or `work`) answers jobs with a plain or async function.
+answers (or, for a detached job, its id; ``status`` and the dead list say
+how such jobs went), `Worker` (or `work`) answers jobs with a plain or
+async function.
 
 Both are thin shells over `gloom.core`: they open one connection per
 daemon (per job slot, for a worker), reconnect with backoff, and move
@@ -385,24 +387,53 @@ class Master(_Shell):
     # --- requests --------------------------------------------------------------------------
 
     async def submit(self, type: str, body: Any = None, priority: Optional[int] = 0, id: Optional[str] = None,
-                     timeout: Optional[float] = None) -> Any:
-        """Submit a job and return its answer body.  Cancelling the task
-        that awaits it cancels the job.
+                     timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None,
+                     at: Any = None, retries: Optional[int] = None, backoff: bool = False) -> Any:
+        """Submit a job and return its answer body (a detached job's id,
+        once the daemon acked it).  Cancelling the task that awaits it
+        cancels the job.
 
         :param type: the job's type.
         :param body: any JSON value.
         :param priority: larger runs first.
         :param id: the job's id; by default a fresh uuid4 hex.
         :param timeout: the job's time limit on a slave, in seconds.
+        :param detach: hand the job to the daemon: it outlives this
+            master's connection and gets no answer here (`status` says how
+            it went).
+        :param delay: seconds to wait before the job is queued (a number or
+            a ``timedelta``, up to 365 days).
+        :param at: when to queue it: seconds since the epoch or a
+            ``datetime``; a past time means now.  Not with ``delay``.
+        :param retries: how many times a lost attempt is queued again (0 to
+            1000); by default, the daemon's ``--retries``.
+        :param backoff: retry lost attempts after a growing delay instead
+            of at once (detached jobs always do).
         :raises gloom.core.ServerError: the job failed, or the daemon
-            refused it.
+            refused it (``id_exists``, ``journal_error``...).
         :raises gloom.core.TransportError: its daemon's connection was
-            lost, or no daemon could be reached (see ``fail_after``).
+            lost (a detached job may then have been taken or not: ask
+            `status`), or no daemon could be reached (see ``fail_after``).
         :raises gloom.core.EncodeError: the body is not JSON (at once).
+        :raises ValueError: an option is out of range, or both ``delay``
+            and ``at`` (at once).
         """
-        return await self._result(self._submit(type, body, priority, id, timeout))
+        return await self._result(self._submit(type, body, priority, id, timeout, detach=detach, delay=delay,
+                                               at=at, retries=retries, backoff=backoff))
 
-    run = submit
+    async def run(self, type: str, body: Any = None, priority: Optional[int] = 0, id: Optional[str] = None,
+                  timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None,
+                  at: Any = None, retries: Optional[int] = None, backoff: bool = False) -> Any:
+        """`submit`, for a job whose answer is wanted: the same, except
+        that ``detach`` is refused.
+
+        :raises ValueError: with ``detach``: a detached job gets no answer
+            (use ``submit(..., detach=True)``).
+        """
+        if detach:
+            raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
+        return await self.submit(type, body, priority, id, timeout, delay=delay, at=at, retries=retries,
+                                 backoff=backoff)
 
     def map(self, type: str, bodies: Union[Iterable[Any], AsyncIterable[Any]], window: int = 64,
             priority: Optional[int] = 0, timeout: Optional[float] = None) -> "Answers":
@@ -420,13 +451,64 @@ class Master(_Shell):
         return Answers(self, type, bodies, window, priority, timeout)
 
     async def cancel(self, job_id: str) -> None:
-        """Withdraw one of this master's unfinished jobs.
+        """Withdraw one of this master's unfinished jobs, or a detached job
+        (anyone may; it ends ``failed``).  With several daemons, an id that
+        is not this master's is asked of the daemons in its rendezvous
+        order until one has it.
 
-        :raises gloom.core.ServerError: ``unknown_job``, if the daemon has
-            no such unfinished job of this master.
+        :raises gloom.core.ServerError: ``unknown_job``, if no daemon has
+            such an unfinished job of this master, nor a detached one.
         """
         self._check_open()
         await self._result(self._core.cancel(job_id))
+
+    async def status(self, job_id: str) -> dict:
+        """Where a job is: the daemon's reply as a dict, with ``id``,
+        ``state`` (``queued``, ``delayed``, ``running``, ``completed``,
+        ``failed``, ``dead`` or ``unknown``) and, where they apply,
+        ``detached``, ``type``, ``priority``, ``attempts``, ``run_at``,
+        ``result``, ``reason`` and ``ended_at``.  A daemon knows this
+        master's own unfinished jobs and every detached job.  With several
+        daemons, those up are asked in the id's rendezvous order until one
+        knows the job, which the dict names as ``daemon``.
+
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        self._check_open()
+        return await self._result(self._asked(self._core.status(job_id)))
+
+    async def dead_list(self, offset: int = 0, limit: int = 100) -> core.DeadList:
+        """A page of the dead list (detached jobs whose retries ran out),
+        oldest first: a `gloom.core.DeadList` of dicts with ``id``,
+        ``type``, ``priority``, ``attempts``, ``reason`` and ``ended_at``,
+        whose ``total`` is the whole list's length.  With several daemons,
+        the page is of the lists of those up merged oldest first, each
+        entry naming its ``daemon`` (see `gloom.core.MasterCore.dead_list`).
+
+        :param offset: how many of the oldest to skip.
+        :param limit: the most entries (1 to 1000).
+        :raises ValueError: if either is out of range.
+        """
+        self._check_open()
+        return await self._result(self._asked(self._core.dead_list(offset, limit)))
+
+    async def dead_retry(self, job_id: str) -> None:
+        """Queue a dead job again, with fresh retries.
+
+        :raises gloom.core.ServerError: ``unknown_job``, if no daemon up
+            has a dead job by that id.
+        """
+        self._check_open()
+        await self._result(self._asked(self._core.dead_retry(job_id)))
+
+    async def dead_discard(self, job_id: str) -> None:
+        """Forget a dead job.
+
+        :raises gloom.core.ServerError: ``unknown_job``, if no daemon up
+            has a dead job by that id.
+        """
+        self._check_open()
+        await self._result(self._asked(self._core.dead_discard(job_id)))
 
     async def stats(self, daemon: Optional[str] = None) -> dict:
         """The daemons' figures: one daemon's (``daemon``, or the only one),
@@ -456,9 +538,12 @@ class Master(_Shell):
             raise RuntimeError("the master is not started: use 'async with' or 'await start()'")
 
     def _submit(self, type: str, body: Any, priority: Optional[int], id: Optional[str],
-                timeout: Optional[float]) -> core.Request:
+                timeout: Optional[float], **options: Any) -> core.Request:
         self._check_open()
-        request = self._core.submit(type, body, priority, id, timeout)
+        return self._asked(self._core.submit(type, body, priority, id, timeout, **options))
+
+    def _asked(self, request: core.Request) -> core.Request:
+        """A new request: failed at once if no daemon can be reached."""
         if self._unreachable is not None and not request.sent:
             self._core.unreachable(self._unreachable)
         return request

@@ -1,5 +1,6 @@
-"""The ``gloom`` command: submit jobs, turn any program into a worker,
-watch the daemons, cancel a job, and measure the daemons.
+"""The ``gloom`` command: submit jobs (attached, detached or delayed),
+turn any program into a worker, watch the daemons, ask where jobs are,
+cancel a job, handle dead jobs, and measure the daemons.
 
 Every subcommand takes several daemons (``--master a:9998,b:9998``, or
 the option repeated); the defaults come from the environment as
@@ -11,7 +12,8 @@ cannot fix; 2 bad usage (a body that is not JSON the daemon takes
 included); 3 a daemon could not be reached or a connection was lost; 130
 interrupted (Ctrl-C), 143 terminated (SIGTERM), except where a
 subcommand's help says otherwise (``gloom worker`` exits 0 once it has
-finished its jobs in hand; ``gloom status --watch`` exits 0).
+finished its jobs in hand; ``gloom status --watch`` exits 0; ``gloom job``
+exits 1 when a job is unknown).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
+from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer, protocol, task
@@ -46,6 +50,7 @@ EXIT_STATUS = """exit status:
   3    a daemon could not be reached, or a connection to one was lost
   130  interrupted by Ctrl-C (143 by SIGTERM), except that gloom worker
        finishes its jobs in hand and exits 0, and gloom status --watch exits 0
+(gloom job: 1 also when a job is unknown to every daemon up.)
 """
 
 EPILOG = {
@@ -55,11 +60,21 @@ EPILOG = {
   gloom submit resize --lines < bodies.jsonl   one job per line, answers in order
   gloom submit upper '"hi"' --wait 10          give up after 10 s without an answer
   gloom submit --master tls:gloom.example.com:9998:trustRoots=ca/ upper '"hi"'
+  gloom submit --detach report '{"day": 1}'   hand the job to the daemon; print its id
+  gloom submit --detach --id nightly report '{}' --at 2026-01-02T03:00:00Z
+  gloom submit upper '"hi"' --delay 30 --retries 0   queue it in 30 s; no retry
 
 With --lines every line read gets one line of output, in input order: its
 answer, or {"error": CODE, "reason": TEXT} (codes beyond the daemon's own:
 no_answer for --wait, connection_error). Ctrl-C ends the command with
 status 130 and names the jobs left unanswered; the daemon drops them.
+
+--detach hands each job to the daemon: it outlives this command, gets no
+answer here, and instead of its answer the command prints its id (plain
+text) once the daemon has taken it. "gloom job ID" says how it went; after
+its retries (--retries, else the daemon's) it goes to the dead list
+("gloom dead"). --at takes seconds since the epoch or an ISO 8601 time (one
+without a zone is local time); a past time means now.
 """,
     "worker": """examples:
   gloom worker upper -- tr a-z A-Z             body on stdin, answer from stdout
@@ -94,10 +109,34 @@ daemon's stats, each daemon's figures under "daemons" (by address), and
     "cancel": """examples:
   gloom cancel 3f2a9c...                       ask the daemons to cancel a job
 
-A job id belongs to the master connection that submitted it, so a daemon
-answers unknown_job to any other connection: this command can only report
-what the daemons say. To withdraw a job, interrupt the gloom submit that
-waits for it (Ctrl-C), or give that command --wait.
+A detached job (gloom submit --detach) can be cancelled by anyone: it ends
+"failed". Any other job belongs to the master connection that submitted it,
+so a daemon answers unknown_job to any other connection: to withdraw such a
+job, interrupt the gloom submit that waits for it (Ctrl-C), or give that
+command --wait.
+""",
+    "job": """examples:
+  gloom job 3f2a9c...                          where a job is, and how it went
+  gloom job nightly weekly --json              one JSON object per job, per line
+
+A daemon knows its detached jobs (those in the dead list, and those that
+ended within its --keep-results), not another master's attached ones. With
+several daemons, they are asked in turn (in the id's rendezvous order)
+until one knows the job. Exit status: 0 if every job was found, 1 if one is
+unknown to every daemon up (3 if one is and a daemon could not be reached:
+the job may be there).
+""",
+    "dead": """examples:
+  gloom dead list                              the oldest 100 dead jobs
+  gloom dead list --offset 100 --limit 50 --json
+  gloom dead retry 3f2a9c... nightly           queue them again, fresh retries
+  gloom dead discard 3f2a9c...                 forget it
+
+Dead jobs are detached jobs whose retries ran out. With several daemons,
+"list" merges their dead lists, oldest first, and pages through that
+(a DAEMON column says where each is; the total is the sum), and "retry"
+and "discard" ask the daemons in turn until one has the job. "retry" and
+"discard" exit 1 if a job was in no dead list.
 """,
     "bench": """examples:
   gloom bench                                  4 masters x 64 in flight, 8 slaves
@@ -215,6 +254,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds one attempt may run on a slave (the daemon's limit)")
     submit.add_argument("--wait", type=float, metavar="SECONDS",
                         help="give up on a job (and cancel it) with no answer after SECONDS")
+    submit.add_argument("--detach", action="store_true",
+                        help="hand the job to the daemon (it outlives this command); print its id, "
+                             "not its answer")
+    submit.add_argument("--delay", metavar="SECONDS",
+                        help="queue the job SECONDS from now (at most 31536000: 365 days)")
+    submit.add_argument("--at", metavar="TIME",
+                        help="queue the job at TIME: seconds since the epoch, or ISO 8601 "
+                             "(2026-01-02T03:00:00Z; without a zone, local time)")
+    submit.add_argument("--retries", metavar="N",
+                        help="times a lost attempt is queued again, 0 to 1000 (default: the daemon's)")
+    submit.add_argument("--backoff", action="store_true",
+                        help="retry lost attempts after a growing delay (detached jobs always do)")
+    submit.add_argument("--id", help="the job's id (default: a fresh one); not with --lines")
     master_option(submit)
 
     worker = command("worker", "Answer jobs by running a command once per job.")
@@ -241,6 +293,26 @@ def _parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "Ask the daemons to cancel a job.")
     cancel.add_argument("id", help="the job's id")
     master_option(cancel)
+
+    job = command("job", "Say where jobs are and how they went.")
+    job.add_argument("ids", nargs="+", metavar="ID", help="a job's id")
+    job.add_argument("--json", action="store_true", help="one JSON object per job, one per line")
+    master_option(job)
+
+    dead = command("dead", "List, retry or discard dead jobs (detached jobs whose retries ran out).")
+    actions = dead.add_subparsers(dest="dead_action", metavar="ACTION")
+    actions.required = True
+    listing = actions.add_parser("list", help="list dead jobs, oldest first",
+                                 description="List dead jobs, oldest first.")
+    listing.add_argument("--offset", type=int, default=0, help="skip this many of the oldest (default 0)")
+    listing.add_argument("--limit", type=int, default=100, help="list at most this many, 1 to 1000 (default 100)")
+    listing.add_argument("--json", action="store_true",
+                         help='print {"total": N, "offset": N, "dead": [...]} as JSON')
+    master_option(listing)
+    for name, text in (("retry", "queue dead jobs again, with fresh retries"), ("discard", "forget dead jobs")):
+        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("ids", nargs="+", metavar="ID", help="a dead job's id")
+        master_option(sub)
 
     bench = command("bench", "Measure a running daemon's throughput and latency.")
     bench.add_argument("--masters", type=int, default=4, help="master connections (default 4)")
@@ -535,14 +607,14 @@ class _Submitter:
                 self.reader.taken()
             if self.lines and not data.strip():
                 continue
-            slot = _Slot(number, uuid.uuid4().hex)
+            slot = _Slot(number, args.id or uuid.uuid4().hex)
             self.window.add(slot)
             self.open.append(slot)
             where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
             try:
                 body = None if data is None else _parse_body(data, where)
                 deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
-                                              timeout=args.timeout)
+                                              timeout=args.timeout, **args.options)
             except UsageError as e:
                 slot.id = None
                 self._ended(Failure(_BadBody(str(e))), slot)
@@ -620,7 +692,7 @@ class _Submitter:
             self.open.popleft()
             error = slot.error
             if error is None:
-                _out(_dump(slot.value))
+                _out(slot.value if self.args.detach else _dump(slot.value))  # a detached job: its id
                 continue
             status = _status_of(error)
             self.status = max(self.status, status)
@@ -647,12 +719,13 @@ class _Submitter:
         waiting = self.unanswered()
         word = _signal_word(signum)
         job_type = self.args.type
+        what = "taken (gloom job ID says whether it was)" if self.args.detach else "answered"
         if len(waiting) == 1:
-            _say(f"{word}; job {waiting[0].id} ({job_type}) was not answered")
+            _say(f"{word}; job {waiting[0].id} ({job_type}) was not {what}")
         elif waiting:
             ids = ", ".join(slot.id for slot in waiting[:5])
             more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
-            _say(f"{word}; {len(waiting)} jobs ({job_type}) were not answered: {ids}{more}")
+            _say(f"{word}; {len(waiting)} jobs ({job_type}) were not {what}: {ids}{more}")
         else:
             _say(word)
         self.finish(128 + signum)
@@ -1036,7 +1109,7 @@ def _cancel(session: _Session, args):
     refusals = [e for e in errors if isinstance(e, ServerError)]
     if refusals:
         error = refusals[0]
-        hint = (" (a job can be cancelled only over the connection that submitted it)"
+        hint = (" (a job that is not detached can be cancelled only over the connection that submitted it)"
                 if error.error == "unknown_job" else "")
         _say(_describe(error) + hint)
         return EXIT_FAILED
@@ -1045,6 +1118,203 @@ def _cancel(session: _Session, args):
             raise error
         _say(_describe(error))
     return _status_of(errors[0])
+
+
+# --- job and dead ------------------------------------------------------------------------
+
+
+def _when(seconds: Any) -> str:
+    """A unix time as ISO 8601 in UTC, to the second."""
+    try:
+        return datetime.fromtimestamp(float(seconds), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(seconds)
+
+
+def _one_line(text: Any, width: int = 0) -> str:
+    """Text on one line (newlines as spaces), cut to ``width`` if given."""
+    line = " ".join(str(text).split())
+    if width and len(line) > width:
+        line = line[:width - 3] + "..."
+    return line
+
+
+def format_job(status: dict, now: Optional[float] = None) -> str:
+    """A job's status, for people: a line with its id and state (and the
+    daemon that has it, when the client asked several), then what applies
+    of its kind, type, priority and attempts, when it runs or ended, and
+    its result or the reason it failed.
+
+    :param status: the dict `gloom.txclient.MasterClient.status` fires with.
+    :param now: the time to count a delayed job's wait from; by default, now.
+    """
+    head = f"{status.get('id')}  {status.get('state')}"
+    if status.get("daemon"):
+        head += f"  (on {status['daemon']})"
+    lines = [head]
+    if status.get("state") == "unknown":
+        return head
+    facts = []
+    if "detached" in status:
+        facts.append("detached" if status["detached"] else "attached")
+    if "type" in status:
+        facts.append(f"type {status['type']}")
+    if "priority" in status:
+        facts.append(f"priority {status['priority']}")
+    if "attempts" in status:
+        attempts = status["attempts"]
+        facts.append(f"{attempts} attempt" + ("" if attempts == 1 else "s"))
+    if facts:
+        lines.append("  " + ", ".join(facts))
+    if "run_at" in status:
+        wait = float(status["run_at"]) - (time.time() if now is None else now)
+        lines.append(f"  runs at {_when(status['run_at'])}" + (f" (in {_duration(wait)})" if wait >= 1 else ""))
+    if "ended_at" in status:
+        lines.append(f"  ended at {_when(status['ended_at'])}")
+    if "result" in status:
+        lines.append(f"  result: {_dump(status['result'])}")
+    if "reason" in status:
+        lines.append(f"  reason: {_one_line(status['reason'])}")
+    return "\n".join(lines)
+
+
+def format_dead(dead: "core.DeadList") -> str:
+    """A page of dead jobs as a table (a DAEMON column when the entries
+    name theirs), each reason on one line of at most 80 characters, then
+    which part of the whole list it is.
+
+    :param dead: what `gloom.txclient.MasterClient.dead_list` fires with.
+    """
+    offset, total = dead.offset, dead.total
+    if not dead:
+        return "(no dead jobs)" if not total else f"(no dead jobs from number {offset + 1}; {total} in all)"
+    several = any("daemon" in entry for entry in dead)
+    headings = ["ID", "TYPE", "PRIORITY", "ATTEMPTS", "ENDED"] + (["DAEMON"] if several else []) + ["REASON"]
+    rows = [[str(entry.get("id")), str(entry.get("type", "")), str(entry.get("priority", "")),
+             str(entry.get("attempts", "")), _when(entry.get("ended_at"))]
+            + ([str(entry.get("daemon", ""))] if several else []) + [_one_line(entry.get("reason", ""), 80)]
+            for entry in dead]
+    widths = [max(len(row[i]) for row in [headings] + rows) for i in range(len(headings))]
+    numbers = {2, 3}
+    lines = ["  ".join(cell.rjust(widths[i]) if i in numbers else cell.ljust(widths[i])
+                       for i, cell in enumerate(row)).rstrip() for row in [headings] + rows]
+    last = offset + len(dead)
+    footer = f"dead jobs {offset + 1}-{last} of {total}"
+    if last < total:
+        footer += f"; next: --offset {last}"
+    return "\n".join(lines + ["", footer])
+
+
+def _say_unreachable(unreachable: Dict[str, str], said: Optional[set] = None) -> None:
+    """Say why each daemon could not be reached (each line once)."""
+    said = set() if said is None else said
+    for name, why in unreachable.items():
+        line = why if name in why else f"{name}: {why}"
+        if line not in said:
+            said.add(line)
+            _say(line)
+
+
+@defer.inlineCallbacks
+def _connected_master(session: _Session, args):
+    """A MasterClient over every daemon given, once each was tried.
+
+    :raises TransportError: if none could be reached.
+    """
+    from gloom.txclient import MasterClient
+
+    try:
+        master = MasterClient(args.masters_at, session.reactor, fail_after=1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    yield master.start()
+    if not master.up:
+        why = "; ".join(master.unreachable.values()) or "no daemon could be reached"
+        yield _stop(master, session.reactor)
+        raise TransportError(why)
+    return master
+
+
+def _stop(master, reactor) -> defer.Deferred:
+    return _bounded(defer.maybeDeferred(master.stop), reactor, 1.0)
+
+
+@defer.inlineCallbacks
+def _job(session: _Session, args):
+    master = yield _connected_master(session, args)
+    try:
+        answers = yield defer.DeferredList([master.status(job_id) for job_id in args.ids], consumeErrors=True)
+        unreachable = master.unreachable
+    finally:
+        yield _stop(master, session.reactor)
+    status, said = EXIT_OK, set()
+    unknown = False
+    for job_id, (ok, value) in zip(args.ids, answers):
+        if ok:
+            unknown = unknown or value.get("state") == "unknown"
+            _out(_dump(value) if args.json else format_job(value))
+            continue
+        error = value.value
+        if not isinstance(error, GloomError):
+            value.raiseException()
+        status = max(status, _status_of(error))
+        if args.json:
+            _out(_dump(dict(id=job_id, **_error_object(error))))
+        line = _describe(error) if isinstance(error, TransportError) else f"{job_id}: {_describe(error)}"
+        if line not in said:
+            said.add(line)
+            _say(line)
+    _say_unreachable(unreachable, said)
+    if unknown:
+        status = max(status, EXIT_UNREACHABLE if unreachable else EXIT_FAILED)
+    return status
+
+
+@defer.inlineCallbacks
+def _dead(session: _Session, args):
+    master = yield _connected_master(session, args)
+    try:
+        if args.dead_action == "list":
+            try:
+                dead = yield master.dead_list(args.offset, args.limit)
+            finally:
+                unreachable = master.unreachable
+        else:
+            ask = master.dead_retry if args.dead_action == "retry" else master.dead_discard
+            answers = yield defer.DeferredList([ask(job_id) for job_id in args.ids], consumeErrors=True)
+            unreachable = master.unreachable
+    finally:
+        yield _stop(master, session.reactor)
+    if args.dead_action == "list":
+        unreachable.update(dead.unreachable)
+        if args.json:
+            figures = {"total": dead.total, "offset": dead.offset, "dead": list(dead)}
+            if unreachable:
+                figures["unreachable"] = dict(unreachable)
+            _out(_dump(figures))
+        else:
+            _out(format_dead(dead))
+        _say_unreachable(unreachable)
+        return EXIT_UNREACHABLE if unreachable else EXIT_OK
+    done = "queued again" if args.dead_action == "retry" else "discarded"
+    status, said = EXIT_OK, set()
+    for job_id, (ok, value) in zip(args.ids, answers):
+        if ok:
+            _say(f"job {job_id} {done}")
+            continue
+        error = value.value
+        if not isinstance(error, GloomError):
+            value.raiseException()
+        if isinstance(error, ServerError) and error.error == "unknown_job" and unreachable:
+            status = max(status, EXIT_UNREACHABLE)  # it may be on a daemon that did not answer
+        status = max(status, _status_of(error))
+        line = _describe(error)
+        if line not in said:
+            said.add(line)
+            _say(line)
+    if status != EXIT_OK:
+        _say_unreachable(unreachable, said)
+    return status
 
 
 # --- bench -------------------------------------------------------------------------------
@@ -1078,7 +1348,8 @@ def _bench(session: _Session, args):
 
 # --- main -------------------------------------------------------------------------------------
 
-_COMMANDS = {"submit": _submit, "worker": _worker, "status": _status, "cancel": _cancel, "bench": _bench}
+_COMMANDS = {"submit": _submit, "worker": _worker, "status": _status, "cancel": _cancel, "job": _job,
+             "dead": _dead, "bench": _bench}
 
 
 def _check(args, parser: argparse.ArgumentParser) -> None:
@@ -1098,8 +1369,22 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             raise UsageError("TYPE must not be empty")
         if args.lines and args.body is not None:
             raise UsageError("--lines reads bodies from standard input; give no BODY")
+        if args.id is not None and (args.lines or not args.id):
+            raise UsageError("--id names one job: not with --lines" if args.id else "--id must not be empty")
+        if args.detach and args.wait:
+            raise UsageError("--wait waits for an answer, and a detached job gets none")
+        args.options = _job_options(args)
         if not args.lines and args.body not in (None, "-"):
             _parse_body(args.body, "BODY")
+    elif args.command == "dead" and args.dead_action == "list":
+        if args.offset < 0:
+            raise UsageError(f"--offset must not be negative, not {args.offset}")
+        if not 1 <= args.limit <= core.MAX_PAGE:
+            raise UsageError(f"--limit must be from 1 to {core.MAX_PAGE}, not {args.limit}")
+    elif args.command in ("job", "dead"):
+        for job_id in args.ids:
+            if not job_id:
+                raise UsageError("a job id must not be empty")
     elif args.command == "worker":
         usage = parser.subparsers["worker"]
         if args.stray:
@@ -1114,6 +1399,58 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             _positive(getattr(args, name), f"--{name}")
         if args.body_size < 0:
             raise UsageError("--body-size must not be negative")
+
+
+def _job_options(args) -> Dict[str, Any]:
+    """``gloom submit``'s --detach, --delay, --at, --retries and --backoff,
+    as `gloom.core.job_options` checks them."""
+    delay = at = retries = None
+    if args.delay is not None:
+        try:
+            delay = float(args.delay)
+        except ValueError:
+            raise UsageError(f"--delay must be a number of seconds, not {args.delay!r}") from None
+    if args.at is not None:
+        at = parse_time(args.at)
+        if at > time.time() + core.MAX_DELAY:
+            raise UsageError(f"--at must be at most {core.MAX_DELAY} seconds (365 days) from now, "
+                             f"not {args.at}")
+    if args.retries is not None:
+        try:
+            retries = int(args.retries)
+        except ValueError:
+            raise UsageError(f"--retries must be a whole number from 0 to {core.MAX_RETRIES}, "
+                             f"not {args.retries!r}") from None
+    options = dict(detach=args.detach, delay=delay, at=at, retries=retries, backoff=args.backoff)
+    try:
+        core.job_options(**options, spell=lambda name: "--" + name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return options
+
+
+def parse_time(text: str) -> float:
+    """A time given on the command line, as seconds since the epoch: a
+    number of seconds, or an ISO 8601 date and time (``Z`` or an offset
+    for its zone; without one, local time), not before 1970.
+
+    :raises UsageError: if it is neither.
+    """
+    seconds = None
+    try:
+        seconds = float(text)
+    except ValueError:
+        iso = text.strip()
+        if iso[-1:] in ("Z", "z"):
+            iso = iso[:-1] + "+00:00"
+        try:
+            seconds = datetime.fromisoformat(iso).timestamp()
+        except (ValueError, OverflowError, OSError):
+            pass
+    if seconds is None or not 0 <= seconds < float("inf"):  # NaN fails too
+        raise UsageError(f"--at must be seconds since the epoch or an ISO 8601 time such as "
+                         f"2026-01-02T03:00:00Z, not {text!r}")
+    return seconds
 
 
 def _split_command(argv: List[str]):

@@ -4,7 +4,8 @@ The API of the 2009 reference client is kept (``Master.submit``,
 ``receive``, ``do_many``, ``disconnect``; ``Slave.join``, ``job``,
 ``respond``), so old code ports by changing an import.  New: context
 managers, `Master.run`, `Master.map`, `Slave.serve`, ``cancel``, ``stats``,
-TLS, and several daemons at once::
+detached and delayed jobs (``submit(..., detach=True)``, `Master.status`,
+the dead list), TLS, and several daemons at once::
 
     from gloom.client import Master, Slave
 
@@ -452,20 +453,24 @@ class Master(_Client):
         self._core.unreachable(self._why)
 
     def _ended(self, request: core.Request) -> None:
-        """Keep each job's outcome that nobody waits for, for `receive`."""
-        if request.kind == "submit" and request.waiter is None and not isinstance(request.error, Cancelled):
+        """Keep each job's outcome that nobody waits for, for `receive`
+        (a detached job has none: its submit ends at the ack)."""
+        if request.kind == "submit" and request.waiter is None and not request.detached \
+                and not isinstance(request.error, Cancelled):
             self._answers.append(request)
 
     # --- the 2009 API -------------------------------------------------------------------------
 
     def _submit(self, id: Optional[str], type: Optional[str], body: Any, priority: Optional[int],
-                timeout: Optional[float], waiter: Any) -> core.Request:
+                timeout: Optional[float], waiter: Any, options: Optional[Dict[str, Any]] = None
+                ) -> core.Request:
         """Submit a job and wait for its ack; then the job's outcome goes
-        to ``waiter`` (None: to `receive`)."""
+        to ``waiter`` (None: to `receive`).  ``options``: `gloom.core.job_options`'s."""
         if id and id in self._core.jobs:
             raise ServerError("id_exists", f"job {id!r} is already in flight", id)
+        options = options or {}
         with self._io():
-            request = self._core.submit(type, body, priority, id or None, timeout)
+            request = self._core.submit(type, body, priority, id or None, timeout, **options)
             request.waiter = _ACK
             self._wait(lambda: request.acked or request.done)
         if not request.acked and request.error is not None:
@@ -476,21 +481,41 @@ class Master(_Client):
         return request
 
     def submit(self, id: Optional[str] = None, type: Optional[str] = None, body: Any = None,
-               priority: Optional[int] = None, timeout: Optional[float] = None) -> str:
-        """Submit a job and wait for its ack.
+               priority: Optional[int] = None, timeout: Optional[float] = None, *, detach: bool = False,
+               delay: Any = None, at: Any = None, retries: Optional[int] = None,
+               backoff: bool = False) -> str:
+        """Submit a job and wait for its ack.  Its answer comes to
+        `receive`, unless it is detached: a detached job belongs to the
+        daemon, outlives this connection, and gets no answer here (`status`
+        says how it went).
 
         :param id: the job's id, unique among this master's unfinished
-            jobs; by default a fresh uuid4 hex.
+            jobs (a detached job's, among the daemon's detached jobs); by
+            default a fresh uuid4 hex.
         :param type: the job's type (required).
         :param body: the job's body: any value ``json.dumps`` takes.
         :param priority: higher runs first; the daemon's default is 0.
         :param timeout: the job's own time limit on a slave, in seconds.
+        :param detach: hand the job to the daemon (see above).
+        :param delay: seconds to wait before the job is queued (a number
+            or a ``timedelta``, up to 365 days).
+        :param at: when to queue it: seconds since the epoch or a
+            ``datetime``; a past time means now.  Not with ``delay``.
+        :param retries: how many times a lost attempt is queued again (0 to
+            1000); by default, the daemon's ``--retries``.
+        :param backoff: retry lost attempts after a growing delay instead
+            of at once (detached jobs always do).
         :returns: the job's id.
-        :raises ServerError: if the daemon refuses the job.
+        :raises ServerError: if the daemon refuses the job (``id_exists``,
+            ``journal_error``...).
         :raises EncodeError: at once, if the body is not JSON.
-        :raises TransportError: if the daemon's connection dropped first.
+        :raises ValueError: at once, for an option out of range, or both
+            ``delay`` and ``at``.
+        :raises TransportError: if the daemon's connection dropped first
+            (a detached job may then have been taken or not: ask `status`).
         """
-        return self._submit(id, type, body, priority, timeout, None).id
+        options = dict(detach=detach, delay=delay, at=at, retries=retries, backoff=backoff)
+        return self._submit(id, type, body, priority, timeout, None, options).id
 
     def receive(self, timeout: Optional[float] = None) -> Job:
         """The next answer to any of this master's jobs, as a `Job`; a failed
@@ -517,17 +542,22 @@ class Master(_Client):
         arrive.
 
         :param jobs: dicts with ``type``, ``body`` and optionally ``id``,
-            ``priority`` and ``timeout`` (as `submit` takes them), or
-            ``(type, body)`` pairs.
+            ``priority``, ``timeout``, ``delay``, ``at``, ``retries`` and
+            ``backoff`` (as `submit` takes them), or ``(type, body)`` pairs.
         :param timeout: seconds each wait for an answer may take.
+        :raises ValueError: for a job with ``detach``: it would get no
+            answer to yield.
         """
         count = 0
         for job in jobs:
             if not isinstance(job, dict):
                 job_type, body = job
                 job = {"type": job_type, "body": body}
+            if job.get("detach"):
+                raise ValueError("do_many waits for answers, and a detached job gets none: use submit")
             self.submit(job.get("id"), job["type"], job.get("body"), job.get("priority"),
-                        job.get("timeout"))
+                        job.get("timeout"), delay=job.get("delay"), at=job.get("at"),
+                        retries=job.get("retries"), backoff=job.get("backoff", False))
             count += 1
         for _ in range(count):
             yield self.receive(timeout)
@@ -535,7 +565,9 @@ class Master(_Client):
     # --- new ----------------------------------------------------------------------------------
 
     def run(self, type: str, body: Any = None, priority: Optional[int] = None,
-            timeout: Optional[float] = None, wait: Optional[float] = None) -> Any:
+            timeout: Optional[float] = None, wait: Optional[float] = None, *, detach: bool = False,
+            delay: Any = None, at: Any = None, retries: Optional[int] = None,
+            backoff: bool = False) -> Any:
         """Submit one job and wait for its answer body.  Answers to other
         jobs that arrive meanwhile stay for `receive`.
 
@@ -545,11 +577,20 @@ class Master(_Client):
         :param timeout: the job's own time limit on a slave, in seconds.
         :param wait: seconds to wait for the answer; by default, for ever
             (on `Timeout` the answer, when it comes, goes to `receive`).
+            A delayed job's wait includes its delay.
+        :param detach: refused: a detached job gets no answer to wait for
+            (use `submit`, then `status`).
+        :param delay: as `submit` takes it; so are ``at``, ``retries`` and
+            ``backoff``.
         :raises ServerError: if the job was refused or failed.
         :raises TransportError: if its daemon's connection dropped.
         :raises Timeout: if the answer did not come within ``wait``.
+        :raises ValueError: with ``detach``, or an option out of range.
         """
-        request = self._submit(None, type, body, priority, timeout, _RUN)
+        if detach:
+            raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
+        options = dict(delay=delay, at=at, retries=retries, backoff=backoff)
+        request = self._submit(None, type, body, priority, timeout, _RUN, options)
         try:
             with self._io():
                 self._wait(lambda: request.done, wait)
@@ -615,16 +656,75 @@ class Master(_Client):
     def cancel(self, id: str) -> None:
         """Withdraw one of this master's unfinished jobs: nothing more comes
         for it.  If its answer came first, that answer goes to `receive`
-        and the cancel fails.
+        and the cancel fails.  Or withdraw a detached job (queued, delayed
+        or running; anyone may): it ends ``failed``, reason "cancelled by a
+        master".  With several daemons, an id that is not this master's
+        is asked of each daemon in turn (`gloom.core.MasterCore.cancel`).
 
         :param id: the job's id.
-        :raises ServerError: ``unknown_job`` if this master has no
-            unfinished job by that id.
+        :raises ServerError: ``unknown_job`` if no daemon has an unfinished
+            job by that id that this master may cancel.
         """
         with self._io():
             request = self._core.cancel(id)
             self._wait(lambda: request.done)
         request.result()
+
+    def status(self, id: str) -> dict:
+        """Where a job is: the daemon's reply as a dict, with ``id``,
+        ``state`` (``queued``, ``delayed``, ``running``, ``completed``,
+        ``failed``, ``dead`` or ``unknown``) and, where they apply,
+        ``detached``, ``type``, ``priority``, ``attempts``, ``run_at``,
+        ``result``, ``reason`` and ``ended_at``.  A daemon knows this
+        master's own unfinished jobs and every detached job (another
+        master's attached job is ``unknown``).  With several daemons they
+        are asked in the id's rendezvous order until one knows the job,
+        and the dict names it as ``daemon``.
+
+        :param id: the job's id.
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        return self._request(lambda: self._core.status(id))
+
+    def dead_list(self, offset: int = 0, limit: int = 100) -> core.DeadList:
+        """A page of the dead list (detached jobs whose retries ran out),
+        oldest first: a `gloom.core.DeadList` of dicts with ``id``,
+        ``type``, ``priority``, ``attempts``, ``reason`` and ``ended_at``,
+        whose ``total`` is the length of the whole list.  With several
+        daemons the page is taken from all their lists merged oldest first,
+        each entry naming its ``daemon`` (see
+        `gloom.core.MasterCore.dead_list`).
+
+        :param offset: how many of the oldest to skip.
+        :param limit: the most entries to return (1 to 1000).
+        :raises ValueError: if either is out of range.
+        """
+        return self._request(lambda: self._core.dead_list(offset, limit))
+
+    def dead_retry(self, id: str) -> None:
+        """Queue a dead job again, with fresh retries.
+
+        :param id: the dead job's id.
+        :raises ServerError: ``unknown_job`` if no daemon has a dead job by
+            that id.
+        """
+        self._request(lambda: self._core.dead_retry(id))
+
+    def dead_discard(self, id: str) -> None:
+        """Forget a dead job.
+
+        :param id: the dead job's id.
+        :raises ServerError: ``unknown_job`` if no daemon has a dead job by
+            that id.
+        """
+        self._request(lambda: self._core.dead_discard(id))
+
+    def _request(self, make: Callable[[], core.Request]) -> Any:
+        """Make a request of the core, wait for it to end; its outcome."""
+        with self._io():
+            request = make()
+            self._wait(lambda: request.done)
+        return request.result()
 
     def stats(self) -> dict:
         """The daemon's figures (see the README's stats action); with

@@ -10,15 +10,17 @@ return values, Deferreds or futures.
 
 - Framing: `frame` encodes a message, `FrameBuffer` splits a byte stream
   into frames, `decode` reads one.
-- `MasterCore`: requests to one or more daemons (submit, cancel, stats),
-  each matched to its reply by a ``ref``; jobs routed over the daemons by a
-  rendezvous hash of their id; the in-flight table; what a lost daemon
-  means for its jobs.
+- `MasterCore`: requests to one or more daemons (submit, cancel, stats,
+  status and the dead-letter actions), each matched to its reply by a
+  ``ref``; jobs routed over the daemons by a rendezvous hash of their id,
+  and requests about a job by id asked of the daemons in that order; the
+  in-flight table; what a lost daemon means for its jobs.
+- `job_options`: the checked fields of a detached, delayed or retried job.
 - `InOrder`: a window of requests whose results come out in input order.
 - `WorkerCore`: a worker's slave connections to one or more daemons, never
   holding more jobs than its concurrency (``join``, ``leave`` and
   ``release``).
-- `Job`, the errors, default addresses and `sum_stats`.
+- `Job`, `DeadList`, the errors, default addresses and `sum_stats`.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 import struct
 import uuid
 from collections import OrderedDict
+from datetime import datetime, timedelta
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 try:
@@ -51,6 +55,15 @@ SLAVES_ENV = ("GLOOM_SLAVES", "GLOOM_SLAVE")
 
 MAX_FRAME = 64 * 1024 * 1024
 """The largest frame a client reads (and the daemon's default limit)."""
+
+MAX_DELAY = 31_536_000
+"""The longest ``delay`` a submit may ask for, in seconds (365 days)."""
+
+MAX_RETRIES = 1000
+"""The most ``retries`` a submit may ask for."""
+
+MAX_PAGE = 1000
+"""The most dead jobs one ``dead_list`` request may ask a daemon for."""
 
 _HEADER = struct.Struct("!I")
 
@@ -143,6 +156,97 @@ class Job(dict):
         if self.error is not None:
             raise ServerError.from_frame(self)
         return self.body
+
+
+class DeadList(list):
+    """A page of dead jobs, oldest first: a list of the daemons' entries
+    (dicts with ``id``, ``type``, ``priority``, ``attempts``, ``reason``
+    and ``ended_at``; with several daemons, each also names its
+    ``daemon``), which also says where the page starts in the whole list
+    and how long that is.
+
+    :param entries: the page's entries.
+    :param total: how many dead jobs there are in all (over every daemon
+        asked).
+    :param offset: the position of the page's first entry in the whole
+        list.
+    :param unreachable: the daemons whose connection was lost before they
+        answered, each with why; their dead jobs are not counted.
+    """
+
+    def __init__(self, entries: Iterable[dict] = (), total: int = 0, offset: int = 0,
+                 unreachable: Optional[Dict[str, str]] = None):
+        super().__init__(entries)
+        self.total = total
+        self.offset = offset
+        self.unreachable: Dict[str, str] = dict(unreachable or {})
+
+
+# --- job options ---------------------------------------------------------------------------
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def job_options(detach: bool = False, delay: Any = None, at: Any = None, retries: Optional[int] = None,
+                backoff: bool = False, spell: Callable[[str], str] = lambda name: name) -> Dict[str, Any]:
+    """The fields a submit carries for these options: only those given
+    (``detach`` and ``backoff`` only when true), checked as the daemon
+    checks them, so that a mistake is a ``ValueError`` before anything is
+    sent rather than an ``invalid_message`` after.
+
+    :param detach: the job belongs to the daemon: it survives its master's
+        connection, no answer comes for it, and `MasterCore.status` tells
+        how it went.
+    :param delay: seconds to wait before the job is queued (a number, or a
+        ``datetime.timedelta``), from 0 to `MAX_DELAY`.
+    :param at: when to queue the job: seconds since the epoch, or a
+        ``datetime.datetime`` (a naive one is local time); a past time
+        means now.  Not with ``delay``.  (The daemon also refuses a time
+        more than `MAX_DELAY` ahead of its clock.)
+    :param retries: how many times the job is queued again after a lost
+        attempt (0 to `MAX_RETRIES`); by default, the daemon's
+        ``--retries``.
+    :param backoff: retry an attached job's lost attempts after a growing
+        delay instead of at once (detached jobs always back off).
+    :param spell: how messages name an option (the command line passes
+        ``lambda name: "--" + name``).
+    :raises ValueError: for a value the daemon would refuse, or both
+        ``delay`` and ``at``.
+    """
+    fields: Dict[str, Any] = {}
+    if detach:
+        fields["detach"] = True
+    if delay is not None and at is not None:
+        raise ValueError(f"give {spell('delay')} or {spell('at')}, not both")
+    if delay is not None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if not _number(delay) or not 0 <= delay <= MAX_DELAY:
+            raise ValueError(f"{spell('delay')} must be a number of seconds from 0 to {MAX_DELAY} "
+                             f"(365 days), not {_shown(delay)}")
+        fields["delay"] = delay
+    if at is not None:
+        if isinstance(at, datetime):
+            at = at.timestamp()
+        if not _number(at) or at < 0:
+            raise ValueError(f"{spell('at')} must be a time (seconds since the epoch, or a datetime), "
+                             f"not {_shown(at)}")
+        fields["at"] = at
+    if retries is not None:
+        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"{spell('retries')} must be a whole number from 0 to {MAX_RETRIES}, "
+                             f"not {_shown(retries)}")
+        fields["retries"] = retries
+    if backoff:
+        fields["backoff"] = True
+    return fields
 
 
 # --- addresses -----------------------------------------------------------------------------
@@ -331,15 +435,19 @@ def _id_of(job_id: Any) -> str:
 class Request:
     """One request to a daemon and, once it ended, its outcome.
 
-    ``kind`` is ``"submit"``, ``"cancel"`` or ``"stats"``.  A submit
-    ends with its answer; the others end with their reply.  ``done`` says
+    ``kind`` is ``"submit"``, ``"cancel"``, ``"stats"``, ``"status"``,
+    ``"dead_list"``, ``"dead_retry"`` or ``"dead_discard"``.  A submit
+    ends with its answer, a detached one (``detached``) with its id once
+    the daemon acked it; the others end with their reply.  ``done`` says
     whether it ended; then `result` returns the outcome or raises it.
-    ``acked`` says whether the daemon accepted a submit.  Shells attach
-    what they wait with (a Deferred, a future) as ``waiter``.
+    ``acked`` says whether the daemon accepted a submit.  ``tried`` lists
+    the daemons it was sent to, in order (a request about a job by id may
+    ask several).  Shells attach what they wait with (a Deferred, a
+    future) as ``waiter``.
     """
 
     __slots__ = ("kind", "id", "ref", "message", "daemon", "acked", "done", "value", "error",
-                 "waiter", "tried", "sent", "target", "encoded")
+                 "waiter", "tried", "sent", "target", "encoded", "detached", "gather")
 
     def __init__(self, kind: str, message: dict, job_id: Optional[str] = None):
         self.kind = kind
@@ -356,6 +464,8 @@ class Request:
         self.sent = False
         self.target: Optional[Request] = None
         self.encoded: Optional[bytes] = None
+        self.detached = False
+        self.gather: Optional[_Gather] = None
 
     def result(self) -> Any:
         """The answer body or reply; raises the error the request ended with."""
@@ -368,6 +478,28 @@ class Request:
     def __repr__(self) -> str:
         state = "done" if self.done else ("acked" if self.acked else "pending")
         return f"<Request {self.kind} {self.id!r} ref={self.ref} {state} on {self.daemon}>"
+
+
+class _Gather:
+    """A ``dead_list`` over several daemons: the pages each daemon has
+    sent so far, until each has sent the first ``offset + limit`` of its
+    dead jobs (or all of them)."""
+
+    __slots__ = ("offset", "limit", "order", "pending", "entries", "totals", "unreachable")
+
+    def __init__(self, offset: int, limit: int):
+        self.offset = offset
+        self.limit = limit
+        self.order: List[str] = []
+        self.pending: set = set()
+        self.entries: Dict[str, List[dict]] = {}
+        self.totals: Dict[str, int] = {}
+        self.unreachable: Dict[str, str] = {}
+
+
+_PROBES = frozenset({"status", "cancel", "dead_retry", "dead_discard"})
+"""The requests about a job by id that ask the daemons in turn, in the
+id's rendezvous order, until one knows the job."""
 
 
 class _Daemon:
@@ -395,15 +527,22 @@ class MasterCore:
     no ref (the 2009 daemon) is matched by id and, failing that, in order.
 
     A submit goes to the first daemon in its id's `rendezvous` order that
-    is up.  While none is, requests wait in a backlog until one comes up
-    or the shell gives up (`unreachable`).
+    is up.  A request about a job by id that is not this client's in
+    flight (`status`, `cancel`, `dead_retry`, `dead_discard`) asks the
+    daemons up in that same order, one after the other, until one knows
+    the job: so it finds a detached job where its submit put it, even if
+    the daemon first in line was down then.  `dead_list` gathers every
+    daemon's dead list.  While no daemon is up, requests wait in a backlog
+    until one comes up or the shell gives up (`unreachable`); a request
+    that asks several daemons asks those up when it leaves the backlog.
 
     :param daemons: the daemons' names (their addresses), as the shell
         names them in its calls.
     :param send: writes a frame to a daemon's connection.
     :param ended: called with each request once it has ended.
     :param resubmit: when a daemon's connection drops, submit its
-        unanswered jobs again to the others instead of failing them.
+        unanswered jobs again to the others instead of failing them
+        (never a detached job's submit: the daemon may have taken it).
     :param limit: the largest frame to send.
     """
 
@@ -419,7 +558,7 @@ class MasterCore:
         self.limit = limit
         self.backlog: List[Request] = []
         self.jobs: Dict[str, Request] = {}
-        """Unfinished submits by job id."""
+        """Unfinished submits by job id (a detached one until its ack)."""
 
     # --- what the shell tells the core -------------------------------------------------------
 
@@ -436,7 +575,8 @@ class MasterCore:
     def lost(self, daemon: str, why: str) -> None:
         """The connection to ``daemon`` is gone (``why``, for people):
         its unanswered requests fail with `TransportError` naming it, or
-        its jobs are submitted elsewhere with ``resubmit``."""
+        its jobs are submitted elsewhere with ``resubmit``; a request that
+        asks the daemons in turn asks the next one up."""
         state = self.daemons[daemon]
         state.up = False
         if state.last_error:
@@ -447,15 +587,24 @@ class MasterCore:
         state.jobs.clear()
         state.next_ref = 1
         for request in requests:
+            if request.kind == "dead_page":
+                self._page_lost(request, daemon, why)
+                continue
             if request.done:
                 continue
             request.sent = False
-            if request.kind == "submit" and self.resubmit:
+            if request.kind == "submit" and request.detached:
+                self._end(request, error=TransportError(
+                    f"{why}; {daemon} may or may not have taken detached job {request.id!r} "
+                    "(its status tells)", daemon, request.id))
+            elif request.kind == "submit" and self.resubmit:
                 request.acked = False
                 self._route(request)
             elif request.kind == "submit":
                 self._end(request, error=TransportError(
                     f"{why}; job {request.id!r} was dropped by {daemon}", daemon, request.id))
+            elif request.kind in _PROBES and request.target is None and self._ask_next(request):
+                continue
             else:
                 self._end(request, error=TransportError(why, daemon))
 
@@ -512,7 +661,8 @@ class MasterCore:
     # --- requests -----------------------------------------------------------------------------
 
     def submit(self, type: str, body: Any = None, priority: Optional[int] = None,
-               id: Optional[str] = None, timeout: Optional[float] = None,
+               id: Optional[str] = None, timeout: Optional[float] = None, *, detach: bool = False,
+               delay: Any = None, at: Any = None, retries: Optional[int] = None, backoff: bool = False,
                **extra: Any) -> Request:
         """Submit a job: send it now if a daemon is up, else when one is.
 
@@ -522,8 +672,17 @@ class MasterCore:
         :param id: the job's id, unique among this client's unfinished
             jobs; by default a fresh uuid4 hex.
         :param timeout: the job's time limit on a slave, in seconds.
+        :param detach: the job belongs to the daemon: the request ends
+            with the job's id once the daemon acked it, and no answer
+            comes (see `job_options` for these options).
+        :param delay: seconds to wait before the job is queued.
+        :param at: when to queue the job (seconds since the epoch, or a
+            ``datetime``); not with ``delay``.
+        :param retries: how many times a lost attempt is queued again.
+        :param backoff: retry lost attempts after a growing delay.
         :param extra: more fields for the submit frame.
-        :raises ValueError: if the id is in use or the type is missing.
+        :raises ValueError: if the id is in use, the type is missing, or an
+            option is out of range.
         :raises EncodeError: if the body cannot be sent.
         """
         if not isinstance(type, str) or not type:
@@ -536,8 +695,11 @@ class MasterCore:
             message["priority"] = priority
         if timeout is not None:
             message["timeout"] = timeout
+        if detach or delay is not None or at is not None or retries is not None or backoff:
+            message.update(job_options(detach, delay, at, retries, backoff))
         message.update(extra)
         request = Request("submit", message, job_id)
+        request.detached = message.get("detach") is True
         request.encoded = encode(message)  # refuse what cannot be sent, at once
         self._check_size(len(request.encoded) + 24)
         self.jobs[job_id] = request
@@ -549,9 +711,13 @@ class MasterCore:
         ends at once (with `Cancelled`); one sent to a daemon is cancelled
         there, and ends with `Cancelled` when the daemon acks the cancel.
         If the daemon had ended the job first, its answer ends it as usual
-        and the cancel ends with ``unknown_job``.
+        and the cancel ends with ``unknown_job``.  An id that is not one of
+        this client's jobs in flight (a detached job's, say) is asked of
+        the daemons up in its rendezvous order until one does not answer
+        ``unknown_job``.
 
-        :param job_id: the id of one of this client's jobs.
+        :param job_id: the id of one of this client's jobs, or of a
+            detached job.
         :returns: the cancel request, which ends with the daemon's reply.
         """
         message = {"action": "cancel", "id": job_id}
@@ -566,13 +732,12 @@ class MasterCore:
             request.target = job
             self._send(request, job.daemon)
             return request
-        # Not one of ours in flight: the first daemon up says what it knows.
-        for daemon, state in self.daemons.items():
-            if state.up:
-                self._send(request, daemon)
-                return request
-        self._end(request, error=ServerError(
-            "unknown_job", f"this client has no unfinished job {job_id!r}", job_id))
+        if not isinstance(job_id, str) or not job_id:
+            self._end(request, error=ServerError(
+                "unknown_job", f"this client has no unfinished job {job_id!r}", job_id))
+            return request
+        # Not one of ours in flight: perhaps a detached job, on a daemon.
+        self._route(request)
         return request
 
     def stats(self, daemon: Optional[str] = None) -> Request:
@@ -588,6 +753,70 @@ class MasterCore:
             self._send(request, daemon)
         return request
 
+    def status(self, job_id: str) -> Request:
+        """Ask where a job is.  The request ends with the reply's fields
+        as a dict (``id``, ``state``, and ``detached``, ``type``,
+        ``priority``, ``attempts``, ``run_at``, ``result``, ``reason``,
+        ``ended_at`` where they apply).  The daemons up are asked in the
+        id's rendezvous order (the daemon that has this client's job of
+        that id in flight first) until one answers a state other than
+        ``unknown``; with several daemons, the dict then names it as
+        ``daemon``.  If none knows the job, its state is ``unknown``.
+
+        :param job_id: the job's id.
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        job_id = _given_id(job_id)
+        request = Request("status", {"action": "status", "id": job_id}, job_id)
+        self._route(request)
+        return request
+
+    def dead_list(self, offset: int = 0, limit: int = 100) -> Request:
+        """Ask for a page of the dead list, oldest first.  The request ends
+        with a `DeadList`.
+
+        With several daemons, the daemons up each send the first
+        ``offset + limit`` of their dead jobs (in pages of at most
+        `MAX_PAGE`); these are merged oldest first (by ``ended_at``, then
+        in the order the daemons were given), and the page is
+        ``limit`` entries from ``offset`` of that merged list; each entry
+        names its ``daemon``, and the total is the sum of theirs.  The
+        daemons' lists are read one page at a time, not at one instant: a
+        job that dies or is retried meanwhile may shift a page by one.
+
+        :param offset: how many of the oldest dead jobs to skip (0 or more).
+        :param limit: the most entries to return (1 to `MAX_PAGE`).
+        :raises ValueError: if either is out of range.
+        """
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"offset must be a whole number, 0 or more, not {_shown(offset)}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE}, not {_shown(limit)}")
+        request = Request("dead_list", {"action": "dead_list", "offset": offset, "limit": limit})
+        if len(self.daemons) > 1:
+            request.gather = _Gather(offset, limit)
+        self._route(request)
+        return request
+
+    def dead_retry(self, job_id: str) -> Request:
+        """Queue a dead job again, with fresh retries.  The daemons up are
+        asked in the id's rendezvous order until one does not answer
+        ``unknown_job``; the request ends with None, or with the last
+        daemon's ``unknown_job`` if none has the job.
+
+        :param job_id: the dead job's id.
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        return self._about("dead_retry", job_id)
+
+    def dead_discard(self, job_id: str) -> Request:
+        """Forget a dead job: asked of the daemons as `dead_retry` is.
+
+        :param job_id: the dead job's id.
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        return self._about("dead_discard", job_id)
+
     @property
     def in_flight(self) -> int:
         """How many submits have not ended."""
@@ -599,13 +828,29 @@ class MasterCore:
 
     # --- inside ------------------------------------------------------------------------------
 
+    def _about(self, kind: str, job_id: str) -> Request:
+        job_id = _given_id(job_id)
+        request = Request(kind, {"action": kind, "id": job_id}, job_id)
+        self._route(request)
+        return request
+
     def _route(self, request: Request) -> None:
-        if request.kind != "submit":
-            if request.kind == "stats":
+        kind = request.kind
+        if kind != "submit":
+            if kind == "stats":
                 daemon = next((name for name, state in self.daemons.items() if state.up), None)
                 if daemon is not None:
                     self._send(request, daemon)
                     return
+            elif kind in _PROBES:
+                if self._ask_next(request):
+                    return
+            elif kind == "dead_list" and self.up():
+                if request.gather is None:
+                    self._send(request, self.up()[0])
+                else:
+                    self._gather(request)
+                return
             self.backlog.append(request)
             return
         daemons = self.daemons
@@ -620,6 +865,87 @@ class MasterCore:
                     self._send(request, daemon)
                     return
         self.backlog.append(request)
+
+    def _ask_next(self, request: Request) -> bool:
+        """Send a request about a job to the next daemon up in the job's
+        order that it has not asked yet; False if there is none."""
+        order = list(self.daemons) if len(self.daemons) == 1 else rendezvous(request.id, self.daemons)
+        job = self.jobs.get(request.id)
+        if job is not None and job.sent and job.daemon in order:
+            order.remove(job.daemon)
+            order.insert(0, job.daemon)  # the daemon that has our job of that id
+        for daemon in order:
+            if self.daemons[daemon].up and daemon not in request.tried:
+                self._send(request, daemon)
+                return True
+        return False
+
+    def _gather(self, request: Request) -> None:
+        """Start a `dead_list` over the daemons up: ask each for its first page."""
+        gather = request.gather
+        request.sent = True
+        gather.order = self.up()
+        gather.pending = set(gather.order)
+        for daemon in gather.order:
+            self._ask_page(request, daemon, 0, min(MAX_PAGE, gather.offset + gather.limit))
+
+    def _ask_page(self, parent: Request, daemon: str, offset: int, limit: int) -> None:
+        page = Request("dead_page", {"action": "dead_list", "offset": offset, "limit": limit})
+        page.target = parent
+        self._send(page, daemon)
+
+    def _page(self, state: _Daemon, page: Request, message: dict) -> None:
+        """A daemon's page of a gathered `dead_list`: ask for the next, or
+        end the request once every daemon has sent what it needs."""
+        parent = page.target
+        if parent.done:
+            return
+        if "error" in message:
+            self._end(parent, error=ServerError.from_frame(message, state.name))
+            return
+        entries, total = message.get("dead"), message.get("total")
+        if not isinstance(entries, list) or not isinstance(total, int) \
+                or not all(isinstance(entry, dict) for entry in entries):
+            self._end(parent, error=ProtocolError(f"{state.name} sent a dead list that cannot be read"))
+            return
+        gather = parent.gather
+        got = gather.entries.setdefault(state.name, [])
+        got += [dict(entry, daemon=state.name) for entry in entries]
+        gather.totals[state.name] = total
+        wanted = min(total, gather.offset + gather.limit)
+        if entries and len(got) < wanted:
+            self._ask_page(parent, state.name, len(got), min(MAX_PAGE, wanted - len(got)))
+            return
+        gather.pending.discard(state.name)
+        self._gathered(parent)
+
+    def _page_lost(self, page: Request, daemon: str, why: str) -> None:
+        parent = page.target
+        if parent.done:
+            return
+        gather = parent.gather
+        gather.unreachable[daemon] = why
+        gather.pending.discard(daemon)
+        gather.entries.pop(daemon, None)
+        gather.totals.pop(daemon, None)
+        self._gathered(parent)
+
+    def _gathered(self, parent: Request) -> None:
+        """End a gathered `dead_list` once no daemon's page is awaited."""
+        gather = parent.gather
+        if gather.pending:
+            return
+        if not gather.totals:
+            self._end(parent, error=TransportError("; ".join(gather.unreachable.values())
+                                                   or "no daemon is connected"))
+            return
+        rank = {name: index for index, name in enumerate(gather.order)}
+        merged = [((_when(entry.get("ended_at")), rank[name], position), entry)
+                  for name, entries in gather.entries.items() for position, entry in enumerate(entries)]
+        merged.sort(key=lambda pair: pair[0])
+        page = [entry for _, entry in merged[gather.offset:gather.offset + gather.limit]]
+        self._end(parent, value=DeadList(page, sum(gather.totals.values()), gather.offset,
+                                         gather.unreachable))
 
     def _send(self, request: Request, daemon: str) -> None:
         state = self.daemons[daemon]
@@ -660,26 +986,55 @@ class MasterCore:
 
     def _reply(self, state: _Daemon, request: Request, message: dict) -> None:
         """End (or ack) the request a reply answers."""
-        if "error" in message:
-            if request.kind == "submit":
+        kind = request.kind
+        if kind == "dead_page":
+            self._page(state, request, message)
+        elif "error" in message:
+            error = ServerError.from_frame(message, state.name)
+            if kind == "submit":
                 state.jobs.pop(request.id, None)
                 if self.jobs.get(request.id) is request:
                     del self.jobs[request.id]
-            self._end(request, error=ServerError.from_frame(message, state.name))
-        elif request.kind == "submit":
+            elif kind in _PROBES and request.target is None and error.error == "unknown_job" \
+                    and self._ask_next(request):
+                return  # not on that daemon: ask the next
+            self._end(request, error=error)
+        elif kind == "submit":
             request.acked = True  # the answer ends it
-        elif request.kind == "cancel":
+            if request.detached:  # no answer comes: the ack ends it
+                state.jobs.pop(request.id, None)
+                self._end(request, value=request.id)
+        elif kind == "cancel":
             target = request.target
             if target is not None and not target.done:
                 state.jobs.pop(target.id, None)
                 state.by_ref.pop(target.ref, None)
                 self._end(target, error=Cancelled(f"job {target.id!r} was cancelled"))
             self._end(request, value=None)
-        elif request.kind == "stats":
+        elif kind == "stats":
             if isinstance(message.get("stats"), dict):
                 self._end(request, value=message["stats"])
             else:
                 self._end(request, error=ProtocolError(f"{state.name} sent stats that are not an object"))
+        elif kind == "status":
+            found = {key: value for key, value in message.items() if key not in ("ok", "ref")}
+            if not isinstance(found.get("state"), str):
+                self._end(request, error=ProtocolError(f"{state.name} sent a status without a state"))
+            elif found["state"] == "unknown" and self._ask_next(request):
+                return  # not on that daemon: ask the next
+            else:
+                found.setdefault("id", request.id)
+                if found["state"] != "unknown" and len(self.daemons) > 1:
+                    found["daemon"] = state.name
+                self._end(request, value=found)
+        elif kind == "dead_list":
+            entries, total = message.get("dead"), message.get("total")
+            if isinstance(entries, list) and isinstance(total, int):
+                offset = message.get("offset")
+                self._end(request, value=DeadList(
+                    entries, total, offset if isinstance(offset, int) else request.message["offset"]))
+            else:
+                self._end(request, error=ProtocolError(f"{state.name} sent a dead list that cannot be read"))
         else:
             self._end(request, value=None)
 
@@ -697,6 +1052,18 @@ class MasterCore:
         if request.kind == "submit" and self.jobs.get(request.id) is request:
             del self.jobs[request.id]
         self.ended(request)
+
+
+def _given_id(job_id: Any) -> str:
+    """A job id given to ask about a job: a non-empty string."""
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"a job id must be a non-empty string, not {job_id!r}")
+    return job_id
+
+
+def _when(value: Any) -> float:
+    """An ``ended_at`` to sort by (0 if it is not a number)."""
+    return float(value) if _number(value) else 0.0
 
 
 class InOrder:
@@ -1125,7 +1492,8 @@ _SETTLING = frozenset({"leave", "respond", "release"})
 
 def sum_stats(by_daemon: Dict[str, dict]) -> dict:
     """The figures of several daemons added up, in the shape of one
-    daemon's stats, with each daemon's own under ``daemons``.
+    daemon's stats, with each daemon's own under ``daemons`` (a figure
+    that does not add up, such as ``journal``, is only there).
 
     :param by_daemon: each daemon's stats, by its address.
     """
@@ -1151,6 +1519,13 @@ def sum_stats(by_daemon: Dict[str, dict]) -> dict:
                         into[key] = into.get(key, 0) + value
         if stats.get("types_omitted"):
             total["types_omitted"] = total.get("types_omitted", 0) + stats["types_omitted"]
+        if _number(stats.get("delayed")):
+            total["delayed"] = total.get("delayed", 0) + stats["delayed"]
+        if isinstance(stats.get("detached"), dict):
+            into = total.setdefault("detached", {})
+            for key, value in stats["detached"].items():
+                if _number(value):
+                    into[key] = into.get(key, 0) + value
     total["uptime"] = min(uptimes) if uptimes else 0
     total["version"] = ", ".join(sorted(versions))
     return total

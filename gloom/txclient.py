@@ -1,9 +1,11 @@
 """Twisted clients for Gloom: a thin shell over `gloom.core`.
 
 `MasterClient` submits jobs to one or more daemons; each submit is a
-Deferred for the answer body.  `Worker` (and `work`) answers jobs with a
-handler that may return a value or a Deferred, serving every daemon given
-while holding no more jobs than its concurrency.  Both are
+Deferred for the answer body (for a detached job, its id), and it asks
+where jobs are (``status``) and handles the dead list.  `Worker` (and
+`work`) answers jobs with a handler that may return a value or a
+Deferred, serving every daemon given while holding no more jobs than its
+concurrency.  Both are
 ``MultiService``\\ s of ``ClientService``\\ s, so they reconnect with backoff
 when a daemon restarts.  Addresses are ``host:port`` or Twisted client
 endpoint strings, such as
@@ -392,6 +394,8 @@ class MasterClient(MultiService):
         self._resubmit = resubmit
         self._daemons: Dict[str, _MasterDaemon] = OrderedDict()
         self._closed = False
+        self._tried: set = set()
+        self._tried_waiters: List[Deferred] = []
         policy = retry_policy or _default_policy()
         for address, name in zip(addresses, names):
             daemon = _MasterDaemon(name, address)
@@ -402,14 +406,27 @@ class MasterClient(MultiService):
 
     # --- service ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect to every daemon, and reconnect whenever a connection is lost."""
-        self.startService()
+    def start(self) -> Deferred:
+        """Connect to every daemon, and reconnect whenever a connection is lost.
+
+        :returns: a Deferred that fires (with None) once every daemon has
+            been tried once: connected, or its first attempt failed.  (A
+            request made before that asks only the daemons up when it is
+            sent; `status` and the dead-letter requests want them all.)
+        """
+        if not self.running:
+            self.startService()
+        if self._tried >= set(self._daemons):
+            return succeed(None)
+        waiter = Deferred()
+        self._tried_waiters.append(waiter)
+        return waiter
 
     def startService(self) -> None:
         """Start the connections (`start` does this)."""
         self._closed = False
         self._core.resubmit = self._resubmit
+        self._tried = set()
         for daemon in self._daemons.values():
             daemon.dead, daemon.failures = None, 0
         super().startService()
@@ -419,6 +436,8 @@ class MasterClient(MultiService):
         `TransportError`."""
         self._closed = True
         self._core.resubmit = False
+        self._tried = set(self._daemons)
+        self._fire_tried()
         stopping = super().stopService()
         return stopping.addBoth(lambda _: self._core.unreachable("the client was stopped"))
 
@@ -446,30 +465,67 @@ class MasterClient(MultiService):
         """The names of all the daemons, as messages and errors give them."""
         return list(self._daemons)
 
+    @property
+    def unreachable(self) -> Dict[str, str]:
+        """The daemons not connected now whose last connection attempt
+        failed, each with why (one line)."""
+        return OrderedDict((name, daemon.dead or daemon.problem) for name, daemon in self._daemons.items()
+                           if daemon.connection is None and (daemon.dead or daemon.problem))
+
     # --- requests -----------------------------------------------------------------------------
 
     def submit(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
-               timeout: Optional[float] = None) -> Deferred:
+               timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
+               retries: Optional[int] = None, backoff: bool = False) -> Deferred:
         """Submit a job (now, or once a daemon is up).  Cancelling the
         Deferred cancels the job.
 
         :param type: the job's type.
         :param body: the job's body: any JSON value.
         :param priority: larger runs first.
-        :param id: the job's id, unique among this client's jobs in flight;
-            by default a fresh uuid4 hex.
+        :param id: the job's id, unique among this client's jobs in flight
+            (a detached job's, among the daemon's detached jobs); by default
+            a fresh uuid4 hex.
         :param timeout: the job's own time limit on a slave, in seconds.
-        :returns: a Deferred that fires with the answer body, or fails with
-            `ServerError` (refused, or ``job_failed``) or `TransportError`.
+        :param detach: hand the job to the daemon: it outlives this
+            client's connection, and the Deferred fires with its id once
+            the daemon acked it (`status` says how it went).
+        :param delay: seconds to wait before the job is queued (a number or
+            a ``timedelta``, up to 365 days).
+        :param at: when to queue it: seconds since the epoch or a
+            ``datetime``; a past time means now.  Not with ``delay``.
+        :param retries: how many times a lost attempt is queued again (0 to
+            1000); by default, the daemon's ``--retries``.
+        :param backoff: retry lost attempts after a growing delay instead
+            of at once (detached jobs always do).
+        :returns: a Deferred that fires with the answer body (a detached
+            job's id), or fails with `ServerError` (refused, such as
+            ``id_exists`` or ``journal_error``, or ``job_failed``) or
+            `TransportError` (for a detached job, it may then have been
+            taken or not: ask `status`).
         :raises EncodeError: if the body cannot be sent as JSON.
-        :raises ValueError: if a job with that id is in flight already.
+        :raises ValueError: if a job with that id is in flight already, or
+            an option is out of range (or both ``delay`` and ``at``).
         """
-        request = self._core.submit(type, body, priority, id, timeout)
+        request = self._core.submit(type, body, priority, id, timeout, detach=detach, delay=delay, at=at,
+                                    retries=retries, backoff=backoff)
         waiter = Deferred(lambda d: self._abandon(request, d))
         self._wait(request, waiter)
         return waiter
 
-    run = submit
+    def run(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
+            timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
+            retries: Optional[int] = None, backoff: bool = False) -> Deferred:
+        """`submit`, for a job whose answer is wanted: the same, except
+        that ``detach`` is refused.
+
+        :raises ValueError: with ``detach``: a detached job gets no answer
+            (use ``submit(..., detach=True)``).
+        """
+        if detach:
+            raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
+        return self.submit(type, body, priority, id, timeout, delay=delay, at=at, retries=retries,
+                           backoff=backoff)
 
     def map(self, type: str, bodies: Iterable[Any], window: int = 64, priority: int = 0,
             timeout: Optional[float] = None) -> Deferred:
@@ -484,12 +540,14 @@ class MasterClient(MultiService):
 
     def cancel(self, job_id: str) -> Deferred:
         """Cancel a job by id: its submit Deferred fails with
-        ``CancelledError`` now.
+        ``CancelledError`` now.  Or cancel a detached job (anyone may): it
+        ends ``failed``; with several daemons, they are asked in the id's
+        rendezvous order until one has it.
 
         :param job_id: the id the job was submitted with.
         :returns: a Deferred that fires once the daemon withdrew the job, or
             fails with `ServerError` ``unknown_job`` if it had ended or is
-            not this client's.
+            neither this client's nor a detached job.
         """
         job = self._core.jobs.get(job_id)
         waiter = job.waiter if job is not None else None
@@ -538,6 +596,62 @@ class MasterClient(MultiService):
             return core.sum_stats(figures)
 
         return DeferredList(asked, consumeErrors=True).addCallback(add_up)
+
+    def status(self, job_id: str) -> Deferred:
+        """Where a job is.
+
+        :param job_id: the job's id.
+        :returns: a Deferred for the daemon's reply as a dict: ``id``,
+            ``state`` (``queued``, ``delayed``, ``running``, ``completed``,
+            ``failed``, ``dead`` or ``unknown``) and, where they apply,
+            ``detached``, ``type``, ``priority``, ``attempts``, ``run_at``,
+            ``result``, ``reason``, ``ended_at``.  A daemon knows this
+            client's own unfinished jobs and every detached job.  With
+            several daemons, those up are asked in the id's rendezvous
+            order until one knows the job, which the dict names as
+            ``daemon``.
+        :raises ValueError: if the id is not a non-empty string.
+        """
+        return self._ask(self._core.status(job_id))
+
+    def dead_list(self, offset: int = 0, limit: int = 100) -> Deferred:
+        """A page of the dead list (detached jobs whose retries ran out),
+        oldest first.
+
+        :param offset: how many of the oldest to skip.
+        :param limit: the most entries (1 to 1000).
+        :returns: a Deferred for a `gloom.core.DeadList`: dicts with ``id``,
+            ``type``, ``priority``, ``attempts``, ``reason`` and
+            ``ended_at``, and ``total``, the whole list's length.  With
+            several daemons, the page is of the lists of those up merged
+            oldest first, each entry naming its ``daemon`` (see
+            `gloom.core.MasterCore.dead_list`).
+        :raises ValueError: if either is out of range.
+        """
+        return self._ask(self._core.dead_list(offset, limit))
+
+    def dead_retry(self, job_id: str) -> Deferred:
+        """Queue a dead job again, with fresh retries.
+
+        :param job_id: the dead job's id.
+        :returns: a Deferred that fires with None, or fails with
+            `ServerError` ``unknown_job`` if no daemon up has such a dead job.
+        """
+        return self._ask(self._core.dead_retry(job_id))
+
+    def dead_discard(self, job_id: str) -> Deferred:
+        """Forget a dead job.
+
+        :param job_id: the dead job's id.
+        :returns: a Deferred that fires with None, or fails with
+            `ServerError` ``unknown_job`` if no daemon up has such a dead job.
+        """
+        return self._ask(self._core.dead_discard(job_id))
+
+    def _ask(self, request: Request) -> Deferred:
+        result = Deferred()
+        self._wait(request, result)
+        return result
 
     def _name_of(self, daemon) -> str:
         if daemon in self._daemons:
@@ -599,6 +713,20 @@ class MasterClient(MultiService):
         daemon.failures = 0
         daemon.problem = None
         self._core.connected(daemon.name)
+        self._tried_once(daemon.name)
+
+    def _tried_once(self, name: str) -> None:
+        """Daemon ``name`` was tried (it connected, or an attempt failed)."""
+        if name not in self._tried:
+            self._tried.add(name)
+            if self._tried >= set(self._daemons):
+                self._fire_tried()
+
+    def _fire_tried(self) -> None:
+        waiters, self._tried_waiters = self._tried_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
 
     def _received(self, connection: _Connection, data: bytes) -> None:
         if not connection.up:
@@ -631,18 +759,21 @@ class MasterClient(MultiService):
     def _failed(self, daemon: _MasterDaemon, line: str, permanent: bool) -> None:
         daemon.failures += 1
         daemon.problem = line
-        if permanent:
-            self._dead(daemon, line)
-            return
-        if self.fail_after is None or self._core.up():
-            return
-        daemons = list(self._daemons.values())
-        if all(state.dead or state.failures >= self.fail_after for state in daemons):
-            why = "; ".join(state.dead or state.problem or f"cannot connect to {state.name}"
-                            for state in daemons)
-            for state in daemons:
-                state.failures = 0
-            self._core.unreachable(why)
+        try:
+            if permanent:
+                self._dead(daemon, line)
+                return
+            if self.fail_after is None or self._core.up():
+                return
+            daemons = list(self._daemons.values())
+            if all(state.dead or state.failures >= self.fail_after for state in daemons):
+                why = "; ".join(state.dead or state.problem or f"cannot connect to {state.name}"
+                                for state in daemons)
+                for state in daemons:
+                    state.failures = 0
+                self._core.unreachable(why)
+        finally:
+            self._tried_once(daemon.name)
 
     def _dead(self, daemon: _MasterDaemon, line: str) -> None:
         """Retrying cannot reach this daemon (its TLS settings are wrong):

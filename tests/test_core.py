@@ -257,12 +257,13 @@ class MasterCoreTests(unittest.TestCase):
 
     def test_cancel_of_an_unknown_job_asks_the_daemon(self):
         cores, wire = master()
-        cancel = cores.cancel("nope")
-        self.assertEqual(cancel.error.error, "unknown_job")
-        cores.connected("a:1")
-        cancel = cores.cancel("nope")
+        cancel = cores.cancel("nope")  # perhaps a detached job: it waits for a daemon
         self.assertFalse(cancel.done)
-        self.assertEqual(wire.to("a:1")[-1]["action"], "cancel")
+        cores.connected("a:1")
+        self.assertFalse(cancel.done)
+        self.assertEqual(wire.to("a:1")[-1], {"action": "cancel", "id": "nope", "ref": cancel.ref})
+        cores.received("a:1", {"error": "unknown_job", "reason": "no", "id": "nope", "ref": cancel.ref})
+        self.assertEqual(cancel.error.error, "unknown_job")
 
     def test_lost_daemon_fails_its_jobs_naming_it(self):
         cores, wire = master(["a:1", "b:1"])

@@ -314,8 +314,9 @@ class Journal:
             db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             if max_pages is not None:
                 db.execute(f"PRAGMA max_page_count={int(max_pages)}")
-            problems = [row[0].replace("*** in database main ***", "").strip()
-                        for row in db.execute("PRAGMA quick_check(3)")]
+            problems = [line.strip() for row in db.execute("PRAGMA quick_check(3)")
+                        for line in row[0].replace("*** in database main ***", "").splitlines()
+                        if line.strip()]
             if problems != ["ok"]:
                 raise self._refuse(f"the file is corrupt (SQLite's check says: "
                                    f"{'; '.join(problems)}); {_MOVE_ASIDE}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import Counter, OrderedDict, deque
 from typing import Any, Callable, Dict, List, Optional, Set, Union
@@ -401,6 +402,7 @@ class Scheduler(Service):
         self._delayed_of_type: Counter = Counter()
         self._delayed_withdrawn = 0
         self._wake_call = None
+        self._last_run_at = 0.0
 
     # --- masters ----------------------------------------------------------
 
@@ -438,6 +440,9 @@ class Scheduler(Service):
         try:
             if run_at is not None and run_at > job.submitted_at:
                 self._delay(job, run_at)
+                # Its latency counts from when its time comes, and the one
+                # float serves both.
+                job.submitted_at = job.run_at
             else:
                 self._dispatch(job)
         except BaseException:
@@ -483,7 +488,15 @@ class Scheduler(Service):
     # --- delayed jobs -----------------------------------------------------
 
     def _delay(self, job: ScheduledJob, run_at: float) -> None:
-        """Hold the job until ``run_at`` (the clock's time)."""
+        """Hold the job until ``run_at`` (the clock's time), rounded up to
+        the millisecond: jobs delayed to the same millisecond, one after
+        the other, share one float, so a delayed job costs no more than a
+        queued one."""
+        run_at = math.ceil(run_at * 1000) / 1000
+        if run_at == self._last_run_at:
+            run_at = self._last_run_at
+        else:
+            self._last_run_at = run_at
         job.state = DELAYED
         job.run_at = run_at
         heapq.heappush(self._delayed, job)

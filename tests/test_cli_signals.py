@@ -234,7 +234,7 @@ class WaitAndCancelTests(CLITestCase):
         out, err, status = yield self.gloom("cancel", "abc", *self.master_arg())
         self.assertEqual((out, err, status),
                          ("", "gloom: unknown_job: this master has no unfinished job 'abc', and no detached job "
-                              "has that id (a job can be "
+                              "has that id (a job that is not detached can be "
                               "cancelled only over the connection that submitted it)\n", 1))
 
 

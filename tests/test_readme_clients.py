@@ -1,5 +1,6 @@
-"""The Python examples of README.rst's client sections and of "Many
-daemons" run as printed, against real daemons on this test's ports.
+"""The Python examples of README.rst's client sections, of "Many daemons"
+and of "Detached and delayed jobs" run as printed, against real daemons on
+this test's ports.
 
 Each example is taken from its section by title (every ``.. code-block::
 python`` in it), and the default ports in it (9998 and 9999, and 10998 and
@@ -10,8 +11,9 @@ examples run in a thread while the reactor serves the daemons, with their
 as programs in a subprocess (from a scratch directory, so the installed
 package is what they import), and the application file under ``twistd``.
 Where an example needs a worker for ``upper``, or a master to send its
-worker jobs, the test provides one.  The asyncio example is run by
-tests/test_aio.py (``ReadmeExampleTests``).
+worker jobs, the test provides one.  The asyncio client section's example
+is run by tests/test_aio.py (``ReadmeExampleTests``); the asyncio example
+of "Detached and delayed jobs" is run here, as the blocking ones are.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ LEGACY = "Python client for 2009 code: ``gloom.legacy``"
 TWISTED = "Twisted client: ``gloom.txclient``"
 ASYNCIO = "asyncio client: ``gloom.aio``"
 MANY = "Many daemons"
+DETACHED = "Detached and delayed jobs"
 
 # How many Python examples each section has, and so how many the tests here
 # (or, for asyncio, tests/test_aio.py) run: a new example needs a test.
-EXAMPLES = {BLOCKING: 3, LEGACY: 2, TWISTED: 2, ASYNCIO: 1, MANY: 1}
+EXAMPLES = {BLOCKING: 3, LEGACY: 2, TWISTED: 2, ASYNCIO: 1, MANY: 1, DETACHED: 3}
 
 DEFAULT_PORTS = re.compile(r"(?<![\d.])(9998|9999|10998|10999)(?!\d)")
 FAST_RETRY = lambda attempt: 0.05  # noqa: E731
@@ -253,8 +256,40 @@ class ManyDaemonsTests(ExampleTestCase):
         ])
 
 
+class DetachedJobsTests(ExampleTestCase):
+    """The examples of "Detached and delayed jobs": 0 for the blocking
+    client, 1 for the Twisted one (a program), 2 for the asyncio one, each
+    against a fresh daemon with a worker for ``upper`` that fails a body
+    that is not a string."""
+
+    @inlineCallbacks
+    def test_blocking_client(self):
+        daemon = self.daemon()
+        self.worker(daemon)
+        printed, _, done = self.run_blocking(example(DETACHED, 0, daemon))
+        yield done
+        self.assertEqual(printed, ["HELLO", "delayed", "cancelled by a master", "SOON", "1 [True]", "unknown"])
+
+    @inlineCallbacks
+    def test_twisted_client_program(self):
+        daemon = self.daemon()
+        self.worker(daemon)
+        ran = yield self.run_program(example(DETACHED, 1, daemon))
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertEqual(ran.stdout.splitlines(), ["HELLO", "delayed", "dead", "1"])
+
+    @inlineCallbacks
+    def test_asyncio_client(self):
+        daemon = self.daemon()
+        self.worker(daemon)
+        printed, _, done = self.run_blocking(example(DETACHED, 2, daemon))
+        yield done
+        self.assertEqual(printed, ["delayed", "HELLO", "1 True", "0"])
+
+
 class CoverageTests(TestCase):
     def test_every_example_has_a_test(self):
-        """Each client section (and "Many daemons") has the examples the
-        tests run, so a new one is not left untested."""
+        """Each client section (and "Many daemons", and "Detached and
+        delayed jobs") has the examples the tests run, so a new one is not
+        left untested."""
         self.assertEqual({title: len(examples(title)) for title in EXAMPLES}, EXAMPLES)

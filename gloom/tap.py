@@ -363,10 +363,13 @@ def _detached_jobs(config, scheduler: Scheduler, reactor) -> detached_jobs.Detac
     journal = None
     path = config.get("journal")
     if path:
+        from twisted.internet.interfaces import IReactorThreads
+
         from gloom.journal import Journal, JournalOpenError
 
         try:
-            journal = Journal(path, setting("journal-sync", "normal"), clock=reactor)
+            journal = Journal(path, setting("journal-sync", "normal"), clock=reactor,
+                              threads=reactor if IReactorThreads.providedBy(reactor) else None)
         except JournalOpenError as e:
             raise SystemExit(str(e)) from None
     detached = detached_jobs.DetachedJobs(

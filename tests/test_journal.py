@@ -1,5 +1,6 @@
 """The journal of detached jobs: its SQLite file, group commit, and the
-errors it reports.  A fake clock runs the commits; no reactor."""
+errors it reports.  A fake clock runs the commits, in the test's thread;
+`ThreadedTests` runs them in the journal's writer thread, with the reactor."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.threadable import isInIOThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gloom import journal
 from gloom.journal import (
@@ -696,3 +701,223 @@ class BadRecordTests(JournalTestCase):
         self.assertEqual(sorted(e["id"] for e in events), ["'job-3'", "'job-4'", "'job-5'"])
         self.committed(j, record(6))
         self.assertEqual(len(self.ids_on_disk()), 3)
+
+
+class ThreadedTests(TestCase):
+    """With ``threads``, transactions run in the journal's writer thread, one
+    at a time, and their results come back to the reactor thread.  The
+    global reactor runs; a trace callback on the connection can hold the
+    writer thread in a transaction, so that a commit stays in flight."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="gloom-journal-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "journal.db")
+
+    def journal(self, **options):
+        """A journal writing in its own thread, closed (its thread stopped)
+        at the end; its statements are traced into ``self.statements`` as
+        (thread ident, SQL)."""
+        j = Journal(self.path, clock=reactor, threads=reactor, **options)
+        self.addCleanup(self.assertNoWriterThread, j)
+        self.addCleanup(j.close)
+        self.statements = []
+        self.gate = None
+        j._db.set_trace_callback(self.trace)
+        return j
+
+    def assertNoWriterThread(self, j):
+        """The journal's thread is gone once it is closed."""
+        self.assertFalse(j._pool.started)
+        self.assertFalse([t for t in j._pool.threads if t.is_alive()])
+        self.assertFalse([t for t in threading.enumerate() if t.name.startswith("gloom-journal")])
+
+    def trace(self, statement):
+        """Note each statement; with a gate, hold the writer thread at its
+        next BEGIN until the gate opens."""
+        self.statements.append((threading.get_ident(), statement))
+        gate = self.gate
+        if gate is not None and statement == "BEGIN IMMEDIATE":
+            self.gate = None
+            gate[0].set()
+            gate[1].wait(30)
+
+    def hold(self):
+        """Make the next transaction wait in the writer thread: returns
+        (entered, release) events; ``release`` is set at cleanup at the latest."""
+        entered, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        self.gate = (entered, release)
+        return entered, release
+
+    def ids_on_disk(self):
+        """The ids committed in the file, read by another connection."""
+        db = sqlite3.connect(self.path)
+        try:
+            return {row[0] for row in db.execute("SELECT id FROM jobs")}
+        finally:
+            db.close()
+
+    @inlineCallbacks
+    def wait_until(self, predicate, timeout=30.0):
+        """Let the reactor run until ``predicate()`` holds."""
+        for _ in range(int(timeout * 100)):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail("timed out")
+
+    def scheduled(self, j):
+        """The journal's calls waiting in the reactor."""
+        return [call for call in reactor.getDelayedCalls() if call.func == j.commit]
+
+    def transactions(self):
+        """How many transactions the writer began."""
+        return sum(1 for _, s in self.statements if s == "BEGIN IMMEDIATE")
+
+    @inlineCallbacks
+    def test_put_new_fires_once_on_disk(self):
+        """put_new's Deferred fires in the reactor thread once its row is on
+        disk, as another connection sees; the SQL ran in another thread."""
+        j = self.journal()
+        d = j.put_new(record(1))
+        fired = []
+        d.addCallback(lambda result: fired.append((result, isInIOThread(), self.ids_on_disk())))
+        self.assertNoResult(d)
+        yield d
+        self.assertEqual(fired, [(None, True, {"job-1"})])
+        threads = {ident for ident, s in self.statements if s in ("BEGIN IMMEDIATE", "COMMIT")}
+        self.assertEqual(len(threads), 1)
+        self.assertNotIn(threading.get_ident(), threads)
+        self.assertEqual((j.stats()["commits"], j.stats()["pending"]), (1, 0))
+        self.assertTrue(0 < j.stats()["last_commit_ms"] <= j.stats()["max_commit_ms"])
+
+    @inlineCallbacks
+    def test_changes_in_flight_go_in_the_next_commit(self):
+        """What is noted while a commit is in flight is written by the next
+        one, started once it is done, all in one transaction; stats counts
+        both without touching the connection."""
+        j = self.journal()
+        yield j.put_new(record(0))
+        entered, release = self.hold()
+        first = j.put_new(record(1))
+        j.put(record(0, state="running"))
+        j.commit()
+        self.assertTrue(entered.wait(10))
+        second = j.put_new(record(2))
+        j.put(record(0, state="completed"))
+        j.put(record(3))
+        j.delete("job-1")
+        self.assertEqual(j.stats()["pending"], 4)  # job-0, 1, 2 and 3
+        self.assertEqual(self.scheduled(j), [])  # nothing scheduled: it waits
+        j.commit()  # harmless while in flight
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.transactions(), 2)
+
+        seen = []
+        first.addCallback(lambda _: seen.append(("first", self.ids_on_disk())))
+        second.addCallback(lambda _: seen.append(("second", self.ids_on_disk())))
+        release.set()
+        yield second
+        self.assertEqual(seen, [("first", {"job-0", "job-1"}),
+                                ("second", {"job-0", "job-2", "job-3"})])
+        self.assertEqual(self.transactions(), 3)
+        self.assertEqual(j.stats()["commits"], 3)
+        self.assertEqual([(r.id, r.state) for r in j.load()],
+                         [("job-0", "completed"), ("job-2", "queued"), ("job-3", "queued")])
+
+    @inlineCallbacks
+    def fill(self, j):
+        """put_new records until one fails; the ids committed."""
+        done = []
+        for n in range(1000):
+            try:
+                yield j.put_new(record(n, frame=b"x" * 1000))
+            except JournalError as e:
+                self.assertIn("database or disk is full", str(e))
+                return done
+            done.append(f"job-{n}")
+        self.fail("the journal never filled")
+
+    @inlineCallbacks
+    def test_failed_commit(self):
+        """A commit that fails in the writer thread fails its put_new
+        waiters; its puts are kept under newer changes of the same id, and
+        written once there is room."""
+        events = []
+        self.patch(Journal, "log", Logger(observer=events.append))
+        j = self.journal(max_pages=16)
+        done = yield self.fill(j)
+        self.assertEqual(j.stats()["errors"], 1)
+        entered, release = self.hold()
+        new = j.put_new(record(7000, frame=b"z" * 3000))
+        j.put(record(7001, frame=b"z" * 3000))
+        j.put(record(7002, frame=b"z" * 3000))
+        j.commit()
+        self.assertTrue(entered.wait(10))
+        j.put(record(7001, frame=b"z" * 3000, state="running"))  # newer than the snapshot's
+        failed = []
+        new.addErrback(lambda f: failed.append((f.trap(JournalError), isInIOThread(),
+                                                f.getErrorMessage())))
+        release.set()
+        yield self.wait_until(lambda: j.stats()["errors"] == 3)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0][:2], (JournalError, True))
+        self.assertIn("database or disk is full", failed[0][2])
+        # The in-flight commit failed, then the next one (with the change
+        # noted meanwhile) too; a retry is due.
+        self.assertEqual((j.stats()["errors"], j.stats()["pending"]), (3, 2))
+        self.assertEqual(j._pending["job-7001"].record.state, "running")
+        self.assertTrue(j._retrying)
+        self.assertEqual(self.ids_on_disk(), set(done))
+
+        for job_id in done:
+            j.delete(job_id)
+        yield j.put_new(record(8000))
+        self.assertEqual([(r.id, r.state) for r in j.load()],
+                         [("job-7001", "running"), ("job-7002", "queued"), ("job-8000", "queued")])
+        self.assertEqual((j.stats()["errors"], j.stats()["pending"]), (3, 0))
+        self.assertIn("succeed again", events[-1]["log_format"])
+
+    @inlineCallbacks
+    def test_close_waits_for_the_commit_in_flight(self):
+        """close waits for the commit in flight and fires its waiters, then
+        writes what was noted meanwhile in its own thread, and stops the
+        writer thread; the late word from the thread changes nothing."""
+        j = self.journal()
+        entered, release = self.hold()
+        first = j.put_new(record(1))
+        j.commit()
+        self.assertTrue(entered.wait(10))
+        second = j.put_new(record(2))
+        j.put(record(1, state="running"))
+        opener = threading.Timer(0.2, release.set)
+        opener.start()
+        self.addCleanup(opener.join)
+        j.close()
+        self.assertTrue(release.is_set())
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(second))
+        self.assertEqual(j.stats()["commits"], 2)
+        self.assertEqual(j.stats()["pending"], 0)
+        self.assertEqual(self.statements[-1], (threading.get_ident(), "COMMIT"))
+        self.assertNoWriterThread(j)
+        yield deferLater(reactor, 0.05, lambda: None)  # the thread's callFromThread ran
+        self.assertEqual(j.stats()["commits"], 2)
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(sorted(db.execute("SELECT id, state FROM jobs")),
+                         [("job-1", "running"), ("job-2", "queued")])
+        self.failureResultOf(j.put_new(record(3)), JournalError)
+        self.assertEqual(self.scheduled(j), [])
+
+    def test_close_before_any_commit(self):
+        """A journal closed before its first commit never started a thread."""
+        j = self.journal()
+        j.put(record(1))
+        j.close()
+        self.assertEqual(self.ids_on_disk(), {"job-1"})
+        self.assertEqual(self.transactions(), 1)
+        self.assertEqual(self.scheduled(j), [])

@@ -102,10 +102,7 @@ class MasterProtocol(GloomProtocol):
             self.reply(wire.ack(id_json), ref)
             return
         detached = factory.detached
-        if len(detached.live) + len(detached.pending) >= factory.max_detached:
-            raise wire.MessageError(
-                wire.QUEUE_FULL, f"the daemon already holds {factory.max_detached} detached jobs",
-                job_id)
+        self._check_detached_room(job_id)
         try:
             taken = detached.submit(job_id, job_type, job_frame, priority, timeout, run_at,
                                     retries)
@@ -117,6 +114,16 @@ class MasterProtocol(GloomProtocol):
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         taken.addCallbacks(self._detached_taken, self._detached_refused,
                            callbackArgs=(id_json, ref), errbackArgs=(job_id, ref))
+
+    def _check_detached_room(self, job_id: str) -> None:
+        """Refuse one more live detached job once the daemon holds
+        ``max_detached``."""
+        factory = self.factory
+        detached = factory.detached
+        if len(detached.live) + len(detached.pending) >= factory.max_detached:
+            raise wire.MessageError(
+                wire.QUEUE_FULL, f"the daemon already holds {factory.max_detached} detached jobs",
+                job_id)
 
     def _detached_taken(self, _, id_json: bytes, ref) -> None:
         if not self.closed.called:
@@ -186,6 +193,8 @@ class MasterProtocol(GloomProtocol):
     def do_dead_retry(self, message: wire.Message) -> None:
         """Queue a dead job again, with fresh retries."""
         job_id = wire.required_name(message, "id")
+        if job_id in self.factory.detached.dead:
+            self._check_detached_room(job_id)
         try:
             found = self.factory.detached.retry_dead(job_id)
         except ShuttingDown as e:

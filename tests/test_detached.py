@@ -418,3 +418,14 @@ class HostileInputTests(SynchronousTestCase):
         self.assertEqual(daemon.scheduler.delayed(), 0)
         (refusal,) = master.send(submit("e", detach=True))
         self.assertEqual(refusal["error"], "shutdown")
+
+    def test_dead_retry_is_bounded_like_a_submit(self):
+        daemon = Daemon(max_detached=2)
+        master, slave = daemon.master(), daemon.slave("t")
+        master.send(submit("d", detach=True, retries=0))
+        slave.send({"action": "fail", "reason": "no"})
+        master.send(submit("a", detach=True, type="u"), submit("b", detach=True, type="u"))
+        (refusal,) = master.send({"action": "dead_retry", "id": "d"})
+        self.assertEqual((refusal["error"], refusal["id"]), ("queue_full", "d"))
+        (reply,) = master.send({"action": "status", "id": "d"})
+        self.assertEqual(reply["state"], "dead")

@@ -17,10 +17,28 @@ writes to it (in order), and judges every reply against the README:
 - nothing raises out of ``dataReceived``, ``connectionLost`` or the clock,
   and nothing is logged as an error (or as text a UTF-8 log file cannot take);
 - the totals add up (submitted = completed + failed + cancelled + queued +
-  running) and the per-type figures match the slaves' states;
-- after each example, a fresh master and slave still get a job through; then
-  the daemon is stopped or every peer disconnects, and the scheduler must hold
-  no job, no idle slave and no timer.
+  delayed + running; see `Harness.check_figures` for how detached jobs count)
+  and the per-type figures match the slaves' states;
+- detached and delayed jobs (README, "Detached and delayed jobs"): submits
+  carry detach, delay, at, retries and backoff, valid or not; masters send
+  status, dead_list, dead_retry and dead_discard, and cancel one another's
+  detached jobs.  The model follows every detached job through its life
+  (queued, delayed, running, completed, failed, dead, forgotten), the clock
+  stopping at each timer on its way, so that it knows what each timer did:
+  a detached job is acked and never answered to anyone, outlives its master,
+  is retried after its backoff when its slave fails, disconnects or times
+  out, and is dead once its retries are used up; a delayed job is not
+  handed out before its time; status (the master's own attached job first,
+  then the detached one, never another master's), dead_list, id_exists,
+  queue_full (--max-detached), the kept ends and the dead list with their
+  bounds, and the detached figures of stats are judged exactly.  Where the
+  model cannot follow (a peer whose framing was lost, a job frame that can
+  be more than one job), it says so in the frames and judges their shape;
+- after each example, a fresh master and slave still get a job through,
+  attached and detached; then the daemon is stopped (and no timer may be
+  left), or every peer disconnects: only detached jobs and their timers may
+  be left, a new master cancels or discards them all, and once their ends
+  expired the scheduler must hold no job, no idle slave and no timer.
 
 The run is derandomized (the same examples every time, so it cannot flake)
 and bounded by a number of examples, not by time.  To explore further::
@@ -46,7 +64,7 @@ import random
 import struct
 import sys
 import traceback
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -67,6 +85,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom import wire
+from gloom.detached import MAX_REASON as MAX_DEAD_REASON  # a dead job's reason is cut to this
 from gloom.wire import (
     ID_EXISTS,
     INVALID_JSON,
@@ -96,8 +115,29 @@ MAX_REASON = 400  # an error frame quotes at most 200 characters of the peer's i
 
 OK = "ok"
 
-MASTER_ACTIONS = ("submit", "cancel", "stats")
+MASTER_ACTIONS = ("submit", "cancel", "stats", "status", "dead_list", "dead_retry", "dead_discard")
 SLAVE_ACTIONS = ("join", "respond", "fail", "leave", "release")
+
+# Detached and delayed jobs (README, "Detached and delayed jobs"; "Protocol
+# reference > Master port").  The bounds are set low so that the fuzzer
+# reaches them: the live detached jobs (--max-detached), the kept ends
+# (--keep-results-max) and the dead list (--dead-max; some examples run
+# without one).
+MAX_DELAY = 365 * 24 * 3600  # a "delay" over this, or an "at" further ahead, is refused
+MAX_RETRIES = 1000  # "retries": 0 to this
+MAX_PAGE = 1000  # dead_list "limit": 1 to this
+MAX_OFFSET = 2**31  # dead_list "offset": 0 to this (gloom.master)
+MAX_DETACHED = 6
+KEEP_RESULTS = 600  # seconds the end of a detached job is kept (the default)
+KEEP_RESULTS_MAX = 4
+DEAD_MAX = 3
+BACKOFF, BACKOFF_MAX = 1.0, 300.0  # --retry-backoff, --retry-backoff-max (the defaults)
+CANCELLED = "cancelled by a master"
+LIVE = ("queued", "delayed", "running")
+STATES = LIVE + ("completed", "failed", "dead", "unknown")
+# Tracking detached jobs exactly stops (see Harness.unsure) for frames that
+# may touch them sent where the model cannot follow what the daemon reads.
+DETACHED_MARKERS = (b"detach", b"cancel", b"dead_retry", b"dead_discard")
 
 # A fixed number of examples, not a time budget, so that a run cannot flake;
 # fewer under PyPy, where hypothesis itself runs slower, to finish in about
@@ -119,6 +159,10 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
+
+
+# What the examples reached (GLOOM_FUZZ_COVERAGE=1 prints it after the run).
+COVERAGE = Counter()
 
 
 # --- JSON: writing what a peer sends, reading what the daemon writes ------
@@ -307,6 +351,12 @@ def depth(value, limit=200) -> int:
     return deepest
 
 
+def millisecond_up(when: float) -> float:
+    """A delayed job's time, as the daemon keeps it: rounded up to the
+    millisecond (README, "Performance": a delayed job's run time)."""
+    return math.ceil(when * 1000) / 1000
+
+
 def frame(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
@@ -337,17 +387,57 @@ class Request:
 
 
 class Job:
-    """One acknowledged submit, as the model follows it."""
+    """One acknowledged submit, as the model follows it.
 
-    __slots__ = ("master", "id", "type", "body", "state", "ended_step")
+    An attached job is followed from its master's frames (``state``).  A
+    detached job is followed through its whole life (``phase``: queued,
+    delayed, running, completed, failed, dead, or gone once its end is no
+    longer kept), from the acks, the slaves' frames and the clock."""
 
-    def __init__(self, master, job_id, job_type, body):
+    __slots__ = ("master", "id", "type", "body", "state", "ended_step", "detached", "priority",
+                 "timeout", "limit", "backoff", "run_at", "handed", "phase", "attempts", "retried",
+                 "attempt", "ended_at", "end_attempts", "result", "reason", "in_scheduler",
+                 "cancel_step", "taken_step")
+
+    def __init__(self, master, job_id, job_type, body, detached=False, priority=0, timeout=None,
+                 limit=None, backoff=False, run_at=None):
         self.master, self.id, self.type, self.body = master, job_id, job_type, body
         self.state = "live"  # "cancelled" (withdrawn, may still run), "ended" (its end was sent)
         self.ended_step = None
+        self.detached = detached
+        self.priority = priority
+        self.timeout = timeout  # the attempt's timeout: its own, else the daemon's --job-timeout
+        self.limit = RETRIES if limit is None else limit  # its retries
+        self.backoff = backoff
+        self.run_at = run_at  # delayed until then (the clock's time), or None
+        self.handed = 0  # job frames slaves got that can only be this job
+        # detached jobs only:
+        self.phase = "queued"
+        self.attempts = 0  # attempts started (less those handed back unrun)
+        self.retried = 0  # lost attempts queued again
+        self.attempt = None  # the current Attempt, while running
+        self.ended_at = self.end_attempts = self.result = self.reason = None
+        self.in_scheduler = True  # queued, delayed or running (cancelled or not)
+        self.cancel_step = None  # the step it was cancelled in, if it may have run just before
+        self.taken_step = None
 
     def __repr__(self):
+        if self.detached:
+            return f"<detached job {self.id!r} of {self.master} ({self.phase})>"
         return f"<job {self.id!r} of {self.master} ({self.state})>"
+
+
+class Attempt:
+    """A detached job handed to a slave: current until the slave answers,
+    fails, releases it or goes away, or it runs past its deadline."""
+
+    __slots__ = ("job", "slave", "deadline", "current")
+
+    def __init__(self, job, slave, deadline):
+        self.job, self.slave, self.deadline, self.current = job, slave, deadline, True
+
+    def __repr__(self):
+        return f"<attempt of {self.job!r} on {self.slave}{'' if self.current else ' (given up)'}>"
 
 
 class FuzzPeer:
@@ -373,6 +463,7 @@ class FuzzPeer:
         self.held = None  # slave: id of the job it holds
         self.held_type = None
         self.held_job = None  # slave: the Job it holds, when the model can tell which
+        self.held_attempt = None  # slave: the Attempt it holds, if a detached job
         self.left = False  # slave: it sent leave, and has not joined since
         self.job_ids = []  # slave: ids of every job it got
         harness.call(f"{self.name}.makeConnection", self.protocol.makeConnection, self.transport)
@@ -382,9 +473,15 @@ class FuzzPeer:
 
 
 class Harness:
-    def __init__(self, default_timeout=None, stop_at_end=False, seed=0, collect=True):
+    def __init__(self, default_timeout=None, stop_at_end=False, seed=0, collect=True,
+                 dead_max=DEAD_MAX):
+        # retries back off by exactly half their full wait (Daemon's jitter)
         self.daemon = Daemon(max_retries=RETRIES, max_frame=MAX_FRAME, max_queued=MAX_QUEUED,
-                             default_timeout=default_timeout)
+                             default_timeout=default_timeout, max_detached=MAX_DETACHED,
+                             keep_results=KEEP_RESULTS, keep_results_max=KEEP_RESULTS_MAX,
+                             dead_max=dead_max)
+        self.default_timeout = default_timeout
+        self.dead_max = dead_max
         self.clock = self.daemon.clock
         self.scheduler = self.daemon.scheduler
         self.service = GloomService(self.scheduler, (self.daemon.masters, self.daemon.slaves), self.clock)
@@ -412,6 +509,16 @@ class Harness:
         self.stopping = False
         self.broken = False
         self.step = 0  # settle() calls: jobs that ended in this one may still be handed out in it
+        self.acting = []  # the peers sent to since their frames were last read, in order
+        # detached jobs, followed exactly while `sure`
+        self.sure = True
+        self.detached = {}  # id -> the latest detached Job with that id (any phase)
+        self.in_scheduler = []  # detached Jobs the scheduler holds (cancelled running ones too)
+        self.dead = OrderedDict()  # id -> dead Job, oldest first
+        self.kept = OrderedDict()  # id -> completed or failed Job whose end is kept, oldest first
+        self.figures = Counter()  # totals: detached (taken), dead, dead_dropped, results_dropped
+        self.history = {}  # id -> what status may say of it, in order, since the last settle
+        self.statuses = []  # status replies to judge at the end of the settle
         globalLogPublisher.addObserver(self.observe)
 
     def close(self):
@@ -471,8 +578,55 @@ class Harness:
         for job in peer.unfinished.values():
             job.state = "cancelled"
         self.call(f"{peer}.connectionLost", peer.protocol.connectionLost, Failure(protocol.connectionDone))
+        attempt, peer.held_attempt = peer.held_attempt, None
+        if attempt is not None and attempt.current and self.following():
+            self.attempt_lost(attempt, "slave disconnected during the job")
+
+    def unsure(self, why):
+        """Stop following detached jobs exactly: from here on they are
+        judged by the shape of what the daemon says of them only."""
+        if self.sure:
+            self.sure = False
+            COVERAGE[f"unsure: {why}"] += 1
+            self.transcript.append(f"(the model no longer follows detached jobs exactly: {why})")
+
+    def following(self) -> bool:
+        return self.sure and not self.stopping
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def advance(self, seconds):
+        """Move the clock on by ``seconds``, stopping at each timer whose
+        time the model must know (a delayed job waking, an attempt timing
+        out, kept ends expiring): the model then follows what it did before
+        the next one runs.  Other timers run as `Clock.advance` runs them,
+        at the time the clock stops at (a periodic one does not run again
+        for each of its periods on the way)."""
+        clock = self.clock
+        target = clock.seconds() + seconds
+        if seconds:
+            self.transcript.append(f"the clock advances {seconds} s")
+        timed = (self.scheduler._wake, self.scheduler._timed_out, self.daemon.detached._expire)
+        for _ in range(100000):
+            due = min((c.getTime() for c in clock.getDelayedCalls() if c.func in timed), default=None)
+            if due is None or due > target:
+                break
+            clock.rightNow = max(clock.rightNow, due)
+            self.turn()
+        else:
+            self.fail(f"timers keep coming due at {clock.seconds()}: {clock.getDelayedCalls()!r}")
+        clock.rightNow = target
+        self.turn()
+
+    def turn(self):
+        self.call(f"clock.advance(0) at {self.clock.seconds()}", self.clock.advance, 0)
+        self.tick()
+        self.settle()
+        self.tick()  # attempts handed out as the clock moved, with a deadline already past
 
     def feed(self, peer, data: bytes, cuts=()):
+        self.acted(peer)
         start = 0
         for cut in sorted(set(cuts)) + [len(data)]:
             if cut > start:
@@ -489,6 +643,9 @@ class Harness:
                 self.transcript.append(f"{peer} <- {short(p)}")
             elif i == 3:
                 self.transcript.append(f"{peer} <- ... ({len(payloads) - 4} more frames) ...")
+            if peer.loose and not peer.refusing and peer.role == "master" \
+                    and any(m in p for m in DETACHED_MARKERS):
+                self.unsure(f"{peer}, whose frames cannot be followed, was sent {short(p, 60)}")
             if peer.refusing or peer.loose:
                 continue
             if len(p) > MAX_FRAME:
@@ -510,6 +667,11 @@ class Harness:
         peer.loose = True
         if peer.role == "master":
             self.loose_master_ever = True
+            if any(m in r.payload for r in peer.pending for m in DETACHED_MARKERS) \
+                    or any(m in peer.tail + data for m in DETACHED_MARKERS):
+                self.unsure(f"{peer} had detached work in flight when its framing was lost")
+        elif peer.held_attempt is not None:
+            self.unsure(f"{peer} holds a detached job and its framing was lost")
         peer.pending.clear()
         data, peer.tail = peer.tail + data, b""
         self.feed(peer, data)
@@ -535,10 +697,15 @@ class Harness:
                 self.lose(peer)
         later, self.later = self.later, []
         for peer, msg in later:
-            if not self.candidates(msg) and not self.loose_master_ever:
+            candidates = self.candidates(msg)
+            if not candidates and not self.loose_master_ever:
                 self.fail(f"{peer}: a job no master submitted (or one already ended): {short(msg, 600)}"
                           f"\n  submitted with that id and type: {self.jobs.get((msg['id'], msg['type']))!r}")
+            if candidates and peer.held == msg["id"] and peer.held_job is None:
+                peer.held_job = candidates[0] if len(candidates) == 1 else None
+                self.hand_out(peer, candidates)
         self.match_answers()
+        self.judge_statuses()
         self.step += 1
         for peer in self.live():
             if peer.paused or peer.loose or peer.refusing:
@@ -550,9 +717,18 @@ class Harness:
             problems, self.problems = self.problems, []
             self.fail("\n".join(problems))
 
+    def acted(self, peer):
+        if peer not in self.acting:
+            self.acting.append(peer)
+
     def drain_all(self):
-        for peer in sorted(self.peers, key=lambda p: p.role != "master"):
-            self.drain(peer)  # masters first: a job a slave gets is then known
+        # The peers sent to first, in that order, as what they sent came
+        # first (a slave's release before the job going to another slave);
+        # then masters: a job a slave gets is then known.
+        acting, self.acting = self.acting, []
+        rest = sorted((p for p in self.peers if p not in acting), key=lambda p: p.role != "master")
+        for peer in acting + rest:
+            self.drain(peer)
 
     def drain(self, peer):
         data = peer.transport.value()
@@ -735,8 +911,48 @@ class Harness:
                 bad = True  # includes non-finite timeouts, which are read as Raw
             elif timeout >= MAX_TIMEOUT - 1:
                 maybe = True
+        # the fields beyond 2009: "detach" and "backoff" are booleans,
+        # "retries" an integer from 0 to 1,000, "delay" (0 to a year) or
+        # "at" (a Unix time at most a year ahead; a past one means now)
+        detach, backoff, retries = v.get("detach", OMIT), v.get("backoff", OMIT), v.get("retries", OMIT)
+        for flag in (detach, backoff):
+            if flag is not OMIT and type(flag) is not bool:
+                bad = True
+        if retries is not OMIT and (type(retries) is not int or not 0 <= retries <= MAX_RETRIES):
+            bad = True
+        now, run_at = self.now(), None
+        delay, at = v.get("delay", OMIT), v.get("at", OMIT)
+        if delay is not OMIT and at is not OMIT:
+            bad = True
+        elif delay is not OMIT:
+            if type(delay) not in (int, float) or not 0 <= delay <= MAX_DELAY:
+                bad = True
+            elif delay:
+                run_at = now + delay
+        elif at is not OMIT:
+            if type(at) not in (int, float) or at < 0 or at > now + MAX_DELAY:
+                bad = True  # non-finite times are read as Raw
+            elif at > now:
+                run_at = at
+        if run_at is not None and not run_at > now:
+            run_at = None  # too small a delay to make a later time: it runs now
+        if run_at is not None:
+            run_at = millisecond_up(run_at)
+        detached = detach is True
         if bad:
             allowed = {INVALID_MESSAGE}
+        elif detached:
+            # one namespace and one limit for the whole daemon; the master's
+            # own ids and limit do not apply
+            allowed = {INVALID_MESSAGE} if maybe else set()
+            if not self.following():
+                allowed |= {OK, ID_EXISTS, QUEUE_FULL}
+            elif self.live_detached() >= MAX_DETACHED:
+                allowed.add(QUEUE_FULL)
+            elif self.taken(job_id):
+                allowed.add(ID_EXISTS)
+            else:
+                allowed.add(OK)
         else:
             allowed = {INVALID_MESSAGE} if maybe else set()
             full, duplicate = len(peer.unfinished) >= MAX_QUEUED, job_id in peer.unfinished
@@ -751,25 +967,181 @@ class Harness:
         outcome = self.expect(peer, req, msg, allowed)
         if outcome == OK:
             self.exact(peer, req, msg, {"ok": True, "id": job_id})
-            job = peer.unfinished[job_id] = Job(peer, job_id, v["type"], v["body"])
+            job = Job(peer, job_id, v["type"], v["body"], detached, v.get("priority", 0),
+                      self.default_timeout if timeout is OMIT else timeout,
+                      None if retries is OMIT else retries, backoff is True, run_at)
             self.seen_ids.add(job_id)
             self.jobs[(job_id, v["type"])].append(job)
-        elif msg.get("id") != job_id:
-            self.fail(f"{peer}: sent {short(req.payload)}\n  the refusal {msg!r} does not carry the id")
+            if not detached:
+                peer.unfinished[job_id] = job
+            elif self.following():
+                self.take(job)
+            COVERAGE["ack: " + ("detached" if detached else "attached") +
+                      (" delayed" if run_at is not None else "")] += 1
+        else:
+            if msg.get("id") != job_id:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  the refusal {msg!r} does not carry the id")
+            if detached:
+                COVERAGE[f"detached submit: {outcome}"] += 1
 
     def judge_cancel(self, peer, req, v, msg):
         job_id = v.get("id", OMIT)
         if type(job_id) is not str or not job_id:
             self.expect(peer, req, msg, {INVALID_MESSAGE})
             return
-        allowed = {OK} if job_id in peer.unfinished else {UNKNOWN_JOB}
+        own = job_id in peer.unfinished  # the master's own attached job first
+        if own:
+            allowed = {OK}
+        elif self.following():
+            allowed = {OK} if self.is_live(job_id) else {UNKNOWN_JOB}
+        else:
+            allowed = {OK, UNKNOWN_JOB}
         if not name_valid(job_id):
             allowed.add(INVALID_MESSAGE)
         outcome = self.expect(peer, req, msg, allowed)
         if outcome == OK:
             self.exact(peer, req, msg, {"ok": True, "id": job_id})
-            peer.unfinished.pop(job_id).state = "cancelled"
+            if own:
+                peer.unfinished.pop(job_id).state = "cancelled"
+            elif self.following():
+                self.cancel_detached(self.detached[job_id])
         elif outcome == UNKNOWN_JOB and msg.get("id") != job_id:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  unknown_job without the id: {msg!r}")
+
+    def judge_status(self, peer, req, v, msg):
+        """The master's own unfinished attached job, else the detached job
+        with the id (never another master's attached job)."""
+        job_id = v.get("id", OMIT)
+        if not name_valid(job_id):
+            self.expect(peer, req, msg, {INVALID_MESSAGE})
+            return
+        self.expect(peer, req, msg, {OK})
+        self.check_status_shape(peer, req, msg, job_id)
+        own = peer.unfinished.get(job_id)
+        state = msg["state"]
+        if own is not None:
+            COVERAGE["status: own attached job"] += 1
+            if state == "unknown" or msg["detached"] is not False or msg["type"] != own.type \
+                    or msg["priority"] != own.priority:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  the reply is not about its own "
+                          f"unfinished job {own!r} (type {own.type!r}, priority {own.priority!r}): {msg!r}")
+            if own.run_at is not None and self.now() < own.run_at:  # it cannot have run yet
+                self.exact(peer, req, msg, {"ok": True, "id": job_id, "state": "delayed", "detached": False,
+                                            "type": own.type, "priority": own.priority, "attempts": 0,
+                                            "run_at": own.run_at})
+            elif state not in (LIVE if own.backoff else ("queued", "running")) \
+                    or msg["attempts"] > own.limit + 1:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  impossible for its job {own!r} "
+                          f"(retries {own.limit}, backoff {own.backoff}): {msg!r}")
+            return
+        COVERAGE[f"status: {state}"] += 1
+        if job_id not in self.seen_ids and job_id not in self.detached and not self.loose_master_ever \
+                and state != "unknown":
+            self.fail(f"{peer}: sent {short(req.payload)}\n  an id no master used is {state}: {msg!r}")
+        if self.following():
+            self.statuses.append((peer, req, msg, job_id, len(self.history_of(job_id)) - 1))
+
+    def check_status_shape(self, peer, req, msg, job_id):
+        state = msg.get("state")
+        wrong = None
+        if msg.get("ok") is not True or msg.get("id") != job_id or state not in STATES:
+            wrong = "no such state, or not the id asked about"
+        elif state == "unknown":
+            if set(msg) != {"ok", "id", "state"}:
+                wrong = "an unknown job with fields"
+        else:
+            keys = {"ok", "id", "state", "detached", "type", "priority", "attempts"}
+            keys |= {"delayed": {"run_at"}, "completed": {"result", "ended_at"},
+                     "failed": {"reason", "ended_at"}, "dead": {"reason", "ended_at"}}.get(state, set())
+            number = (int, float)
+            if set(msg) != keys:
+                wrong = f"the fields should be {sorted(keys)}"
+            elif type(msg["detached"]) is not bool or (msg["detached"] is False and state not in LIVE):
+                wrong = "detached must be true or false, and an attached job is queued, delayed or running"
+            elif type(msg["type"]) is not str or type(msg["priority"]) is not int \
+                    or type(msg["attempts"]) is not int or msg["attempts"] < 0:
+                wrong = "a field of the wrong type"
+            elif state == "delayed" and not (type(msg["run_at"]) in number and msg["run_at"] > self.now()):
+                wrong = "a delayed job runs later"
+            elif "ended_at" in msg and not (type(msg["ended_at"]) in number and msg["ended_at"] <= self.now()):
+                wrong = "it ended, so before now"
+            elif "reason" in msg and type(msg["reason"]) is not str:
+                wrong = "a reason is a string"
+        if wrong:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  a malformed status reply ({wrong}): "
+                      f"{short(msg, 600)}")
+
+    def judge_statuses(self):
+        """Each status reply about a detached id (judged once every frame
+        of the step is read: the job a slave got in it may have been handed
+        out before the reply was written) says what the model says of the
+        id at some moment since the request."""
+        statuses, self.statuses = self.statuses, []
+        if self.following():
+            for peer, req, msg, job_id, index in statuses:
+                got = {k: v for k, v in msg.items() if k not in ("ok", "id")}
+                options = self.history[job_id][index:]
+                if got not in options:
+                    self.fail(f"{peer}: sent {short(req.payload)}\n  expected status "
+                              f"{' or '.join(map(repr, options))}\n  got {short(msg, 600)}",
+                              "status")
+        self.history.clear()
+
+    def judge_dead_list(self, peer, req, v, msg):
+        offset, limit = v.get("offset", OMIT), v.get("limit", OMIT)
+        if not ((offset is OMIT or type(offset) is int and 0 <= offset <= MAX_OFFSET)
+                and (limit is OMIT or type(limit) is int and 1 <= limit <= MAX_PAGE)):
+            self.expect(peer, req, msg, {INVALID_MESSAGE})
+            return
+        self.expect(peer, req, msg, {OK})
+        offset = 0 if offset is OMIT else offset
+        limit = 100 if limit is OMIT else limit
+        total, dead = msg.get("total"), msg.get("dead")
+        entry = {"id", "type", "priority", "attempts", "reason", "ended_at"}
+        if set(msg) != {"ok", "total", "offset", "dead"} or type(total) is not int or total < 0 \
+                or type(msg["offset"]) is not int or msg["offset"] != offset or type(dead) is not list \
+                or len(dead) != max(0, min(limit, total - offset)) \
+                or any(type(e) is not _Obj or set(e) != entry for e in dead):
+            self.fail(f"{peer}: sent {short(req.payload)}\n  a malformed dead_list reply {short(msg, 600)}")
+        COVERAGE[f"dead_list: {'some' if dead else 'none'}"] += 1
+        if self.following():
+            wanted = [self.dead_entry(job) for job in list(self.dead.values())[offset:offset + limit]]
+            if total != len(self.dead) or dead != wanted:
+                self.fail(f"{peer}: sent {short(req.payload)}\n  expected total {len(self.dead)}, "
+                          f"dead {wanted!r}\n  got {short(msg, 600)}")
+
+    def judge_dead_retry(self, peer, req, v, msg):
+        self.judge_dead_action(peer, req, v, msg, retry=True)
+
+    def judge_dead_discard(self, peer, req, v, msg):
+        self.judge_dead_action(peer, req, v, msg, retry=False)
+
+    def judge_dead_action(self, peer, req, v, msg, retry):
+        job_id = v.get("id", OMIT)
+        if not name_valid(job_id):
+            self.expect(peer, req, msg, {INVALID_MESSAGE})
+            return
+        if self.following():
+            allowed = {OK} if job_id in self.dead else {UNKNOWN_JOB}
+            if retry and job_id in self.dead and self.live_detached() >= MAX_DETACHED:
+                # the daemon holds at most --max-detached live detached jobs (README):
+                # refused (queue_full, as a detached submit), or see check_detached
+                allowed.add(QUEUE_FULL)
+        else:
+            allowed = {OK, UNKNOWN_JOB, QUEUE_FULL} if retry else {OK, UNKNOWN_JOB}
+        outcome = self.expect(peer, req, msg, allowed)
+        COVERAGE[f"dead_{'retry' if retry else 'discard'}: {outcome}"] += 1
+        if outcome == OK:
+            self.exact(peer, req, msg, {"ok": True, "id": job_id})
+            if self.following():
+                self.touch(job_id)
+                old = self.dead.pop(job_id)
+                old.phase = "gone"
+                if retry:  # queued again with fresh retries, attempts counted from zero
+                    self.take(Job(peer, job_id, old.type, old.body, True, old.priority, old.timeout,
+                                  old.limit))
+                self.record(job_id)
+        elif msg.get("id") != job_id:
             self.fail(f"{peer}: sent {short(req.payload)}\n  unknown_job without the id: {msg!r}")
 
     def judge_stats(self, peer, req, v, msg):
@@ -777,7 +1149,7 @@ class Harness:
         stats = msg.get("stats")
         if set(msg) != {"ok", "stats"} or type(stats) is not _Obj:
             self.fail(f"{peer}: a malformed stats reply {msg!r}")
-        self.check_figures(stats.get("types"), stats.get("totals"), f"{peer}'s stats reply")
+        self.check_figures(stats.get("types"), stats.get("totals"), f"{peer}'s stats reply", stats)
 
     def answered(self, peer, msg):
         if peer.loose:
@@ -830,7 +1202,7 @@ class Harness:
         elif given != held:
             allowed = {WRONG_JOB}  # the held job stays held
         else:
-            allowed = {OK, TIMED_OUT}
+            allowed = self.done(peer)
         outcome = self.expect(peer, req, msg, allowed)
         if outcome == OK:
             self.exact(peer, req, msg, {"ok": True})
@@ -838,6 +1210,18 @@ class Harness:
             self.fail(f"{peer}: sent {short(req.payload)}\n  {outcome} without the id: {msg!r}")
         if outcome in (OK, TIMED_OUT):
             peer.held = peer.held_type = peer.held_job = None
+            attempt, peer.held_attempt = peer.held_attempt, None
+            if outcome == OK and attempt is not None and attempt.current and self.following():
+                self.attempt_released(attempt)
+
+    def done(self, peer):
+        """What a slave's well-formed answer (or release) of the job it
+        holds gets: ok, or timed_out if its attempt was given up (which the
+        model knows of a detached job's)."""
+        attempt = peer.held_attempt
+        if attempt is None or not self.following():
+            return {OK, TIMED_OUT}
+        return {OK} if attempt.current else {TIMED_OUT}
 
     def judge_respond(self, peer, req, v, msg):
         self.judge_answer(peer, req, v, msg, "body")
@@ -869,7 +1253,7 @@ class Harness:
             if not fields_ok or maybe or not name_valid(given):
                 allowed.add(INVALID_MESSAGE)
         else:
-            allowed = {OK, TIMED_OUT} if fields_ok else {INVALID_MESSAGE}
+            allowed = self.done(peer) if fields_ok else {INVALID_MESSAGE}
             if maybe:
                 allowed.add(INVALID_MESSAGE)
         outcome = self.expect(peer, req, msg, allowed)
@@ -877,6 +1261,12 @@ class Harness:
             self.exact(peer, req, msg, {"ok": True})
             kind = "respond" if field == "body" else "fail"
             self.accepted.append((peer.held_job, held, kind, v[field]))
+            attempt = peer.held_attempt
+            if attempt is not None and attempt.current and self.following():
+                if kind == "respond":
+                    self.attempt_answered(attempt, v["body"])
+                else:  # a detached job's failed attempt is retried
+                    self.attempt_lost(attempt, f"its slave failed it: {v['reason']}")
         elif outcome == TIMED_OUT and msg.get("id") != held:
             self.fail(f"{peer}: sent {short(req.payload)}\n  timed_out for another job than "
                       f"the held {held!r}: {msg!r}")
@@ -885,13 +1275,15 @@ class Harness:
             self.fail(f"{peer}: sent {short(req.payload)}\n  the refusal does not name the held "
                       f"job {held!r}: {msg!r}")
         if outcome in (OK, TIMED_OUT):
-            peer.held = peer.held_type = peer.held_job = None
+            peer.held = peer.held_type = peer.held_job = peer.held_attempt = None
 
     def job_given(self, peer, msg):
         if set(msg) != {"action", "id", "type", "body"} or type(msg["id"]) is not str \
                 or type(msg["type"]) is not str:
             self.fail(f"{peer}: a malformed job frame {short(msg, 600)}")
         if peer.loose:
+            if any(job.detached for job in self.candidates(msg)):
+                self.unsure(f"{peer}, whose frames cannot be followed, got a detached job")
             return
         if peer.held is not None:
             self.fail(f"{peer}: a second job while it holds {peer.held!r}: {short(msg, 600)}")
@@ -904,7 +1296,10 @@ class Harness:
             self.later.append((peer, msg))  # the master's ack may not be read yet
         peer.held_job = candidates[0] if len(candidates) == 1 else None
         peer.held, peer.held_type = msg["id"], msg["type"]
+        peer.held_attempt = None
         peer.job_ids.append(msg["id"])
+        if candidates:
+            self.hand_out(peer, candidates)
 
     def match_answers(self):
         """Each answer or slave failure a master heard is one a slave gave for
@@ -928,7 +1323,7 @@ class Harness:
                     self.fail(f"{master}: heard {kind} {short(value)} for {job!r}, which no slave "
                               f"gave for that job (a stale or stray answer?); slaves gave {accepted!r}")
         for job, job_id, kind, value in accepted:
-            if job is not None and job.state != "cancelled" and not self.stopping \
+            if job is not None and not job.detached and job.state != "cancelled" and not self.stopping \
                     and not (job.master.lost or job.master.loose):
                 self.fail(f"a slave's {kind} {short(value)} for {job!r} was accepted (ok), "
                           "and its master did not hear it")
@@ -936,19 +1331,269 @@ class Harness:
     def candidates(self, msg):
         """The unended jobs a job frame can be."""
         return [job for job in self.jobs.get((msg["id"], msg["type"]), ())
-                if (job.state != "ended" or job.ended_step == self.step) and job.body == msg["body"]]
+                if job.body == msg["body"] and (
+                    job.state != "ended" or (job.cancel_step == self.step if job.detached and self.sure
+                                             else job.ended_step == self.step)
+                    or job.detached and not self.sure)]
+
+    # --- detached jobs ---------------------------------------------------------------
+    #
+    # Followed exactly while `sure`: every change the daemon makes to one is
+    # made here too, at the clock's time (`advance` stops at each timer), so
+    # that status, dead_list, cancel, id_exists and the figures can be judged
+    # exactly.  `history` keeps what status may say of an id since the last
+    # settle.
+
+    def status_of(self, job_id) -> dict:
+        """What status says now of the detached job with this id (for a
+        master without an unfinished attached job of that id)."""
+        job = self.detached.get(job_id)
+        if job is None or job.phase == "gone":
+            return {"state": "unknown"}
+        phase = job.phase
+        status = {"state": phase, "detached": True, "type": job.type, "priority": job.priority}
+        if phase in LIVE:
+            status["attempts"] = job.attempts
+            if phase == "delayed":
+                status["run_at"] = job.run_at
+        elif phase == "dead":
+            status.update(attempts=job.attempts, reason=job.reason, ended_at=job.ended_at)
+        else:
+            status.update(attempts=job.end_attempts, ended_at=job.ended_at)
+            if phase == "completed":
+                status["result"] = job.result
+            else:
+                status["reason"] = job.reason
+        return status
+
+    def history_of(self, job_id) -> list:
+        if job_id not in self.history:
+            self.history[job_id] = [self.status_of(job_id)]
+        return self.history[job_id]
+
+    def touch(self, job_id):
+        """Before a change: keep what status said of the id until now."""
+        self.history_of(job_id)
+
+    def record(self, job_id):
+        """After a change: status may say this from now on."""
+        self.history_of(job_id).append(self.status_of(job_id))
+
+    @staticmethod
+    def dead_entry(job) -> dict:
+        return {"id": job.id, "type": job.type, "priority": job.priority, "attempts": job.attempts,
+                "reason": job.reason, "ended_at": job.ended_at}
+
+    def live_detached(self) -> int:
+        return sum(1 for job in self.detached.values() if job.phase in LIVE)
+
+    def is_live(self, job_id) -> bool:
+        job = self.detached.get(job_id)
+        return job is not None and job.phase in LIVE
+
+    def taken(self, job_id) -> bool:
+        """Whether a detached submit with this id is refused id_exists."""
+        job = self.detached.get(job_id)
+        return job is not None and job.phase in LIVE + ("dead",)
+
+    def take(self, job):
+        """A detached job acked (or a dead one queued again): it replaces
+        the kept end of its id, if any."""
+        job_id = job.id
+        self.touch(job_id)
+        old = self.kept.pop(job_id, None)
+        if old is not None:
+            old.phase = "gone"
+        self.detached[job_id] = job
+        self.in_scheduler.append(job)
+        self.figures["detached"] += 1
+        job.taken_step = self.step
+        job.phase = "delayed" if job.run_at is not None else "queued"
+        if job not in self.jobs[(job_id, job.type)]:
+            self.jobs[(job_id, job.type)].append(job)
+        self.record(job_id)
+
+    def leave_scheduler(self, job):
+        job.in_scheduler = False
+        self.in_scheduler.remove(job)
+        job.state, job.ended_step = "ended", self.step
+
+    def end(self, job, phase, result=None, reason=None):
+        """A detached job completed or failed: its end is kept, within the
+        bound (the oldest kept end goes first)."""
+        job.phase, job.result, job.reason = phase, result, reason
+        job.ended_at, job.end_attempts = self.now(), job.attempts
+        self.kept.pop(job.id, None)
+        self.kept[job.id] = job
+        while len(self.kept) > KEEP_RESULTS_MAX:
+            old_id, old = self.kept.popitem(last=False)
+            self.touch(old_id)
+            old.phase = "gone"
+            self.figures["results_dropped"] += 1
+            self.record(old_id)
+            COVERAGE["kept end dropped"] += 1
+
+    def die(self, job, reason):
+        job.phase, job.reason, job.ended_at = "dead", reason, self.now()
+        self.dead[job.id] = job
+        self.figures["dead"] += 1
+        COVERAGE["dead"] += 1
+        while len(self.dead) > self.dead_max:
+            old_id, old = self.dead.popitem(last=False)
+            self.touch(old_id)
+            old.phase = "gone"
+            self.figures["dead_dropped"] += 1
+            self.record(old_id)
+            COVERAGE["dead job dropped"] += 1
+
+    def cancel_detached(self, job):
+        """Any master cancelled a live detached job: it ends failed; a
+        running one runs on, its answer to be dropped."""
+        self.touch(job.id)
+        if job.phase == "running":
+            job.state = "cancelled"
+        else:
+            if job.phase == "queued" and job.taken_step == self.step:
+                # unless it was handed out as it was taken, in this step (see `handed`)
+                job.cancel_step = self.step
+            self.leave_scheduler(job)
+        COVERAGE[f"detached job cancelled while {job.phase}"] += 1
+        self.end(job, "failed", reason=CANCELLED)
+        self.record(job.id)
+
+    def handed(self, job, slave):
+        """A slave got this detached job: a new attempt."""
+        now = self.now()
+        self.touch(job.id)
+        if job.state == "ended" and job.cancel_step == self.step:
+            # cancelled in this step after all: it was running by then
+            job.cancel_step = None
+            job.state, job.in_scheduler = "cancelled", True
+            self.in_scheduler.append(job)
+            job.end_attempts += 1
+        elif job.phase == "delayed":
+            self.fail(f"{slave}: got {job!r}, delayed until {job.run_at}, at {now}: before its time")
+        elif job.state != "live" or job.phase != "queued":
+            self.fail(f"{slave}: got {job!r}, which is not queued (attempt {job.attempt!r})")
+        else:
+            job.phase = "running"
+        job.attempts += 1
+        job.attempt = slave.held_attempt = Attempt(
+            job, slave, None if job.timeout is None else now + job.timeout)
+        COVERAGE["detached job handed out"] += 1
+        self.record(job.id)
+
+    def attempt_answered(self, attempt, body):
+        job = attempt.job
+        self.touch(job.id)
+        attempt.current, job.attempt = False, None
+        cancelled = job.state == "cancelled"
+        self.leave_scheduler(job)
+        if not cancelled:  # else its answer is dropped
+            self.end(job, "completed", result=body)
+        COVERAGE["detached job answered" + (" (dropped)" if cancelled else "")] += 1
+        self.record(job.id)
+
+    def attempt_released(self, attempt):
+        job = attempt.job
+        self.touch(job.id)
+        attempt.current, job.attempt = False, None
+        job.attempts -= 1
+        if job.state == "cancelled":
+            self.leave_scheduler(job)
+        else:
+            job.phase = "queued"
+        self.record(job.id)
+
+    def attempt_lost(self, attempt, why):
+        """The slave failed the attempt, went away, or it timed out: the job
+        waits out its backoff and queues again, or it is dead once its
+        retries are used up."""
+        job = attempt.job
+        self.touch(job.id)
+        attempt.current, job.attempt = False, None
+        if job.state == "cancelled":
+            self.leave_scheduler(job)
+        elif job.retried >= job.limit:
+            reason = f"{why}; gave up after {job.attempts} attempts"
+            if len(reason) > MAX_DEAD_REASON:
+                reason = f"{reason[:MAX_DEAD_REASON]}... ({len(reason)} characters in all)"
+            self.leave_scheduler(job)
+            if self.dead_max > 0:
+                self.die(job, reason)
+            else:
+                self.end(job, "failed", reason=reason)
+        else:
+            wait = min(BACKOFF_MAX, BACKOFF * 2.0 ** min(job.retried, 64))
+            job.phase, job.run_at = "delayed", millisecond_up(self.now() + (wait / 2 + wait / 2 * 0.0))
+            job.retried += 1
+            COVERAGE[f"detached job backs off ({job.retried})"] += 1
+        self.record(job.id)
+
+    def tick(self):
+        """What the timers that ran did: attempts past their deadline are
+        given up, delayed jobs whose time came are queued (a slave's job
+        frame says if one was handed out), kept ends expire."""
+        if not self.following():
+            return
+        now = self.now()
+        for job in list(self.in_scheduler):
+            attempt = job.attempt
+            if attempt is not None and attempt.deadline is not None and attempt.deadline <= now:
+                COVERAGE["detached attempt timed out"] += 1
+                self.attempt_lost(attempt, f"timeout: no answer within {job.timeout:g} s")
+        for job in self.in_scheduler:
+            if job.phase == "delayed" and job.run_at <= now:
+                self.touch(job.id)
+                job.phase = "queued"
+                self.record(job.id)
+        for job_id, job in list(self.kept.items()):
+            if job.ended_at + KEEP_RESULTS <= now:
+                self.touch(job_id)
+                del self.kept[job_id]
+                job.phase = "gone"
+                self.record(job_id)
+                COVERAGE["kept end expired"] += 1
+
+    def hand_out(self, slave, candidates):
+        """A slave got a job that can be any of ``candidates``."""
+        now = self.now()
+        if candidates and all(not job.detached and job.run_at is not None and now < job.run_at
+                              for job in candidates):
+            self.fail(f"{slave}: got a job delayed until {candidates[0].run_at}, at {now}: "
+                      f"before its time ({candidates!r})")
+        detached = [job for job in candidates if job.detached]
+        if detached and self.following():
+            if len(candidates) > 1:
+                self.unsure(f"{slave} got a job frame that can be any of {candidates!r}")
+            else:
+                self.handed(detached[0], slave)
+        elif len(candidates) == 1:
+            candidates[0].handed += 1
 
     # --- the figures -------------------------------------------------------------
 
-    def check_figures(self, types, totals, where):
+    def check_figures(self, types, totals, where, stats):
+        """The figures add up.  Every job ends once, as completed, failed or
+        cancelled (gloom.scheduler: Scheduler._end), so submitted =
+        completed + failed + cancelled + queued + delayed + running, where:
+        a detached job counts in submitted when it is taken, and again each
+        time dead_retry queues it again; one that goes to the dead list (or
+        ends failed without one) counts as failed, each time; one a master
+        cancels, or whose master went away, or that the daemon stopped,
+        counts as cancelled (a running one once its attempt is over:
+        until then it counts as running)."""
         if not isinstance(types, dict) or not isinstance(totals, dict):
             self.fail(f"{where}: malformed figures {types!r} {totals!r}")
-        live = 0
+        live = delayed_jobs = 0
         for name, counts in types.items():
-            queued, running = counts["queued"], counts["running"]
+            if set(counts) != {"queued", "delayed", "running", "idle_slaves", "busy_slaves"}:
+                self.fail(f"{where}: type {name!r} has figures {counts!r}")
+            queued, delayed, running = counts["queued"], counts["delayed"], counts["running"]
             idle, busy = counts["idle_slaves"], counts["busy_slaves"]
-            live += queued + running
-            if not (queued or running or idle or busy):
+            live += queued + delayed + running
+            delayed_jobs += delayed
+            if not (queued or delayed or running or idle or busy):
                 self.fail(f"{where}: type {name!r} is listed with no jobs and no slaves")
             if queued and idle:
                 self.fail(f"{where}: {queued} {name!r} jobs wait while {idle} slaves of the type idle")
@@ -958,11 +1603,22 @@ class Harness:
         if totals["submitted"] != ended + live:
             self.fail(f"{where}: totals do not add up: submitted {totals['submitted']} != completed "
                       f"{totals['completed']} + failed {totals['failed']} + cancelled {totals['cancelled']}"
-                      f" + queued/running {live}\n  types={dict(types)!r}")
+                      f" + queued/delayed/running {live}\n  types={dict(types)!r}")
+        detached = stats.get("detached")
+        if stats.get("types_omitted") == 0 and stats.get("delayed") != delayed_jobs:
+            self.fail(f"{where}: {stats.get('delayed')!r} delayed jobs in all, {delayed_jobs} by type")
+        if type(detached) is not _Obj and type(detached) is not dict \
+                or set(detached) != {"live", "results", "results_bytes", "dead"} \
+                or any(type(n) is not int or n < 0 for n in detached.values()) \
+                or detached["results_bytes"] < 200 * detached["results"] or stats.get("journal") is not None:
+            self.fail(f"{where}: malformed detached figures {detached!r} (journal {stats.get('journal')!r})")
+        if totals["dead"] < detached["dead"] or totals["detached"] < detached["live"] \
+                or totals["dead_dropped"] > totals["dead"] or totals["failed"] < totals["dead"]:
+            self.fail(f"{where}: the detached totals {totals!r} do not fit {detached!r}")
 
     def check_state(self):
         stats = self.call("stats()", self.service.stats)
-        self.check_figures(stats["types"], stats["totals"], "stats()")
+        self.check_figures(stats["types"], stats["totals"], "stats()", stats)
         if stats["masters"] != len(self.live("master")) or stats["slaves"] != len(self.live("slave")):
             self.fail(f"stats() counts {stats['masters']} masters and {stats['slaves']} slaves; "
                       f"connected: {self.live('master')} {self.live('slave')}")
@@ -983,9 +1639,66 @@ class Harness:
         masters = self.live("master")
         if not self.loose_master_ever:
             unfinished = sum(len(m.unfinished) for m in masters)
-            if len(self.scheduler) < unfinished:
+            detached = len(self.in_scheduler) if self.sure else 0
+            if len(self.scheduler) < unfinished + detached:
                 self.fail(f"the scheduler holds {len(self.scheduler)} jobs; connected masters "
-                          f"await {unfinished}")
+                          f"await {unfinished}, and {detached} detached jobs are live")
+        self.check_delayed_timer(masters)
+        if self.sure:
+            self.check_detached(stats)
+
+    def check_delayed_timer(self, masters):
+        """Delayed jobs have the wake timer, set no later than the earliest
+        of them the model knows (attached ones not yet run, detached ones)."""
+        now = self.now()
+        known = [job.run_at for m in masters if not m.loose for job in m.unfinished.values()
+                 if job.run_at is not None and now < job.run_at]
+        if self.sure:
+            known += [job.run_at for job in self.in_scheduler if job.phase == "delayed"]
+        wake = [c for c in self.clock.getDelayedCalls() if c.func == self.scheduler._wake]
+        if len(wake) > 1 or self.scheduler.delayed() and not wake:
+            self.fail(f"{self.scheduler.delayed()} delayed jobs, and wake timers {wake!r}")
+        if known and wake and wake[0].getTime() > min(known) * (1 + 1e-12) + 1e-9:
+            self.fail(f"the wake timer is set for {wake[0].getTime()}, after a job delayed until "
+                      f"{min(known)}")
+
+    def check_detached(self, stats):
+        """What the daemon holds of detached jobs is what the model holds."""
+        detached, totals, types = stats["detached"], stats["totals"], stats["types"]
+        wanted = {"live": self.live_detached(), "results": len(self.kept), "dead": len(self.dead)}
+        got = {key: detached[key] for key in wanted}
+        if got != wanted:
+            self.fail(f"the daemon holds detached jobs {got!r}; the model {wanted!r}:\n"
+                      f"  live {sorted(self.daemon.detached.live)!r} / model "
+                      f"{sorted(j.id for j in self.detached.values() if j.phase in LIVE)!r}\n"
+                      f"  kept {list(self.daemon.detached.results)!r} / model {list(self.kept)!r}\n"
+                      f"  dead {list(self.daemon.detached.dead)!r} / model {list(self.dead)!r}")
+        if detached["live"] > MAX_DETACHED:
+            self.fail(f"the daemon holds {detached['live']} live detached jobs; the README: "
+                      f"\"The daemon holds at most --max-detached ({MAX_DETACHED}) live detached jobs "
+                      f"(queue_full beyond)\"", "max-detached")
+        for key in ("detached", "dead", "dead_dropped", "results_dropped"):
+            if totals[key] != self.figures[key]:
+                self.fail(f"totals[{key!r}] is {totals[key]}; the model counts {self.figures[key]}")
+        owned = sum(1 for job in self.scheduler.jobs() if job.owner is self.daemon.detached)
+        if owned != self.live_detached():
+            self.fail(f"the scheduler holds {owned} detached jobs; {self.live_detached()} are live")
+        counts = defaultdict(Counter)
+        for job in self.in_scheduler:
+            if job.attempt is not None and job.attempt.current:
+                counts[job.type]["running"] += 1
+            elif job.phase in ("queued", "delayed"):
+                counts[job.type][job.phase] += 1
+        for name, least in counts.items():
+            figures = types.get(name, {})
+            for key, n in least.items():
+                if figures.get(key, 0) < n:
+                    self.fail(f"type {name!r}: {figures.get(key, 0)} {key} jobs; {n} detached ones are")
+        if self.kept:
+            expiry = [c for c in self.clock.getDelayedCalls() if c.func == self.daemon.detached._expire]
+            oldest = next(iter(self.kept.values())).ended_at + KEEP_RESULTS
+            if len(expiry) != 1 or expiry[0].getTime() > oldest * (1 + 1e-12) + 1e-9:
+                self.fail(f"kept ends expire from {oldest}; the expiry timers are {expiry!r}")
 
     def render_pages(self):
         for name, page in self.pages.items():
@@ -1010,6 +1723,35 @@ class Harness:
         if (master.inbox, slave.inbox) != wanted:
             self.fail(f"a fresh master and slave do not get a job through: the master got "
                       f"{master.inbox!r}, the slave {slave.inbox!r}")
+        # A detached job: it outlives its master, nobody hears its answer,
+        # and any master can read it with status.
+        job_id = f"fuzz-liveness-detached-{n}"
+        full = len(self.daemon.detached.live) >= MAX_DETACHED
+        del master.inbox[:], slave.inbox[:]
+        self.send(master, [message(action="submit", id=job_id, type=job_type, body=["detached", n],
+                                   detach=True)])
+        self.settle()
+        if full:
+            if [m.get("error") for m in master.inbox] != [QUEUE_FULL]:
+                self.fail(f"a detached submit while the daemon holds {MAX_DETACHED} detached jobs: "
+                          f"{master.inbox!r}")
+        else:
+            self.lose(master)
+            self.settle()
+            self.send(slave, [message(action="respond", body={"detached": n})])
+            self.settle()
+            reader = self.add("master")
+            self.send(reader, [message(action="status", id=job_id)])
+            self.settle()
+            wanted = ([{"ok": True, "id": job_id}],
+                      [{"action": "job", "id": job_id, "type": job_type, "body": ["detached", n]},
+                       {"ok": True}],
+                      [{"ok": True, "id": job_id, "state": "completed", "detached": True, "type": job_type,
+                        "priority": 0, "attempts": 1, "ended_at": self.now(), "result": {"detached": n}}])
+            if (master.inbox, slave.inbox, reader.inbox) != wanted:
+                self.fail(f"a detached job does not get through: its master got {master.inbox!r}, "
+                          f"the slave {slave.inbox!r}, a master asking its status {reader.inbox!r}")
+            self.lose(reader)
         self.lose(master)
         self.lose(slave)
         self.settle()
@@ -1027,8 +1769,10 @@ class Harness:
             for peer in peers:
                 self.lose(peer)
                 self.settle()
-        self.call("clock.advance(0)", self.clock.advance, 0)
-        self.settle()
+            self.advance(0)
+            self.check_state()
+            self.clear_detached()
+        self.advance(0)
         self.check_state()
         if len(self.scheduler):
             self.fail(f"with every peer gone the scheduler still holds jobs {self.scheduler.jobs()!r}")
@@ -1045,13 +1789,48 @@ class Harness:
             gc.collect()  # an unhandled error in a Deferred is logged when it is collected
             self.settle()
 
+    def clear_detached(self):
+        """With every peer gone, only detached jobs (queued or delayed, the
+        dead list, kept ends) and their timers may be left.  A new master
+        cancels and discards them all; once their ends expire and the
+        wake timer of cancelled delayed jobs has run, nothing is left."""
+        owners = {job.owner for job in self.scheduler.jobs()}
+        if owners - {self.daemon.detached}:
+            self.fail(f"with every peer gone the scheduler still holds jobs {self.scheduler.jobs()!r}")
+        mine = (self.scheduler._wake, self.daemon.detached._expire)
+        timers = [c for c in self.clock.getDelayedCalls() if c.func not in mine]
+        if timers:
+            self.fail(f"timers still pending with nothing left to time but detached jobs: {timers!r}")
+        detached = self.daemon.detached
+        frames = [message(action="cancel", id=job_id) for job_id in sorted(detached.live)]
+        frames += [message(action="dead_discard", id=job_id) for job_id in list(detached.dead)]
+        if frames:
+            master = self.add("master")
+            self.send(master, frames)
+            self.settle()
+            if any(m.get("ok") is not True for m in master.inbox) or len(master.inbox) != len(frames):
+                self.fail(f"cancelling every detached job and discarding the dead ones: {master.inbox!r}")
+            self.lose(master)
+            self.settle()
+        if len(self.scheduler) or detached.live or detached.dead:
+            self.fail(f"the scheduler still holds jobs {self.scheduler.jobs()!r} "
+                      f"(detached: {sorted(detached.live)!r}, dead: {list(detached.dead)!r})")
+        self.advance(KEEP_RESULTS + MAX_DELAY + 1)
+        self.check_state()
+        if detached.results:
+            self.fail(f"ends still kept {KEEP_RESULTS + MAX_DELAY + 1} s on: {list(detached.results)!r}")
+
     def stop(self):
         """Stop the daemon as SIGTERM does: every tracked master hears shutdown
         for each of its unfinished jobs, and every connection is closed."""
         for peer in self.live():
             if peer.paused and not peer.transport.disconnecting:
+                # one at a time: what each does is read before the next acts
                 peer.paused = False
+                self.transcript.append(f"{peer} reads again (resumeProducing)")
+                self.acted(peer)
                 self.call(f"{peer}.resumeProducing", peer.protocol.resumeProducing)
+                self.settle()
         self.settle()
         masters = [p for p in self.live("master") if not p.loose]
         self.stopping = True
@@ -1129,6 +1908,45 @@ actions = weighted((6, st.sampled_from(MASTER_ACTIONS + SLAVE_ACTIONS)),
                    (1, st.sampled_from(["job", "Submit", "submit ", "", "\ud800", "x" * 3000])),
                    (1, short_text), (1, junk), (1, st.just(OMIT)))
 styles = st.sampled_from(["ascii", "ascii", "ascii", "utf8", "spaced"])
+flags = weighted((8, st.booleans()), (1, st.sampled_from([0, 1, 1.0, "true", None, [], Raw("1")])), (1, junk))
+delays = weighted((6, st.sampled_from([0, 0.25, 0.5, 1, 2.5, 10])),
+                  (2, st.sampled_from([-0.0, -1, -0.5, 1e-300, 5e-324, MAX_DELAY, MAX_DELAY - 0.5,
+                                       MAX_DELAY + 0.5, MAX_DELAY + 1, 10**30, Raw("1e400"), Raw("-1e400"),
+                                       Raw("1e-400"), Raw("-0"), True, None, "5", [1]])),
+                  (1, st.floats()), (1, st.integers()), (1, junk))
+times = weighted((4, st.sampled_from([0, 1, 2.5, 10, 100, 1e6, 4e7, 1.7e9])),
+                 (2, st.sampled_from([-1, -0.0, 1e-300, MAX_DELAY, MAX_DELAY + 1, 10**30, Raw("1e400"),
+                                      Raw("-1e400"), True, None, "1", [0]])),
+                 (1, st.floats()), (1, st.integers()), (1, junk))
+retry_counts = weighted((6, st.integers(0, 3)),
+                        (2, st.sampled_from([MAX_RETRIES, MAX_RETRIES + 1, -1, 2**63, 1.0, True, None, "1",
+                                             Raw("1" * 4500), Raw("1e2")])),
+                        (1, st.integers()), (1, junk))
+offsets = weighted((5, st.integers(0, 4)),
+                   (2, st.sampled_from([MAX_OFFSET, MAX_OFFSET + 1, -1, 1.0, True, None, "0", 10**30,
+                                        Raw("9" * 4500)])),
+                   (1, st.integers()), (1, junk))
+limits = weighted((5, st.integers(1, 4)),
+                  (2, st.sampled_from([0, MAX_PAGE, MAX_PAGE + 1, -1, 2.0, True, None, "1"])),
+                  (1, st.integers()), (1, junk))
+DETACHED_POOL = ["d1", "d2", "d3", "d4", "d5"]
+detached_ids = weighted((3, st.sampled_from(DETACHED_POOL)), (1, st.sampled_from(ID_POOL)))
+detach_flags = weighted((9, st.just(True)), (1, flags))
+small_bodies = st.sampled_from([None, 0, "", "x", [1], {"a": 1}])
+long_reasons = weighted((4, short_text), (1, st.just("r" * 1500)))  # a dead job's reason is cut
+_CHOICES = {}
+
+
+def choice(*values):
+    """st.sampled_from(values), built once: building strategies in every
+    step costs hypothesis much more time than drawing from them."""
+    key = tuple((type(v), repr(v)) for v in values)
+    strategy = _CHOICES.get(key)
+    if strategy is None:
+        strategy = _CHOICES[key] = st.sampled_from(values)
+    return strategy
+
+
 extra_fields = st.lists(st.tuples(st.sampled_from(["x", "Action", "ID", "ok", "error", "stats"]) | short_text,
                                   json_values), max_size=2)
 
@@ -1159,20 +1977,36 @@ refs = weighted((6, st.sampled_from(ID_POOL) | short_text), (3, st.integers(-3, 
 maybe_ids, maybe_types, maybe_bodies = maybe(ids), maybe(types), maybe(bodies)
 maybe_refs = maybe(refs, 1, 3)
 maybe_priorities, maybe_timeouts, maybe_reasons = (maybe(s, 1, 4) for s in (priorities, timeouts, reasons))
+often_offsets, often_limits = maybe(offsets, 2, 1), maybe(limits, 2, 1)
+SUBMIT_OPTIONS = (("detach", flags), ("delay", delays), ("at", times), ("retries", retry_counts),
+                  ("backoff", flags))
+MORE_OPTIONS = SUBMIT_OPTIONS + (("offset", offsets), ("limit", limits))
+
+
+@st.composite
+def options(draw, fields):
+    """One request in six carries one or two of the fields beyond 2009
+    (the rules for detached work send them all the time; drawing them for
+    every request would cost hypothesis much of its time)."""
+    if draw(st.integers(0, 5)):
+        return []
+    chosen = draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2, unique_by=lambda f: f[0]))
+    return [(name, draw(values)) for name, values in chosen]
 
 
 @st.composite
 def submits(draw):
     return draw(arrange([("action", "submit"), ("id", draw(ids)), ("type", draw(types)),
                          ("body", draw(bodies)), ("priority", draw(priorities)),
-                         ("timeout", draw(timeouts)), ("ref", draw(maybe_refs))]))
+                         ("timeout", draw(timeouts)), *draw(options(SUBMIT_OPTIONS)), ("ref", draw(maybe_refs))]))
 
 
 @st.composite
 def any_requests(draw):
+    extra = draw(options(MORE_OPTIONS))
     return draw(arrange([("action", draw(actions)), ("id", draw(maybe_ids)), ("type", draw(maybe_types)),
                          ("body", draw(maybe_bodies)), ("priority", draw(maybe_priorities)),
-                         ("timeout", draw(maybe_timeouts)), ("reason", draw(maybe_reasons)),
+                         ("timeout", draw(maybe_timeouts)), ("reason", draw(maybe_reasons)), *extra,
                          ("ref", draw(maybe_refs))]))
 
 
@@ -1216,11 +2050,13 @@ class GloomMachine(RuleBasedStateMachine):
 
     @initialize(stop=st.booleans(), seed=st.integers(0, 2**16),
                 default_timeout=st.sampled_from([None, None, None, 2.5]),
-                slave_types=st.lists(st.sampled_from(["t", "t", "u", OMIT]), min_size=1, max_size=3))
-    def start(self, stop, seed, default_timeout, slave_types):
+                slave_types=st.lists(st.sampled_from(["t", "t", "u", OMIT]), min_size=1, max_size=3),
+                dead_max=st.sampled_from([DEAD_MAX, DEAD_MAX, DEAD_MAX, 0]))
+    def start(self, stop, seed, default_timeout, slave_types, dead_max):
         # gc.collect() per example would cost more than the example: the
         # test collects once after the run instead
-        self.h = Harness(default_timeout=default_timeout, stop_at_end=stop, seed=seed, collect=False)
+        self.h = Harness(default_timeout=default_timeout, stop_at_end=stop, seed=seed, collect=False,
+                         dead_max=dead_max)
         self.h.add("master")
         for job_type in slave_types:
             self.connect_slave(job_type)
@@ -1237,8 +2073,7 @@ class GloomMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self):
         if self.h is not None:
-            self.h.call("clock.advance(0)", self.h.clock.advance, 0)  # each step is a reactor turn
-            self.h.settle()
+            self.h.advance(0)  # each step is a reactor turn
             self.h.check_state()
 
     def pick(self, data, role=None, label="peer"):
@@ -1281,12 +2116,12 @@ class GloomMachine(RuleBasedStateMachine):
         peer = data.draw(st.sampled_from([p for p in self.h.live() if p.paused]))
         peer.paused = False
         self.h.transcript.append(f"{peer} reads again (resumeProducing)")
+        self.h.acted(peer)
         self.h.call(f"{peer}.resumeProducing", peer.protocol.resumeProducing)
 
     @rule(seconds=st.sampled_from([0, 0.25, 0.5, 1, 1.5, 2.5, 3.5, 10, 20, 3e6]))
     def advance(self, seconds):
-        self.h.transcript.append(f"the clock advances {seconds} s")
-        self.h.call(f"clock.advance({seconds})", self.h.clock.advance, seconds)
+        self.h.advance(seconds)
 
     # --- masters ---------------------------------------------------------------
 
@@ -1309,9 +2144,239 @@ class GloomMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data):
         peer = self.pick(data, "master")
-        known = sorted(peer.unfinished) + [i for p in self.h.peers for i in p.job_ids[-3:]]
+        known = sorted(peer.unfinished) + [i for p in self.h.peers for i in p.job_ids[-3:]] \
+            + sorted(self.h.detached)  # detached ones, of any master
         job_id = data.draw(st.sampled_from(known) if known and data.draw(st.booleans()) else ids, label="id")
         self.h.send(peer, [request(("action", "cancel"), ("id", job_id))])
+
+    DETACHED_WORK = ("submit_detached", "submit_detached", "submit_delayed", "status", "status", "dead_list",
+                     "dead_action", "cancel_detached", "answer_detached", "answer_detached", "to_the_dead",
+                     "to_the_dead", "shared_id", "flood")
+
+    def detached_work(self, data):
+        """Detached and delayed jobs, status, the dead list: one of these,
+        picked by the example's seeded generator (hypothesis's own choice
+        favours the first few, over 80 examples)."""
+        getattr(self, self.h.rng.choice(self.DETACHED_WORK))(data)
+
+    # detached work is two rules (work is three)
+    detached_1 = precondition(has("master"))(rule(data=st.data())(detached_work))
+    detached_2 = precondition(has("master"))(rule(data=st.data())(lambda self, data: self.detached_work(data)))
+
+    def answer_detached(self, data):
+        """A slave holding a detached job fails it (it is retried after
+        its backoff, or dead), answers or releases it; else a detached
+        submit."""
+        holding = [p for p in self.h.live("slave") if p.held_attempt is not None and not p.loose]
+        if not holding:
+            return self.submit_detached(data)
+        slave = data.draw(st.sampled_from(holding), label="slave")
+        how = data.draw(choice("fail", "fail", "respond", "release"), label="how")
+        named = data.draw(st.booleans(), label="names the job")
+        if how == "release":
+            frames = [message(action="release", id=slave.held)]
+        else:
+            frames = [request(("action", how), ("id", slave.held if named else OMIT),
+                              ("body", data.draw(json_values, label="body")) if how == "respond"
+                              else ("reason", data.draw(long_reasons, label="reason")))]
+        self.h.send(slave, frames)
+
+    def to_the_dead(self, data):
+        """A detached job with few retries, run by an idle slave that fails
+        it or lets it run past its timeout: it waits its backoff (doubling),
+        runs again, ... until it is dead.  Then the dead list (a page of
+        it), the job's status, and perhaps dead_retry or dead_discard."""
+        idle = [p for p in self.h.live("slave") if p.held is None and name_valid(p.joined) and not
+                (p.left or p.loose or p.paused or p.refusing)]
+        if not idle and len(self.h.live("slave")) < 6:
+            idle = [self.h.add("slave")]
+            self.h.send(idle[0], [message(action="join", type="t")])
+            self.h.settle()
+        if not idle:
+            return self.submit_detached(data)
+        master = self.clean_master(data)
+        slave = data.draw(st.sampled_from(idle), label="slave")
+        # (hypothesis draws the first choice most: the likelier one goes first)
+        job_id = f"d{next(self.h.numbers)}" if data.draw(choice(True, True, False), label="fresh id") \
+            else data.draw(detached_ids, label="id")
+        timeout = self.h.rng.choice([OMIT, OMIT, 0.5])
+        self.h.send(master, [request(("action", "submit"), ("id", job_id), ("type", slave.joined),
+                                     ("body", data.draw(small_bodies, label="body")), ("detach", True),
+                                     ("retries", self.h.rng.choice([0, 0, 1, 2])), ("timeout", timeout),
+                                     ("priority", data.draw(choice(OMIT, 1), label="priority")))])
+        self.h.settle()
+        for retried in range(3):
+            runs = [p for p in self.h.live("slave") if p.held_attempt is not None and p.held == job_id
+                    and not (p.loose or p.paused or p.refusing)]
+            if not runs:
+                break
+            if timeout is not OMIT and self.h.rng.random() < 0.5:
+                self.h.advance(timeout)  # given up; its slave's answer comes too late
+                self.h.send(runs[0], [message(action="respond", body="late")])
+            else:
+                self.h.send(runs[0], [message(action="fail", reason=data.draw(long_reasons, label="reason"))])
+            self.h.settle()
+            wait = BACKOFF * 2**retried / 2
+            self.h.advance(self.h.rng.choice([wait, wait, wait - 0.25, wait + 1]))
+        frames = [request(("action", "dead_list"), ("offset", data.draw(often_offsets, label="offset")),
+                          ("limit", data.draw(often_limits, label="limit"))),
+                  message(action="status", id=job_id)]
+        then = self.h.rng.choice([None, None, "dead_retry", "dead_retry", "dead_discard"])
+        if then:  # else it stays on the dead list (which holds DEAD_MAX)
+            frames += [message(action=then, id=job_id), message(action="status", id=job_id)]
+        self.h.send(master, frames)
+
+    def clean_master(self, data):
+        """A master whose every frame is read and answered at once."""
+        masters = [p for p in self.h.live("master") if not (p.loose or p.paused or p.refusing)]
+        if not masters:
+            return self.h.add("master")
+        return data.draw(st.sampled_from(masters), label="master")
+
+    def flood(self, data):
+        """More detached jobs than the daemon holds (of a type no slave
+        serves, some delayed): queue_full once it holds its
+        --max-detached; then another master cancels some of them."""
+        master = self.clean_master(data)
+        ids = [f"flood-{next(self.h.numbers)}" for _ in range(MAX_DETACHED + 1)]
+        self.h.send(master, [request(("action", "submit"), ("id", job_id), ("type", "nobody"), ("body", i),
+                                     ("detach", True), ("delay", data.draw(choice(OMIT, OMIT, 5), label="delay")))
+                             for i, job_id in enumerate(ids)])
+        self.h.settle()
+        others = [p for p in self.h.live("master") if p is not master]
+        canceller = data.draw(st.sampled_from(others), label="canceller") if others else master
+        kept = data.draw(choice(0, 0, 0, 1, 2, MAX_DETACHED), label="left live")  # most go: they would fill
+        self.h.send(canceller, [message(action="cancel", id=job_id) for job_id in ids[kept:]])
+
+    def shared_id(self, data):
+        """Two masters and one id: one's attached job, perhaps a detached
+        job too.  Status and cancel look at the asking master's own job
+        first, then the detached one; never at another master's."""
+        masters = [p for p in self.h.live("master") if not (p.loose or p.paused or p.refusing)]
+        if len(masters) < 2 and len(self.h.live("master")) < 5:
+            masters.append(self.h.add("master"))
+        if len(masters) < 2:
+            return self.status(data)
+        first = data.draw(st.sampled_from(masters), label="master")
+        second = data.draw(st.sampled_from([p for p in masters if p is not first]), label="other master")
+        job_id = data.draw(choice(*DETACHED_POOL[:2], *ID_POOL[:2]), label="id")
+        job_type = data.draw(choice(*TYPE_POOL), label="type")
+        frames = [message(action="submit", id=job_id, type=job_type, body="attached")]
+        if data.draw(st.booleans(), label="and a detached one"):
+            frames.append(message(action="submit", id=job_id, type=job_type, body="detached", detach=True,
+                                  delay=data.draw(choice(0, 1), label="delay")))
+        self.h.send(first, frames)
+        self.h.settle()
+        askers = [first, second] if data.draw(choice(True, False), label="its master asks first") \
+            else [second, first]
+        for asker in askers:
+            self.h.send(asker, [message(action="status", id=job_id), message(action="cancel", id=job_id),
+                                message(action="status", id=job_id)])
+            self.h.settle()
+
+    def submit_detached(self, data):
+        """Detached jobs of types slaves serve, now, after a delay or at a
+        time; their retries (few, to reach the dead list), backoff (which
+        changes nothing for them), timeout and priority."""
+        master = self.pick(data, "master", "master")
+        job_types = sorted({p.joined for p in self.h.live("slave") if name_valid(p.joined)}) or TYPE_POOL
+        frames = []
+        for _ in range(data.draw(st.integers(1, 2), label="jobs")):
+            when = data.draw(choice("now", "now", "delay", "at"), label="when")
+            frames.append(request(
+                ("action", "submit"),
+                ("id", data.draw(detached_ids,
+                                 label="id")),
+                ("type", data.draw(st.sampled_from(job_types), label="type")),
+                ("body", data.draw(json_values, label="body")),
+                ("detach", data.draw(detach_flags, label="detach")),
+                ("delay", data.draw(choice(0, 0.5, 1, 2.5, 10, MAX_DELAY), label="delay")
+                 if when == "delay" else OMIT),
+                ("at", self.h.now() + data.draw(choice(-5, 0, 0.5, 1, 2.5, 30, MAX_DELAY,
+                                                                 MAX_DELAY + 1), label="at")
+                 if when == "at" else OMIT),
+                ("retries", data.draw(choice(OMIT, 0, 0, 0, 1, 2), label="retries")),
+                ("backoff", data.draw(choice(OMIT, OMIT, True, False), label="backoff")),
+                ("timeout", data.draw(choice(OMIT, OMIT, 0.5, 1, 3.5), label="timeout")),
+                ("priority", data.draw(choice(OMIT, OMIT, -1, 2), label="priority")),
+                ("ref", data.draw(maybe_refs, label="ref"))))
+        self.h.send(master, frames)
+
+    def submit_delayed(self, data):
+        """Attached jobs with a delay or a time, their own retries, backoff."""
+        master = self.pick(data, "master", "master")
+        job_types = sorted({p.joined for p in self.h.live("slave") if name_valid(p.joined)}) or TYPE_POOL
+        when = data.draw(choice("delay", "delay", "at", "now"), label="when")
+        self.h.send(master, [request(
+            ("action", "submit"), ("id", data.draw(st.sampled_from(ID_POOL), label="id")),
+            ("type", data.draw(st.sampled_from(job_types), label="type")),
+            ("body", data.draw(json_values, label="body")),
+            ("detach", data.draw(choice(OMIT, OMIT, False), label="detach")),
+            ("delay", data.draw(choice(0, 0.5, 1, 2.5, 10), label="delay") if when == "delay" else OMIT),
+            ("at", self.h.now() + data.draw(choice(-5, 0, 0.5, 1, 2.5), label="at")
+             if when == "at" else OMIT),
+            ("retries", data.draw(choice(OMIT, 0, 1, 2), label="retries")),
+            ("backoff", data.draw(choice(OMIT, True, False), label="backoff")),
+            ("timeout", data.draw(choice(OMIT, OMIT, 0.5, 1), label="timeout")))])
+
+    def status(self, data):
+        """Status of the master's own job, another master's, a detached
+        one, an id never used, or anything."""
+        master = self.pick(data, "master", "master")
+        others = sorted({i for p in self.h.live("master") if p is not master for i in p.unfinished})
+        pools = [("own", sorted(master.unfinished)), ("other", others),
+                 ("detached", sorted(set(self.h.detached) | set(DETACHED_POOL)))]
+        frames = []
+        for _ in range(data.draw(st.integers(1, 2), label="requests")):
+            kind = data.draw(choice("own", "other", "detached", "detached", "never", "any"),
+                             label="whose")
+            pool = dict(pools).get(kind)
+            if pool:
+                job_id = data.draw(st.sampled_from(pool), label="id")
+            elif kind == "never":
+                job_id = f"never-{next(self.h.numbers)}"
+            else:
+                job_id = data.draw(ids, label="id")
+            frames.append(request(("action", "status"), ("id", job_id),
+                                  ("ref", data.draw(maybe_refs, label="ref"))))
+        self.h.send(master, frames)
+
+    def dead_list(self, data):
+        self.h.send(self.pick(data, "master", "master"),
+                    [request(("action", "dead_list"), ("offset", data.draw(often_offsets, label="offset")),
+                             ("limit", data.draw(often_limits, label="limit")),
+                             ("ref", data.draw(maybe_refs, label="ref")))])
+
+    def cancel_detached(self, data):
+        """Any master cancels a detached job (live, or not), perhaps then
+        asks its status or submits it again."""
+        master = self.pick(data, "master", "master")
+        known = sorted(set(self.h.detached) | set(DETACHED_POOL))
+        job_id = data.draw(st.sampled_from(known), label="id")
+        frames = [message(action="cancel", id=job_id)]
+        then = data.draw(choice(None, "status", "submit"), label="then")
+        if then == "status":
+            frames.append(message(action="status", id=job_id))
+        elif then == "submit":
+            frames.append(message(action="submit", id=job_id, type="t", body=None, detach=True))
+        self.h.send(master, frames)
+
+    def dead_action(self, data):
+        """Retry or discard a dead job (or a live one, or any id); perhaps
+        followed by another action on the same id."""
+        action = data.draw(choice("dead_retry", "dead_retry", "dead_discard"), label="action")
+        then = data.draw(choice(None, None, "status", "cancel", "dead_retry", "dead_discard"),
+                         label="then")
+        master = self.pick(data, "master", "master")
+        dead = list(self.h.dead) or list(self.h.daemon.detached.dead)
+        live = sorted(job_id for job_id in self.h.detached if self.h.is_live(job_id))
+        kind = data.draw(choice("dead", "dead", "dead", "live", "any"), label="which")
+        pool = {"dead": dead, "live": live}.get(kind)
+        job_id = data.draw(st.sampled_from(pool) if pool else ids, label="id")
+        frames = [request(("action", action), ("id", job_id), ("ref", data.draw(maybe_refs, label="ref")))]
+        if then:
+            frames.append(message(action=then, id=job_id))
+        self.h.send(master, frames)
 
     @precondition(has("master"))
     @rule(data=st.data())
@@ -1357,7 +2422,9 @@ class GloomMachine(RuleBasedStateMachine):
                 self.h.send(slave, frames)
                 return
             named = data.draw(st.booleans(), label="names the job")
-            answer = (("body", data.draw(json_values, label="body")) if data.draw(st.integers(0, 3))
+            # a detached job's failure is retried, until it is dead: fail those more
+            answer = (("body", data.draw(json_values, label="body"))
+                      if data.draw(st.integers(0, 1 if slave.held_attempt is not None else 3), label="fails (0)")
                       else ("reason", data.draw(short_text, label="reason")))
             self.h.send(slave, [request(("action", "respond" if answer[0] == "body" else "fail"),
                                         ("id", slave.held if named else OMIT), answer)])
@@ -1370,6 +2437,7 @@ class GloomMachine(RuleBasedStateMachine):
                                      ("body", data.draw(json_values, label="body")),
                                      ("timeout", data.draw(st.sampled_from([OMIT, OMIT, 0.5, 1, 2]),
                                                            label="timeout")),
+                                     ("detach", data.draw(choice(OMIT, OMIT, OMIT, True), label="detach")),
                                      ("ref", data.draw(maybe_refs, label="ref")))
                              for _ in range(count)])
 
@@ -1495,6 +2563,8 @@ class FuzzTests(SynchronousTestCase):
                     event["log_failure"].getTraceback() if "log_failure" in event else ""))
 
         run_state_machine_as_test(GloomMachine, settings=FUZZ_SETTINGS)
+        if os.environ.get("GLOOM_FUZZ_COVERAGE"):
+            print("\n".join(f"{n:7d} {what}" for what, n in sorted(COVERAGE.items())))
         globalLogPublisher.addObserver(observe)
         try:
             gc.collect()  # an unhandled error in a Deferred is logged when it is collected
@@ -1555,7 +2625,7 @@ class ScenarioTests(HarnessTestCase):
     def test_stale_answer_after_a_timeout(self):
         slow, fast = self.slave(), self.slave()
         self.submit("1", timeout=1)
-        self.h.call("clock.advance(1)", self.h.clock.advance, 1)
+        self.h.advance(1)
         self.h.settle()
         self.submit("2")
         self.h.send(slow, [message(action="respond", id="1", body="late"),
@@ -1587,7 +2657,134 @@ class ScenarioTests(HarnessTestCase):
         self.h.finish()
 
 
+class DetachedScenarioTests(HarnessTestCase):
+    """Detached and delayed jobs, status and the dead list, scripted."""
+
+    def test_detached_job_outlives_its_master_until_dead(self):
+        slave = self.slave()
+        self.submit("d", detach=True, retries=1)
+        self.assertEqual(slave.inbox[-1]["id"], "d")
+        self.h.lose(self.master)
+        self.h.send(slave, [message(action="fail", reason="no")])
+        self.h.settle()
+        other = self.h.add("master")
+        self.h.send(other, [message(action="status", id="d")])
+        self.h.settle()
+        # its first retry waits half of --retry-backoff (the test daemon's jitter)
+        self.assertEqual(other.inbox[-1], {"ok": True, "id": "d", "state": "delayed", "detached": True,
+                                           "type": "t", "priority": 0, "attempts": 1, "run_at": 0.5})
+        self.h.advance(0.25)
+        self.assertEqual(slave.inbox[-1], {"ok": True})
+        self.h.advance(0.25)
+        self.assertEqual(slave.inbox[-1]["id"], "d")
+        self.h.send(slave, [message(action="fail", reason="still no")])
+        self.h.settle()
+        self.h.send(other, [message(action="dead_list"), message(action="submit", id="d", type="t", body=None,
+                                                                   detach=True),
+                            message(action="dead_retry", id="d"), message(action="status", id="d")])
+        self.h.settle()
+        dead = {"id": "d", "type": "t", "priority": 0, "attempts": 2, "ended_at": 0.5,
+                "reason": "its slave failed it: still no; gave up after 2 attempts"}
+        self.assertEqual(other.inbox[-4:], [
+            {"ok": True, "total": 1, "offset": 0, "dead": [dead]},
+            {"error": ID_EXISTS, "reason": other.inbox[-3]["reason"], "id": "d"},
+            {"ok": True, "id": "d"},
+            {"ok": True, "id": "d", "state": "running", "detached": True, "type": "t", "priority": 0,
+             "attempts": 1}])
+        self.h.finish()
+
+    def test_status_and_cancel_look_at_the_own_job_first(self):
+        other, third = self.h.add("master"), self.h.add("master")
+        self.submit("1", body="attached")
+        self.submit("1", master=other, body="detached", detach=True)
+        for master in (self.master, other, third):
+            self.h.send(master, [message(action="status", id="1")])
+        self.h.send(third, [message(action="cancel", id="1"), message(action="status", id="1")])
+        self.h.send(self.master, [message(action="status", id="1")])
+        self.h.settle()
+        # the master's own attached job, before and after the detached one is cancelled
+        self.assertEqual([(m["state"], m["detached"]) for m in self.master.inbox if "state" in m],
+                         [("queued", False), ("queued", False)])
+        # the detached job, for the master that submitted it and for any other
+        self.assertEqual([(m["state"], m["detached"]) for m in other.inbox if "state" in m], [("queued", True)])
+        self.assertEqual([m.get("state") for m in third.inbox], ["queued", None, "failed"])
+        self.assertEqual(third.inbox[-1]["reason"], "cancelled by a master")
+        self.h.finish()
+
+    def test_delayed_job_waits_for_its_time(self):
+        slave = self.slave()
+        self.submit("1", delay=1)
+        self.submit("2", detach=True, at=0.5)
+        self.assertEqual(slave.inbox, [{"ok": True}])
+        self.h.advance(0.5)
+        self.assertEqual([m.get("id") for m in slave.inbox], [None, "2"])
+        self.h.send(slave, [message(action="respond", body=2)])
+        self.h.settle()
+        self.h.advance(0.499)
+        self.assertEqual([m.get("id") for m in slave.inbox], [None, "2", None])
+        self.h.advance(0.001)
+        self.assertEqual([m.get("id") for m in slave.inbox], [None, "2", None, "1"])
+        self.h.finish()
+
+
+    def test_timed_out_attempts_until_dead(self):
+        slave = self.slave()
+        self.submit("d", detach=True, retries=1, timeout=1)
+        self.h.advance(1)  # given up: its slave stays busy until it answers
+        self.h.send(slave, [message(action="respond", body="late")])
+        self.h.settle()
+        self.assertEqual(slave.inbox[-1]["error"], TIMED_OUT)
+        self.h.advance(0.5)
+        self.assertEqual(slave.inbox[-1]["id"], "d")
+        self.h.advance(1)
+        self.h.send(self.master, [message(action="status", id="d")])
+        self.h.settle()
+        self.assertEqual(self.master.inbox[-1], {
+            "ok": True, "id": "d", "state": "dead", "detached": True, "type": "t", "priority": 0, "attempts": 2,
+            "reason": "timeout: no answer within 1 s; gave up after 2 attempts", "ended_at": 2.5})
+        self.h.finish()
+
+    def test_the_bounds_drop_the_oldest(self):
+        """KEEP_RESULTS_MAX kept ends, DEAD_MAX dead jobs, MAX_DETACHED
+        live detached jobs."""
+        slave = self.slave()
+        for n in range(KEEP_RESULTS_MAX + 1):
+            self.submit(f"done-{n}", detach=True)
+            self.h.send(slave, [message(action="respond", body=n)])
+        for n in range(DEAD_MAX + 1):
+            self.submit(f"dead-{n}", detach=True, retries=0)
+            self.h.send(slave, [message(action="fail", reason="no")])
+        self.h.send(self.master, [
+            message(action="status", id="done-0"), message(action="status", id="dead-0"),
+            message(action="dead_list", offset=1, limit=1)])
+        self.h.settle()
+        self.assertEqual([m.get("state") for m in self.master.inbox[-3:-1]], ["unknown", "unknown"])
+        self.assertEqual([e["id"] for e in self.master.inbox[-1]["dead"]], ["dead-2"])
+        for n in range(MAX_DETACHED + 1):
+            self.submit(f"waits-{n}", job_type="nobody", detach=True)
+        self.assertEqual(self.master.inbox[-1]["error"], QUEUE_FULL)
+        totals = self.h.service.stats()["totals"]
+        self.assertEqual((totals["results_dropped"], totals["dead_dropped"]), (1, 1))
+        self.h.finish()
+
+
 class KnownDefectTests(HarnessTestCase):
+    def test_dead_retry_beyond_max_detached(self):
+        """README: "The daemon holds at most --max-detached live detached
+        jobs (queue_full beyond)": a dead_retry then is refused queue_full
+        like a detached submit (it once queued the dead job all the same,
+        and the daemon held --max-detached + 1)."""
+        slave = self.slave()
+        self.submit("dead", detach=True, retries=0)
+        self.h.send(slave, [message(action="fail", reason="no")])
+        self.h.settle()
+        for n in range(MAX_DETACHED):
+            self.submit(f"live-{n}", job_type="nobody", detach=True)
+        self.h.send(self.master, [message(action="dead_retry", id="dead")])
+        self.h.settle()
+        self.h.check_state()
+        self.h.finish()
+
     def test_huge_timeout_with_an_idle_slave(self):
         """callLater(10**400) raises OverflowError inside submit, after the job
         was counted and the idle slave taken."""
@@ -1652,7 +2849,7 @@ class KnownDefectTests(HarnessTestCase):
         bytes); an error frame is to quote at most 200 characters."""
         slave = self.slave()
         self.submit("x" * 1024, timeout=1)
-        self.h.call("clock.advance(1)", self.h.clock.advance, 1)
+        self.h.advance(1)
         self.h.send(slave, [message(action="respond", body="late")])
         self.h.settle()
         self.h.finish()

@@ -150,7 +150,10 @@ class DetachedJobs:
         self.keep_results_bytes = keep_results_bytes
         self.dead_max = dead_max
         self.live: Dict[str, ScheduledJob] = {}
-        self.pending: Dict[str, Deferred] = {}  # submitted, waiting for the journal
+        self.pending: Dict[str, Tuple[str, int]] = {}
+        """Detached jobs submitted and waiting for the journal: id to type
+        and priority."""
+        self._cancelled_pending: set = set()
         self.results: "OrderedDict[str, Ended]" = OrderedDict()
         self.results_bytes = 0
         self.dead: "OrderedDict[str, Dead]" = OrderedDict()
@@ -202,15 +205,20 @@ class DetachedJobs:
                         DELAYED if waiting else QUEUED, run_at if waiting else None, now,
                         sequence=sequence)
         written = self.journal.put_new(record)
-        self.pending[job_id] = written
+        self.pending[job_id] = (job_type, priority)
 
         def on_disk(_):
             del self.pending[job_id]
-            if not self.scheduler.stopping:  # else it runs after the restart
+            if job_id in self._cancelled_pending:
+                self._cancelled_pending.discard(job_id)
+                job = ScheduledJob(None, job_id, job_type, b"", priority, sequence, timeout, now)
+                self._keep(job, FAILED, None, CANCELLED_REASON)
+            elif not self.scheduler.stopping:  # else it runs after the restart
                 self._take(job_id, job_type, frame, priority, timeout, run_at, policy, sequence)
 
         def not_on_disk(failure):
             del self.pending[job_id]
+            self._cancelled_pending.discard(job_id)
             return failure
 
         return written.addCallbacks(on_disk, not_on_disk)
@@ -232,6 +240,14 @@ class DetachedJobs:
         job = self.live.get(job_id)
         if job is not None:
             return describe(job, detached=True)
+        waiting = self.pending.get(job_id)
+        if waiting is not None:  # on its way to disk; it replaces any kept end
+            state = FAILED if job_id in self._cancelled_pending else QUEUED
+            status = {"state": state, "detached": True, "type": waiting[0],
+                      "priority": waiting[1], "attempts": 0}
+            if state == FAILED:
+                status["reason"] = CANCELLED_REASON
+            return status
         dead = self.dead.get(job_id)
         if dead is not None:
             status = describe(dead.job, detached=True)
@@ -250,8 +266,6 @@ class DetachedJobs:
             if ended.reason is not None:
                 status["reason"] = ended.reason
             return status
-        if job_id in self.pending:
-            return {"state": QUEUED, "detached": True, "attempts": 0}
         return None
 
     def cancel(self, job_id: str) -> bool:
@@ -262,6 +276,9 @@ class DetachedJobs:
         """
         job = self.live.pop(job_id, None)
         if job is None:
+            if job_id in self.pending and job_id not in self._cancelled_pending:
+                self._cancelled_pending.add(job_id)  # it ends as it reaches the disk
+                return True
             return False
         self.scheduler.cancel(job)
         self._keep(job, FAILED, None, CANCELLED_REASON)
@@ -372,8 +389,7 @@ class DetachedJobs:
                                            reason, now))
         else:
             self.totals["results_dropped"] += 1
-            if self.journal is not None:
-                self.journal.delete(job.id)
+            self._delete_row(job.id)
 
     def _forget_result(self, job_id: str) -> None:
         ended = self.results.pop(job_id, None)
@@ -385,7 +401,12 @@ class DetachedJobs:
         self.results_bytes -= ended.size
         if counted:
             self.totals["results_dropped"] += 1
-        if self.journal is not None:
+        self._delete_row(job_id)
+
+    def _delete_row(self, job_id: str) -> None:
+        """Delete a kept end's row, unless a newer job of that id owns it."""
+        if (self.journal is not None and job_id not in self.live and job_id not in self.pending
+                and job_id not in self.dead):
             self.journal.delete(job_id)
 
     def _expire(self) -> None:

@@ -318,6 +318,7 @@ class Journal:
         self._threads = threads
         self._pool: Optional[ThreadPool] = None
         self._in_flight: Optional[_Commit] = None
+        self._lock_descriptor: Optional[int] = None
         self._db = self._open(max_pages)
         if threads is not None:
             self._pool = ThreadPool(1, 1, "gloom-journal")
@@ -743,6 +744,39 @@ class Journal:
             return len(commit.pending)
         return len(commit.pending.keys() | self._pending.keys())
 
+    def settle(self) -> None:
+        """Write everything noted so far before returning, in this thread
+        from here on: the daemon calls it as it stops, so the submits on
+        disk are acked before their connections close.  (Waits for the
+        commit in flight, then commits what is pending; `close` follows.)"""
+        if self._closed:
+            return
+        self._closing = True  # from here on, commits run in this thread
+        commit = self._in_flight
+        if commit is not None:
+            commit.done.wait()
+            self._finish(commit)
+        self.commit()
+
+    def lock(self) -> None:
+        """Hold the file for this process alone until it exits or closes
+        the journal: two daemons writing one journal would each run the
+        other's jobs.  (SQLite in WAL mode locks nothing between
+        transactions, so the daemon takes an advisory ``flock`` of its own.)
+
+        :raises JournalOpenError: another process holds it.
+        """
+        import fcntl
+
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            raise self._refuse("another process holds it (is another Gloom daemon using it?); "
+                               "stop that daemon, or give this one another file") from None
+        self._lock_descriptor = descriptor
+
     def close(self) -> None:
         """Wait for the commit in flight, if any, and deal with it; commit
         what is pending, in this thread (one try: what fails is lost and
@@ -767,3 +801,6 @@ class Journal:
         if self._pool is not None and self._pool.started:
             self._pool.stop()
         self._db.close()
+        descriptor, self._lock_descriptor = self._lock_descriptor, None
+        if descriptor is not None:
+            os.close(descriptor)

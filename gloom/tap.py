@@ -180,6 +180,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
+        if self["journal"] is not None and not self["journal"].strip():
+            raise usage.UsageError("--journal needs the path of a file")
+
         for role in ("master", "slave", "http"):
             if self[role] is None:
                 continue
@@ -307,9 +310,17 @@ class GloomService(MultiService):
 
     def stopService(self):
         stopped = MultiService.stopService(self)
+        stopped.addCallback(self._settle_journal)
         stopped.addCallback(lambda _: self._close_connections())
         stopped.addBoth(self._close_journal)
         return stopped
+
+    def _settle_journal(self, result):
+        """Before the connections close, write what the journal holds, so
+        the detached submits it takes are acked (they run after a restart)."""
+        if self.detached.journal is not None:
+            self.detached.journal.settle()
+        return result
 
     def _close_journal(self, result):
         """Once every connection is closed, write what the journal holds."""
@@ -370,7 +381,10 @@ def _detached_jobs(config, scheduler: Scheduler, reactor) -> detached_jobs.Detac
         try:
             journal = Journal(path, setting("journal-sync", "normal"), clock=reactor,
                               threads=reactor if IReactorThreads.providedBy(reactor) else None)
+            journal.lock()
         except JournalOpenError as e:
+            if journal is not None:
+                journal.close()
             raise SystemExit(str(e)) from None
     detached = detached_jobs.DetachedJobs(
         scheduler, reactor, journal,

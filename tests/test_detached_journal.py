@@ -196,3 +196,63 @@ class JournalledDaemonTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.master.received(), [{"ok": True, "id": "late"}])
         self.assertEqual(self.status("late", self.start())["state"], "queued")
+
+    def test_a_resubmitted_id_keeps_its_row_when_its_old_end_is_dropped(self):
+        daemon = self.start(keep_results_max=1)
+        master, slave = daemon.master(), daemon.slave("t")
+        master.send(submit("A", detach=True))
+        self.clock.advance(0)
+        slave.send({"action": "respond", "body": "old"})
+        slave.send({"action": "leave"})
+        master.send(submit("B", detach=True, delay=3600))
+        self.clock.advance(0)
+        master.received()
+        # The new A replaces A's kept end; B's end then pushes the oldest
+        # kept end out, which must not take the new A's row with it.
+        master.send(submit("A", detach=True, body="again", delay=3600), {"action": "cancel", "id": "B"})
+        status = self.status("A", daemon)
+        self.assertEqual((status["state"], status["attempts"]), ("queued", 0))  # on its way to disk
+        self.clock.advance(0)
+        self.assertIn({"ok": True, "id": "A"}, master.received())
+        again = self.start()
+        self.assertEqual(self.status("A", again)["state"], "delayed")
+        self.assertEqual(self.status("B", again)["reason"], "cancelled by a master")
+
+    def test_a_job_on_its_way_to_disk_can_be_cancelled(self):
+        (ack,) = self.master.send(submit("c", detach=True, type="u", priority=3),
+                                  {"action": "cancel", "id": "c"})
+        self.assertEqual(ack, {"ok": True, "id": "c"})
+        self.assertEqual(self.status("c"), {"ok": True, "id": "c", "state": "failed", "detached": True,
+                                            "type": "u", "priority": 3, "attempts": 0,
+                                            "reason": "cancelled by a master"})
+        self.clock.advance(0)
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "c"}])
+        slave = self.daemon.slave("u")
+        self.assertEqual(slave.received(), [])
+        self.assertEqual(self.status("c", self.start())["state"], "failed")
+
+    def test_settle_writes_and_acks_what_is_pending(self):
+        self.master.send(submit("s", detach=True))
+        self.assertEqual(self.master.received(), [])
+        self.daemon.detached.journal.settle()
+        self.assertEqual(self.master.received(), [{"ok": True, "id": "s"}])
+        self.assertEqual([r.id for r in Journal(self.path, clock=self.clock).load()], ["s"])
+
+
+class JournalLockTests(SynchronousTestCase):
+    def test_a_second_daemon_cannot_lock_the_journal(self):
+        from gloom.journal import JournalOpenError
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "journal.db")
+        first = Journal(path, clock=Clock())
+        first.lock()
+        second = Journal(path, clock=Clock())
+        error = self.assertRaises(JournalOpenError, second.lock)
+        self.assertIn("another Gloom daemon", str(error))
+        second.close()
+        first.close()
+        third = Journal(path, clock=Clock())
+        third.lock()
+        third.close()

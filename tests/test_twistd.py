@@ -187,7 +187,7 @@ class OptionsTests(SynchronousTestCase):
     def test_refusals(self):
         for arguments in (["--retries", "-2"], ["--max-frame", str(2**32)], ["--slave", "nonsense"],
                           ["--job-timeout", "0"], ["--job-timeout", "soon"], ["--max-queued", "0"],
-                          ["--http", "nonsense:1"], ["--journal-sync", "sometimes"],
+                          ["--http", "nonsense:1"], ["--journal-sync", "sometimes"], ["--journal", ""],
                           ["--dead-max", "-1"], ["--keep-results", "0"], ["--keep-results-max", "x"],
                           ["--retry-backoff", "-1"], ["--retry-backoff-max", "0"],
                           ["--max-detached", "0"], ["--keep-results-bytes", "-5"],

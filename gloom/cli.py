@@ -1447,6 +1447,8 @@ def parse_time(text: str) -> float:
             seconds = datetime.fromisoformat(iso).timestamp()
         except (ValueError, OverflowError, OSError):
             pass
+    if seconds is not None and seconds < 0:
+        raise UsageError(f"--at must not be before 1970, not {text!r}")
     if seconds is None or not 0 <= seconds < float("inf"):  # NaN fails too
         raise UsageError(f"--at must be seconds since the epoch or an ISO 8601 time such as "
                          f"2026-01-02T03:00:00Z, not {text!r}")

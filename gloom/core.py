@@ -191,7 +191,10 @@ def _number(value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else repr(value)
+    """A value as the user gave it (a float in full, not rounded)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
 
 
 def job_options(detach: bool = False, delay: Any = None, at: Any = None, retries: Optional[int] = None,

@@ -452,7 +452,7 @@ class DetachedJobs:
                 job.attempt, job.retries, job.policy = record.attempts, record.retried, policy
                 self.job_failed(job, JobFailed(
                     f"the daemon stopped during its last attempt; gave up after "
-                    f"{job.attempt} attempts"))
+                    f"{job.attempt} attempt{'' if job.attempt == 1 else 's'}"))
             elif state in (QUEUED, RUNNING, DELAYED):
                 job = self.scheduler.submit(self, record.id, record.type, record.frame,
                                             record.priority, record.timeout,

@@ -831,7 +831,7 @@ class Scheduler(Service):
         policy = job.policy
         limit = self.max_retries if policy is None or policy.retries is None else policy.retries
         if job.retries >= limit:
-            self._fail(job, f"{why}; gave up after {job.attempt} attempts")
+            self._fail(job, f"{why}; gave up after {_attempts(job.attempt)}")
             return
         try:
             if policy is not None and policy.backoff:
@@ -971,3 +971,8 @@ class Scheduler(Service):
         for waiting in idle:
             self._contain(waiting.cancel)
         return Service.stopService(self)
+
+
+def _attempts(count: int) -> str:
+    """``1 attempt``, ``2 attempts``."""
+    return f"{count} attempt" if count == 1 else f"{count} attempts"

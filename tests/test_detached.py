@@ -243,7 +243,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(page["total"], 3)
         self.assertEqual([entry["id"] for entry in page["dead"]], ["d1", "d2"])
         self.assertEqual(page["dead"][0], {"id": "d1", "type": "t", "priority": 1, "attempts": 1,
-                                           "reason": "its slave failed it: no; gave up after 1 attempts",
+                                           "reason": "its slave failed it: no; gave up after 1 attempt",
                                            "ended_at": 0.0})
         self.assertEqual(page["ref"], "p")
         self.assertEqual(self.master.send({"action": "dead_retry", "id": "d0"}), [{"ok": True, "id": "d0"}])
@@ -314,7 +314,7 @@ class RetryTests(SynchronousTestCase):
         self.slave.send({"action": "fail", "reason": "no"})
         reply = self.status("d")
         self.assertEqual((reply["state"], reply["reason"]),
-                         ("failed", "its slave failed it: no; gave up after 1 attempts"))
+                         ("failed", "its slave failed it: no; gave up after 1 attempt"))
 
     def test_bad_retry_fields_are_refused(self):
         for fields in ({"retries": -1}, {"retries": 1001}, {"retries": 1.5}, {"detach": "yes"},

@@ -350,9 +350,11 @@ class CLIFakeTests(CLITestCase):
              "not 'tomorrow'\n"),
             (["submit", "t", "--at", "2100-01-01T00:00:00Z"],
              "gloom: --at must be at most 31536000 seconds (365 days) from now, not 2100-01-01T00:00:00Z\n"),
-            (["submit", "t", "--at", "-1"],
-             "gloom: --at must be seconds since the epoch or an ISO 8601 time such as 2026-01-02T03:00:00Z, "
-             "not '-1'\n"),
+            (["submit", "t", "--at", "-1"], "gloom: --at must not be before 1970, not '-1'\n"),
+            (["submit", "t", "--at", "1960-01-01T00:00:00Z"],
+             "gloom: --at must not be before 1970, not '1960-01-01T00:00:00Z'\n"),
+            (["submit", "t", "--delay", "31536001"],
+             "gloom: --delay must be a number of seconds from 0 to 31536000 (365 days), not 31536001\n"),
             (["submit", "t", "--retries", "1001"], "gloom: --retries must be a whole number from 0 to 1000, "
                                                    "not 1001\n"),
             (["submit", "t", "--detach", "--wait", "5"],

@@ -86,7 +86,7 @@ class JournalledDaemonTests(SynchronousTestCase):
         self.assertEqual(self.status("done", again)["result"], {"n": 1})
         self.assertEqual(self.status("dead", again)["state"], "dead")
         self.assertEqual(self.status("dead", again)["reason"],
-                         "its slave failed it: bad input; gave up after 1 attempts")
+                         "its slave failed it: bad input; gave up after 1 attempt")
         later = self.status("later", again)
         self.assertEqual((later["state"], later["run_at"]), ("delayed", 1_700_000_100))
         running = self.status("running", again)

@@ -1515,7 +1515,7 @@ class Harness:
         if job.state == "cancelled":
             self.leave_scheduler(job)
         elif job.retried >= job.limit:
-            reason = f"{why}; gave up after {job.attempts} attempts"
+            reason = f"{why}; gave up after {job.attempts} attempt{'' if job.attempts == 1 else 's'}"
             if len(reason) > MAX_DEAD_REASON:
                 reason = f"{reason[:MAX_DEAD_REASON]}... ({len(reason)} characters in all)"
             self.leave_scheduler(job)

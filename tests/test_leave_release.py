@@ -171,7 +171,7 @@ class ReleaseTests(SynchronousTestCase):
         second.disconnect()  # the only attempt lost: no retries allowed
         (failure,) = master.received()
         self.assertEqual(failure["error"], "job_failed")
-        self.assertIn("gave up after 1 attempts", failure["reason"])
+        self.assertIn("gave up after 1 attempt", failure["reason"])
 
     def test_the_timer_is_cancelled(self):
         slave = self.daemon.slave("t")

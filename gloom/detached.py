@@ -150,9 +150,9 @@ class DetachedJobs:
         self.keep_results_bytes = keep_results_bytes
         self.dead_max = dead_max
         self.live: Dict[str, ScheduledJob] = {}
-        self.pending: Dict[str, Tuple[str, int]] = {}
-        """Detached jobs submitted and waiting for the journal: id to type
-        and priority."""
+        self.pending: Dict[str, Tuple[str, int, Optional[float]]] = {}
+        """Detached jobs submitted and waiting for the journal: id to type,
+        priority and the time it is delayed to (or None)."""
         self._cancelled_pending: set = set()
         self.results: "OrderedDict[str, Ended]" = OrderedDict()
         self.results_bytes = 0
@@ -205,7 +205,7 @@ class DetachedJobs:
                         DELAYED if waiting else QUEUED, run_at if waiting else None, now,
                         sequence=sequence)
         written = self.journal.put_new(record)
-        self.pending[job_id] = (job_type, priority)
+        self.pending[job_id] = (job_type, priority, run_at if waiting else None)
 
         def on_disk(_):
             del self.pending[job_id]
@@ -242,11 +242,17 @@ class DetachedJobs:
             return describe(job, detached=True)
         waiting = self.pending.get(job_id)
         if waiting is not None:  # on its way to disk; it replaces any kept end
-            state = FAILED if job_id in self._cancelled_pending else QUEUED
-            status = {"state": state, "detached": True, "type": waiting[0],
-                      "priority": waiting[1], "attempts": 0}
+            job_type, priority, run_at = waiting
+            if job_id in self._cancelled_pending:
+                state = FAILED
+            else:
+                state = QUEUED if run_at is None else DELAYED
+            status = {"state": state, "detached": True, "type": job_type, "priority": priority,
+                      "attempts": 0}
             if state == FAILED:
                 status["reason"] = CANCELLED_REASON
+            elif state == DELAYED:
+                status["run_at"] = run_at
             return status
         dead = self.dead.get(job_id)
         if dead is not None:

@@ -210,8 +210,9 @@ class JournalledDaemonTests(SynchronousTestCase):
         # The new A replaces A's kept end; B's end then pushes the oldest
         # kept end out, which must not take the new A's row with it.
         master.send(submit("A", detach=True, body="again", delay=3600), {"action": "cancel", "id": "B"})
-        status = self.status("A", daemon)
-        self.assertEqual((status["state"], status["attempts"]), ("queued", 0))  # on its way to disk
+        status = self.status("A", daemon)  # on its way to disk: the new job, not the old end
+        self.assertEqual((status["state"], status["attempts"], status["run_at"]),
+                         ("delayed", 0, 1_700_003_600))
         self.clock.advance(0)
         self.assertIn({"ok": True, "id": "A"}, master.received())
         again = self.start()

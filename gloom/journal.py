@@ -784,12 +784,7 @@ class Journal:
         twice is harmless."""
         if self._closed:
             return
-        self._closing = True  # from here on, commits run in this thread
-        commit = self._in_flight
-        if commit is not None:
-            commit.done.wait()
-            self._finish(commit)
-        self.commit()
+        self.settle()
         if self._call is not None:
             self._call.cancel()
             self._call = None

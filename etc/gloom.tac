@@ -30,6 +30,8 @@ JOURNAL_SYNC = "normal"                   # "full": commits survive a power cut;
                                           # a process crash
 HTTP = None                               # where /status and /metrics are served, e.g.
                                           # "tcp:9997:interface=127.0.0.1"; None: off
+ADMIN = False                             # True: masters may pause, resume and clear types
+                                          # and drain the daemon
 
 settings = {
     "--master": MASTER,
@@ -49,10 +51,16 @@ settings = {
     "--journal": JOURNAL,
     "--journal-sync": JOURNAL_SYNC,
     "--http": HTTP,
+    "--admin": ADMIN,
 }
+arguments = []
+for option, value in settings.items():
+    if value is True:
+        arguments.append(option)
+    elif value is not None and value is not False:
+        arguments += [option, str(value)]
 options = Options()
-options.parseOptions([str(part) for option, value in settings.items() if value is not None
-                      for part in (option, value)])
+options.parseOptions(arguments)
 
 application = Application("gloom")
 makeService(options).setServiceParent(application)

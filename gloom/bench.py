@@ -78,7 +78,7 @@ class _BenchConnection(Int32StringReceiver):
 
 class _EchoSlave:
     """An echo slave: joins the bench's type on every daemon and answers
-    each job with its own body."""
+    each job with its own body, after ``reports`` progress reports."""
 
     def __init__(self, bench: "Bench"):
         self.bench = bench
@@ -88,6 +88,11 @@ class _EchoSlave:
 
     def received(self, connection: _BenchConnection, message: dict) -> None:
         if message.get("action") == "job":
+            reports = self.bench.reports
+            if reports:
+                connection.transport.writeSequence(
+                    [_frame({"action": "progress", "id": message["id"], "done": done,
+                             "total": reports}) for done in range(reports)])
             connection.transport.write(_frame({"action": "respond", "id": message["id"],
                                                "body": message["body"]}))
         elif "error" in message:
@@ -128,6 +133,9 @@ class _LoadMaster:
     def received(self, connection: _BenchConnection, message: dict) -> None:
         bench = self.bench
         job_id = message.get("id")
+        if "progress" in message:
+            bench.reports_received += 1
+            return
         if message.get("ok"):
             self.acked.add(job_id)
             bench.settled_ack()
@@ -252,17 +260,21 @@ class Bench:
     :param progress: a text file to draw a progress bar on, or None.
     :param drain: queue every job first, with no slave connected, then
         connect the slaves to drain the queue.
+    :param reports: how many progress reports each slave sends on each
+        job before its answer.
     :raises ValueError: if an address cannot be used.
     """
 
     def __init__(self, reactor, master=None, slave=None, masters=4, slaves=8, window=64, body_size=64,
-                 jobs=20000, progress=None, drain=False):
+                 jobs=20000, progress=None, drain=False, reports=0):
         self.reactor = reactor
         master_addresses = core.addresses(master, core.MASTERS_ENV, core.DEFAULT_MASTER)
         slave_addresses = core.addresses(slave, core.SLAVES_ENV, core.DEFAULT_SLAVE)
         self.master_endpoints = [(core.display_name(a), client_endpoint(reactor, a)) for a in master_addresses]
         self.slave_endpoints = [(core.display_name(a), client_endpoint(reactor, a)) for a in slave_addresses]
         self.drain = drain
+        self.reports = reports
+        self.reports_received = 0
         self.master_count, self.slave_count = (1 if drain else masters), slaves
         self.window, self.jobs = (jobs if drain else window), jobs
         self.acks = 0
@@ -270,6 +282,8 @@ class Bench:
         self.body = "x" * body_size
         self.settings = {"masters": masters, "slaves": slaves, "window": window, "body_size": body_size,
                          "daemons": max(len(master_addresses), len(slave_addresses))}
+        if reports:
+            self.settings["reports"] = reports
         self.job_type = f"gloom-bench-{random.randrange(1 << 40):x}"
         self.progress = progress
         self.unsent = jobs

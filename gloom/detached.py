@@ -29,6 +29,7 @@ from gloom.scheduler import (
     DELAYED,
     QUEUED,
     RUNNING,
+    Attachment,
     IJobOwner,
     JobFailed,
     RetryPolicy,
@@ -366,6 +367,10 @@ class DetachedJobs:
             if self.journal is not None:
                 self.journal.delete(dropped.job.id)
 
+    def job_progress(self, job: ScheduledJob, report: Any) -> None:
+        """A slave reported progress: the job keeps the latest, for
+        ``status``; there is no master to pass it to."""
+
     def job_started(self, job: ScheduledJob) -> None:
         """An attempt started: recorded, so a restart counts it."""
         self.journal.put(record_of(job, self.scheduler.max_retries))
@@ -502,12 +507,20 @@ class DetachedJobs:
 
 
 def describe(job: ScheduledJob, detached: bool) -> dict:
-    """What ``status`` says of a live job (queued, delayed or running)."""
+    """What ``status`` says of a live job (queued, delayed or running), or
+    of a submitter's `Attachment` to one.  A ``progress`` among them is
+    the slave's last progress as JSON text (bytes)."""
+    if type(job) is Attachment:
+        job = job.job
     status = {"state": job.state if job.state in (QUEUED, DELAYED, RUNNING) else "unknown",
               "detached": detached, "type": job.type, "priority": job.priority,
               "attempts": job.attempt}
     if job.state is DELAYED:
         status["run_at"] = job.run_at
+    if job.unique is not None:
+        status["unique"] = job.unique.key
+    if job.progress is not None:
+        status["progress"] = job.progress
     return status
 
 

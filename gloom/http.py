@@ -15,8 +15,9 @@ from twisted.web.server import Site
 
 from gloom.scheduler import TOTALS
 
-DETACHED_TOTALS = ("detached", "dead", "dead_dropped", "results_dropped")
-"""The totals of detached jobs, besides the scheduler's `TOTALS`."""
+DETACHED_TOTALS = ("detached", "dead", "dead_dropped", "results_dropped", "progress_replaced")
+"""The totals of detached jobs (and of progress held for masters that do
+not read), besides the scheduler's `TOTALS`."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -30,6 +31,12 @@ _TOTAL_HELP = {
     "timed_out": "Attempts given up for running past their timeout.",
     "released": "Jobs a slave handed back unrun (release), queued again at the front.",
     "delayed": "Jobs submitted with a delay or a start time.",
+    "coalesced": "Submits with a unique key that joined a job already queued or running.",
+    "progress": "Progress reports slaves sent on the jobs they hold.",
+    "touched": "Touches: slaves restarting the timeout of the job they hold.",
+    "cleared": "Queued and delayed jobs ended by an administrator's clear.",
+    "progress_replaced": "Progress reports replaced, unsent, by a later one while their master "
+                         "was not reading.",
     "detached": "Detached jobs accepted (submitted, retried from the dead list, or loaded).",
     "dead": "Detached jobs that used up their retries and went to the dead list.",
     "dead_dropped": "Dead jobs dropped, oldest first, to keep the dead list within --dead-max.",
@@ -80,11 +87,16 @@ class StatsCollector:
             "running": GaugeMetricFamily("gloom_jobs_running", "Jobs held by a slave.", labels=["type"]),
             "idle_slaves": GaugeMetricFamily("gloom_slaves_idle", "Slaves waiting for a job.", labels=["type"]),
             "busy_slaves": GaugeMetricFamily("gloom_slaves_busy", "Slaves holding a job.", labels=["type"]),
+            "paused": GaugeMetricFamily("gloom_type_paused", "1 if the type is paused, else 0.",
+                                        labels=["type"]),
         }
         for job_type, counts in figures["types"].items():
             for key, gauge in per_type.items():
-                gauge.add_metric([job_type], counts[key])
+                gauge.add_metric([job_type], int(counts[key]))
         yield from per_type.values()
+        draining = GaugeMetricFamily("gloom_draining", "1 while the daemon drains, else 0.")
+        draining.add_metric([], int(figures.get("draining", False)))
+        yield draining
         for name, help_text in _DETACHED_HELP.items():
             gauge = GaugeMetricFamily(f"gloom_detached_{name}", help_text)
             gauge.add_metric([], figures["detached"][name])

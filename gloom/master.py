@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 from zope.interface import implementer
 
 from gloom import wire
 from gloom.detached import DetachedJobs, IdTaken, describe
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import IJobOwner, RetryPolicy, ScheduledJob, ShuttingDown
+from gloom.scheduler import (
+    Attachment,
+    Cleared,
+    IJobOwner,
+    RetryPolicy,
+    ScheduledJob,
+    ShuttingDown,
+)
 
 DEFAULT_MAX_QUEUED = 100_000
 
 DEFAULT_MAX_DETACHED = 1_000_000
 """Most live detached jobs the daemon holds (they belong to no master, so
 no master's limit bounds them)."""
+
+DRAINING = "the daemon is draining: it finishes the jobs it has and takes no new ones"
 
 MAX_NAME = wire.MAX_NAME_BYTES
 _MISSING = wire.MISSING
@@ -35,7 +44,8 @@ class MasterProtocol(GloomProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._unfinished: Dict[str, ScheduledJob] = {}
+        self._unfinished: Dict[str, Union[ScheduledJob, Attachment]] = {}
+        self._held_progress: Optional[Dict[str, bytes]] = None
 
     def do_submit(self, message: wire.Message) -> None:
         """Queue a job.  The frame its slave will get is built here, once,
@@ -51,8 +61,10 @@ class MasterProtocol(GloomProtocol):
         body = wire.required_body(message, job_id)
         if (message.detach is not _MISSING or message.delay is not _MISSING
                 or message.at is not _MISSING or message.retries is not _MISSING
-                or message.backoff is not _MISSING):
+                or message.backoff is not _MISSING or message.unique is not _MISSING):
             return self._submit_with_options(message, job_id, job_type, body, priority, timeout)
+        if self.factory.scheduler.draining:
+            raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
         unfinished = self._unfinished
         if job_id in unfinished:
             raise wire.MessageError(
@@ -87,6 +99,13 @@ class MasterProtocol(GloomProtocol):
         backoff = wire.optional_flag(message, "backoff", job_id)
         retries = wire.optional_count(message, "retries", None, 0, wire.MAX_RETRIES, job_id)
         run_at = wire.optional_run_at(message, factory.clock.seconds(), job_id)
+        unique = wire.optional_unique(message, job_id)
+        if unique is not None and detach:
+            raise wire.MessageError(
+                wire.INVALID_MESSAGE, "'unique' does not go with 'detach': a detached job's id "
+                "is unique in the whole daemon already, so use the key as its id", job_id)
+        if factory.scheduler.draining:
+            raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
         id_json = wire.encode_id(job_id)
         job_frame = wire.job(id_json, wire.encode_id(job_type), body)
         ref = message.ref
@@ -95,11 +114,14 @@ class MasterProtocol(GloomProtocol):
             policy = RetryPolicy.of(retries, backoff)
             try:
                 job = factory.scheduler.submit(self, job_id, job_type, job_frame, priority,
-                                               timeout, run_at, policy)
+                                               timeout, run_at, policy, unique=unique)
             except ShuttingDown as e:
                 raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
             self._unfinished[job_id] = job
-            self.reply(wire.ack(id_json), ref)
+            if type(job) is Attachment and job.coalesced:
+                self.reply(wire.coalesced_ack(id_json), ref)
+            else:
+                self.reply(wire.ack(id_json), ref)
             return
         detached = factory.detached
         self._check_detached_room(job_id)
@@ -161,6 +183,8 @@ class MasterProtocol(GloomProtocol):
         job_id = wire.required_name(message, "id")
         job = self._unfinished.pop(job_id, None)
         if job is not None:
+            if self._held_progress:
+                self._held_progress.pop(job_id, None)
             self.factory.scheduler.cancel(job)
         elif not self.factory.detached.cancel(job_id):
             raise wire.MessageError(
@@ -194,6 +218,8 @@ class MasterProtocol(GloomProtocol):
         """Queue a dead job again, with fresh retries."""
         job_id = wire.required_name(message, "id")
         if job_id in self.factory.detached.dead:
+            if self.factory.scheduler.draining:
+                raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
             self._check_detached_room(job_id)
         try:
             found = self.factory.detached.retry_dead(job_id)
@@ -217,18 +243,101 @@ class MasterProtocol(GloomProtocol):
         a ref is added to the frame already built)."""
         self.reply(self.factory.stats_frame(), message.ref)
 
+    # --- administration -----------------------------------------------------
+
+    def _check_admin(self) -> None:
+        if not self.factory.admin:
+            raise wire.MessageError(
+                wire.FORBIDDEN, "administrative actions are off on this daemon; "
+                "start it with --admin to allow them")
+
+    def do_pause(self, message: wire.Message) -> None:
+        """Hand out no job of a type until it is resumed."""
+        self._check_admin()
+        job_type = wire.required_name(message, "type")
+        self.factory.scheduler.pause(sys.intern(job_type))
+        self.log.info("Master {peer} paused type {type}", peer=self.peer,
+                      type=wire.quoted(job_type))
+        self.reply(wire.OK, message.ref)
+
+    def do_resume(self, message: wire.Message) -> None:
+        """Hand out jobs of a paused type again."""
+        self._check_admin()
+        job_type = wire.required_name(message, "type")
+        self.factory.scheduler.resume(job_type)
+        self.log.info("Master {peer} resumed type {type}", peer=self.peer,
+                      type=wire.quoted(job_type))
+        self.reply(wire.OK, message.ref)
+
+    def do_clear(self, message: wire.Message) -> None:
+        """End every queued and delayed job of a type."""
+        self._check_admin()
+        job_type = wire.required_name(message, "type")
+        cleared = self.factory.scheduler.clear(job_type)
+        self.log.info("Master {peer} cleared type {type}: {count} jobs", peer=self.peer,
+                      type=wire.quoted(job_type), count=cleared)
+        self.reply(wire.encode_value({"ok": True, "cleared": cleared}), message.ref)
+
+    def do_drain(self, message: wire.Message) -> None:
+        """Take no new jobs, finish those there are, then stop."""
+        self._check_admin()
+        self.log.info("Master {peer} asked the daemon to drain", peer=self.peer)
+        self.reply(wire.OK, message.ref)
+        self.factory.drain()
+
+    # --- what the scheduler says ---------------------------------------------
+
     def job_answered(self, job: ScheduledJob, body: Any) -> None:
-        self._unfinished.pop(job.id, None)
-        self.sendString(wire.answer(wire.encode_id(job.id), body))
+        job_id = job.id
+        self._unfinished.pop(job_id, None)
+        if self._held_progress:
+            self._send_held_progress(job_id)
+        self.sendString(wire.answer(wire.encode_id(job_id), body))
 
     def job_failed(self, job: ScheduledJob, error: Exception) -> None:
-        self._unfinished.pop(job.id, None)
-        code = wire.SHUTDOWN if isinstance(error, ShuttingDown) else wire.JOB_FAILED
-        self.sendString(wire.error(code, str(error), job.id))
+        job_id = job.id
+        self._unfinished.pop(job_id, None)
+        if self._held_progress:
+            self._send_held_progress(job_id)
+        if isinstance(error, ShuttingDown):
+            code = wire.SHUTDOWN
+        elif isinstance(error, Cleared):
+            code = wire.CLEARED
+        else:
+            code = wire.JOB_FAILED
+        self.sendString(wire.error(code, str(error), job_id))
+
+    def job_progress(self, job: ScheduledJob, report: bytes) -> None:
+        """Pass a slave's progress on; while this master does not read
+        (its connection is paused), keep only the latest of each job."""
+        if self.paused:
+            held = self._held_progress
+            if held is None:
+                held = self._held_progress = {}
+            elif job.id in held:
+                self.factory.progress_replaced += 1
+            held[job.id] = report
+            return
+        self.sendString(wire.progress(wire.encode_id(job.id), report))
+
+    def _send_held_progress(self, job_id: str) -> None:
+        report = self._held_progress.pop(job_id, None)
+        if report is not None:
+            self.sendString(wire.progress(wire.encode_id(job_id), report))
+
+    def resumeProducing(self) -> None:
+        """The master reads again: first send the progress held for it."""
+        held, self._held_progress = self._held_progress, None
+        if held:
+            for job_id, report in held.items():
+                if job_id in self._unfinished:
+                    self.sendString(wire.progress(wire.encode_id(job_id), report))
+        super().resumeProducing()
 
     def connectionLost(self, reason) -> None:
         """Withdraw every unfinished job of this master."""
         jobs, self._unfinished = self._unfinished, {}
+        self._held_progress = None
         cancel = self.factory.scheduler.cancel
         for job in jobs.values():
             try:
@@ -246,7 +355,7 @@ class MasterFactory(GloomFactory):
 
     def __init__(self, *args, max_queued: int = DEFAULT_MAX_QUEUED,
                  stats: Callable[[], dict] = dict, detached: Optional[DetachedJobs] = None,
-                 max_detached: int = DEFAULT_MAX_DETACHED, **kwargs):
+                 max_detached: int = DEFAULT_MAX_DETACHED, admin: bool = False, **kwargs):
         """Takes `GloomFactory`'s arguments, and:
 
         :param max_queued: how many unfinished jobs one master may have.
@@ -254,6 +363,8 @@ class MasterFactory(GloomFactory):
         :param detached: the daemon's detached jobs; new ones, kept in
             memory only, if None.
         :param max_detached: how many live detached jobs the daemon holds.
+        :param admin: whether masters may pause, resume and clear types
+            and drain the daemon.
         """
         super().__init__(*args, **kwargs)
         if detached is None:
@@ -262,6 +373,12 @@ class MasterFactory(GloomFactory):
         self.max_detached = max_detached
         self.max_queued = max_queued
         self.stats = stats
+        self.admin = admin
+        self.drain: Callable[[], Any] = self.scheduler.drain
+        """Starts draining the daemon (the ``drain`` action)."""
+        self.progress_replaced = 0
+        """How many progress reports were replaced by a later one, unsent,
+        because their master was not reading."""
         self._stats_frame: Optional[bytes] = None
 
     def stats_frame(self) -> bytes:

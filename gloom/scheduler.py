@@ -61,7 +61,7 @@ ENDED = "ended"
 _COMPACT_MINIMUM = 64
 
 TOTALS = ("submitted", "completed", "failed", "cancelled", "retried", "timed_out", "released",
-          "delayed")
+          "delayed", "coalesced", "progress", "touched", "cleared")
 
 DEFAULT_BACKOFF = 1.0
 """Seconds before the first retry of a job that backs off."""
@@ -85,8 +85,18 @@ class JobFailed(Exception):
         self.reason = reason
 
 
+class Cleared(JobFailed):
+    """An administrator cleared the job's type while the job was queued or
+    delayed."""
+
+
 class AttemptGivenUp(Exception):
     """A slave answered an attempt that had already run past its timeout."""
+
+
+class JobWithdrawn(Exception):
+    """A slave reported progress on a job no submitter wants any more (it
+    was cancelled, or the daemon ended it while stopping)."""
 
 
 class ScheduledJob:
@@ -115,6 +125,8 @@ class ScheduledJob:
         "holder",
         "run_at",
         "policy",
+        "progress",
+        "unique",
     )
 
     def __init__(self, owner: Optional["IJobOwner"], job_id: str, job_type: str, body: Any,
@@ -144,6 +156,8 @@ class ScheduledJob:
         self.holder = None
         self.run_at = 0.0
         self.policy: Optional[RetryPolicy] = None
+        self.progress: Optional[bytes] = None
+        self.unique: Optional[Submitters] = None
 
     def __lt__(self, other: "ScheduledJob") -> bool:
         """Delayed jobs are ordered by when they may run, then by age."""
@@ -151,6 +165,75 @@ class ScheduledJob:
 
     def __repr__(self) -> str:
         return f"<ScheduledJob {self.id!r} type={self.type!r} priority={self.priority} {self.state}>"
+
+
+class Attachment:
+    """One submitter of a unique job: who it is, its own id for the job,
+    and the job (`ScheduledJob`) every submitter of the type and key shares.
+    It is what `Scheduler.submit` returns for a unique job, and what the
+    submitter's `IJobOwner` methods are called with (``id`` is then the
+    submitter's own)."""
+
+    __slots__ = ("owner", "id", "job", "coalesced")
+
+    def __init__(self, owner: Optional["IJobOwner"], job_id: str, job: "ScheduledJob",
+                 coalesced: bool):
+        """
+        :param owner: the submitter, told how the job ends.
+        :param job_id: the submitter's id for the job.
+        :param job: the shared job.
+        :param coalesced: whether the submit joined a job already there.
+        """
+        self.owner = owner
+        self.id = job_id
+        self.job = job
+        self.coalesced = coalesced
+
+    @property
+    def type(self) -> str:
+        """The shared job's type."""
+        return self.job.type
+
+    def __repr__(self) -> str:
+        return f"<Attachment {self.id!r} to {self.job!r}>"
+
+
+class Submitters:
+    """The submitters of one unique job, in the order they came: the job's
+    owner, which tells each of them what the job's owner hears.  Adding and
+    removing a submitter costs O(1)."""
+
+    __slots__ = ("key", "attached", "contain")
+
+    def __init__(self, key: str, contain: Callable):
+        """
+        :param key: the job's unique key.
+        :param contain: calls a submitter's method, logging what it raises.
+        """
+        self.key = key
+        self.attached: Dict[Attachment, None] = {}
+        self.contain = contain
+
+    def _ended(self) -> List[Attachment]:
+        attached, self.attached = list(self.attached), {}
+        return attached
+
+    def job_answered(self, job: "ScheduledJob", body: Any) -> None:
+        """Every submitter gets the answer, under its own id."""
+        for attachment in self._ended():
+            owner, attachment.owner = attachment.owner, None
+            self.contain(owner.job_answered, attachment, body)
+
+    def job_failed(self, job: "ScheduledJob", error: Exception) -> None:
+        """Every submitter hears how the job failed, under its own id."""
+        for attachment in self._ended():
+            owner, attachment.owner = attachment.owner, None
+            self.contain(owner.job_failed, attachment, error)
+
+    def job_progress(self, job: "ScheduledJob", report: Any) -> None:
+        """Every submitter gets the progress, under its own id."""
+        for attachment in list(self.attached):
+            self.contain(attachment.owner.job_progress, attachment, report)
 
 
 class RetryPolicy:
@@ -212,7 +295,15 @@ class IJobOwner(Interface):
 
         :param job: the `ScheduledJob`.
         :param error: a `JobFailed` (the slave failed it, or its attempts
-            ran out) or `ShuttingDown`.
+            ran out; a `Cleared` if an administrator cleared its type) or
+            `ShuttingDown`.
+        """
+
+    def job_progress(job, report):
+        """The job's slave reported progress; more may follow, then the end.
+
+        :param job: the `ScheduledJob` (or the owner's `Attachment`).
+        :param report: the progress, as the slave's connection gave it.
         """
 
 
@@ -403,14 +494,25 @@ class Scheduler(Service):
         self._delayed_withdrawn = 0
         self._wake_call = None
         self._last_run_at = 0.0
+        self._unique: Dict[tuple, ScheduledJob] = {}
+        self.paused: Set[str] = set()
+        """The paused types: their jobs are queued, and none is handed out."""
+        self._drained: Optional[Deferred] = None
+        self._drain_check = None
+        self.draining = False
+        """Whether `drain` was called."""
 
     # --- masters ----------------------------------------------------------
 
     def submit(self, owner: IJobOwner, job_id: str, job_type: str, body: Any, priority: int = 0,
                timeout: Optional[float] = None, run_at: Optional[float] = None,
-               policy: Optional[RetryPolicy] = None, sequence: Optional[int] = None) -> ScheduledJob:
+               policy: Optional[RetryPolicy] = None, sequence: Optional[int] = None,
+               unique: Optional[str] = None) -> Union[ScheduledJob, Attachment]:
         """Queue a job, or hand it to an idle slave at once, or (with a
-        ``run_at`` still to come) delay it until then.
+        ``run_at`` still to come) delay it until then.  With a ``unique``
+        key, while a job of the same type and key is queued, delayed or
+        running, the owner attaches to that job instead (its other
+        arguments are then unused).
 
         :param owner: hears how the job ends.
         :param job_id: the owner's name for the job.
@@ -422,12 +524,17 @@ class Scheduler(Service):
         :param policy: how the job is retried; the scheduler's defaults if None.
         :param sequence: its place among jobs of its priority, from
             `next_sequence`; the next one if None.
-        :returns: the job, for `cancel`.
+        :param unique: the key under which submits of this type share one job.
+        :returns: the job, for `cancel`; for a unique job, the owner's
+            `Attachment` to it.
         :raises ShuttingDown: once the scheduler is stopping.  If handing
             the job out fails, nothing has changed.
         """
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down")
+        if unique is not None:
+            return self._submit_unique(owner, job_id, job_type, body, priority, timeout, run_at,
+                                       policy, sequence, unique)
         if timeout is None:
             timeout = self.default_timeout
         if sequence is None:
@@ -452,6 +559,41 @@ class Scheduler(Service):
             raise
         return job
 
+    def _submit_unique(self, owner, job_id, job_type, body, priority, timeout, run_at, policy,
+                       sequence, key) -> Attachment:
+        job = self._unique.get((job_type, key))
+        if job is not None:
+            attachment = Attachment(owner, job_id, job, True)
+            job.unique.attached[attachment] = None
+            self.totals["coalesced"] += 1
+            return attachment
+        submitters = Submitters(key, self._contain)
+        job = self.submit(submitters, job_id, job_type, body, priority, timeout, run_at, policy,
+                          sequence)
+        attachment = Attachment(owner, job_id, job, False)
+        submitters.attached[attachment] = None
+        job.unique = submitters
+        self._unique[(job_type, key)] = job
+        return attachment
+
+    def _detach(self, attachment: Attachment) -> None:
+        """A submitter of a unique job withdraws: the job is cancelled once
+        none is left."""
+        attachment.owner = None
+        job = attachment.job
+        submitters = job.unique
+        if submitters is None or attachment not in submitters.attached:
+            return
+        del submitters.attached[attachment]
+        if not submitters.attached:
+            self._forget_unique(job)
+            self.cancel(job)
+
+    def _forget_unique(self, job: ScheduledJob) -> None:
+        key = (job.type, job.unique.key)
+        if self._unique.get(key) is job:
+            del self._unique[key]
+
     @property
     def stopping(self) -> bool:
         """Whether the scheduler is stopping (and takes no new jobs)."""
@@ -472,6 +614,9 @@ class Scheduler(Service):
 
         :param job: what `submit` returned.
         """
+        if type(job) is Attachment:
+            self._detach(job)
+            return
         job.owner = None
         if job.state is QUEUED:
             self._end(job)
@@ -572,7 +717,7 @@ class Scheduler(Service):
         (with ``front``, ahead of every job of its priority).  If starting
         the attempt fails, the slave stays idle."""
         waiters = self._idle.get(job.type)
-        if waiters:
+        if waiters and job.type not in self.paused:
             slave, waiting = next(iter(waiters.items()))
             self._start(job, slave)
             del waiters[slave]
@@ -649,7 +794,7 @@ class Scheduler(Service):
         """
         job_type = self._serving[slave]
         queue = self._queues.get(job_type)
-        if queue:
+        if queue and job_type not in self.paused:
             job = queue.pop()
             try:
                 self._start(job, slave)
@@ -786,6 +931,50 @@ class Scheduler(Service):
         if job.type not in self._joined:
             self._maybe_unused(job.type)
 
+    def progress(self, slave: ISlave, job: ScheduledJob, report: Any) -> None:
+        """The slave reports progress on the job it holds: its owner hears
+        of it, the job keeps it as its latest (for status), and the
+        attempt's timeout starts again, as with `touch`.
+
+        :param slave: the slave that was handed the job.
+        :param job: the job it reports on.
+        :param report: the progress, handed to the owner as it is.
+        :raises AttemptGivenUp: when the attempt had already timed out.
+        :raises JobWithdrawn: when no submitter wants the job any more.
+        """
+        owner = self._held(slave, job)
+        job.progress = report
+        self.totals["progress"] += 1
+        try:
+            owner.job_progress(job, report)
+        except Exception:
+            self._contained(owner.job_progress)
+
+    def touch(self, slave: ISlave, job: ScheduledJob) -> None:
+        """The slave says the job it holds is still being worked on: the
+        attempt's timeout starts again from now.
+
+        :param slave: the slave that was handed the job.
+        :param job: the job it holds.
+        :raises AttemptGivenUp: when the attempt had already timed out.
+        :raises JobWithdrawn: when no submitter wants the job any more.
+        """
+        self._held(slave, job)
+        self.totals["touched"] += 1
+
+    def _held(self, slave: ISlave, job: ScheduledJob) -> IJobOwner:
+        """Check the slave's attempt at the job still stands, and restart
+        its timeout; return the job's owner."""
+        if job.holder is not slave:
+            raise AttemptGivenUp(job.id)
+        owner = job.owner
+        if owner is None or job.state is not RUNNING:
+            raise JobWithdrawn(job.id)
+        timer = job.timer
+        if timer is not None:
+            timer.reset(job.timeout)
+        return owner
+
     def _attempt_over(self, slave: ISlave, job: ScheduledJob) -> bool:
         """The slave no longer holds the job: end its attempt.
 
@@ -866,12 +1055,18 @@ class Scheduler(Service):
         job.state = ENDED
         owner, job.owner = job.owner, None
         self._jobs.discard(job)
+        if job.unique is not None:
+            self._forget_unique(job)
+        if self._drained is not None and self._drain_check is None:
+            self._drain_check = self.clock.callLater(0, self._check_drained)
         if error is None:
             if owner is None:
                 self.totals["cancelled"] += 1
             return owner
         if owner is None or isinstance(error, ShuttingDown):
             self.totals["cancelled"] += 1
+        elif isinstance(error, Cleared):
+            self.totals["cleared"] += 1
         else:
             self.totals["failed"] += 1
         if owner is not None:
@@ -895,8 +1090,95 @@ class Scheduler(Service):
         if (self.on_type_unused is not None and job_type not in self._joined
                 and job_type not in self._queues and job_type not in self._running
                 and job_type not in self._busy and job_type not in self._idle
-                and job_type not in self._delayed_of_type):
+                and job_type not in self._delayed_of_type and job_type not in self.paused):
             self._contain(self.on_type_unused, job_type)
+
+    # --- administration ---------------------------------------------------
+
+    def pause(self, job_type: str) -> None:
+        """Hand out no job of ``job_type`` until `resume`: its jobs are
+        still taken, and queue; its slaves wait idle.
+
+        :param job_type: a type, known or not yet.
+        """
+        self.paused.add(job_type)
+
+    def resume(self, job_type: str) -> None:
+        """Hand out jobs of a paused type again: its idle slaves get its
+        queued jobs at once.
+
+        :param job_type: a paused type (any other is left as it is).
+        """
+        if job_type not in self.paused:
+            return
+        self.paused.discard(job_type)
+        queue, waiters = self._queues.get(job_type), self._idle.get(job_type)
+        while queue and waiters:
+            job = queue.pop()
+            if job is None:
+                break
+            slave, waiting = next(iter(waiters.items()))
+            try:
+                self._start(job, slave)
+            except BaseException:
+                queue.push(job)
+                raise
+            del waiters[slave]
+            waiting.callback(job)
+        if queue is not None and not queue:
+            self._queues.pop(job_type, None)
+        if waiters is not None and not waiters:
+            self._idle.pop(job_type, None)
+        self._maybe_unused(job_type)
+
+    def clear(self, job_type: str) -> int:
+        """End every queued and delayed job of ``job_type``: each owner is
+        told `Cleared`.  Running jobs go on.
+
+        :param job_type: the type.
+        :returns: how many jobs were cleared.
+        """
+        waiting = [job for job in self._jobs
+                   if job.type == job_type and (job.state is QUEUED or job.state is DELAYED)]
+        waiting.sort(key=lambda job: job.sequence)
+        error = Cleared("an administrator cleared the queue of its type")
+        for job in waiting:
+            state = job.state
+            self._end(job, error)
+            if state is DELAYED:
+                self._undelay(job)
+        self._queues.pop(job_type, None)
+        if waiting:
+            self.log.warn("Cleared {count} queued and delayed jobs of type {type}",
+                          count=len(waiting), type=quoted(job_type))
+        self._maybe_unused(job_type)
+        return len(waiting)
+
+    def drain(self) -> Deferred:
+        """Run what there is to run, then say so.  The scheduler itself
+        still takes jobs: the caller stops submitting.
+
+        :returns: a Deferred that fires once no job is queued or running,
+            and no job waits out the backoff of a retry (jobs submitted to
+            start later and not yet due are not waited for).
+        """
+        if self._drained is None:
+            self.draining = True
+            self._drained = Deferred()
+            self._drain_check = self.clock.callLater(0, self._check_drained)
+        drained = Deferred()
+        self._drained.addBoth(lambda result: (drained.callback(None), result)[1])
+        return drained
+
+    def _check_drained(self) -> None:
+        self._drain_check = None
+        if self._drained.called:
+            return
+        if len(self._jobs) > self.delayed():
+            return  # some job is queued or running
+        if any(job.state is DELAYED and job.attempt for job in self._delayed):
+            return  # a retry waits out its backoff
+        self._drained.callback(None)
 
     # --- inspection and lifecycle -------------------------------------------
 
@@ -920,7 +1202,7 @@ class Scheduler(Service):
     def type_names(self) -> Set[str]:
         """The types with queued or running jobs, or idle or busy slaves."""
         return (set(self._queues) | set(self._idle) | set(self._running) | set(self._busy)
-                | set(self._delayed_of_type))
+                | set(self._delayed_of_type) | self.paused)
 
     def types(self, limit: Optional[int] = None,
               names: Optional[Set[str]] = None) -> Dict[str, Dict[str, int]]:
@@ -942,6 +1224,7 @@ class Scheduler(Service):
                 "running": self._running.get(name, 0),
                 "idle_slaves": self.idle_slaves(name),
                 "busy_slaves": self._busy.get(name, 0),
+                "paused": name in self.paused,
             }
             for name in sorted(names)
         }
@@ -954,6 +1237,9 @@ class Scheduler(Service):
         """Fail every unfinished job with `ShuttingDown`, refuse new ones,
         and cancel the idle slaves' waits."""
         self._stopping = True
+        if self._drain_check is not None and self._drain_check.active():
+            self._drain_check.cancel()
+        self._drain_check = None
         jobs = self.jobs()
         self._queues.clear()
         self._delayed.clear()

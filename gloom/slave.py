@@ -10,7 +10,7 @@ from zope.interface import implementer
 
 from gloom import wire
 from gloom.protocol import GloomFactory, GloomProtocol
-from gloom.scheduler import AttemptGivenUp, ISlave, ScheduledJob
+from gloom.scheduler import AttemptGivenUp, ISlave, JobWithdrawn, ScheduledJob
 
 
 class SlaveState(enum.Enum):
@@ -106,6 +106,40 @@ class SlaveProtocol(GloomProtocol):
         wire.required_name(message, "id")
         job = self._held_job(message, "release")
         self._report(self._hand_back, job, None, message.ref, "release")
+
+    def do_progress(self, message: wire.Message) -> None:
+        """Pass progress on the held job to its master; it also restarts
+        the attempt's timeout."""
+        job = self.job
+        if job is None or message.id is not _MISSING:
+            job = self._held_job(message, "progress")
+        report = wire.progress_report(message, job.id)
+        self._while_held(self.factory.scheduler.progress, job, message.ref, "progress", report)
+
+    def do_touch(self, message: wire.Message) -> None:
+        """Restart the held job's timeout: the slave is still at it."""
+        job = self.job
+        if job is None or message.id is not _MISSING:
+            job = self._held_job(message, "touch")
+        self._while_held(self.factory.scheduler.touch, job, message.ref, "touch")
+
+    def _while_held(self, report, job: ScheduledJob, ref, what: str, *args) -> None:
+        """Report on a job the slave goes on holding (progress, touch).
+        Refused with ``timed_out`` once the attempt was given up, and with
+        ``cancelled`` once no master wants the job."""
+        try:
+            report(self, job, *args)
+        except AttemptGivenUp:
+            raise wire.MessageError(
+                wire.TIMED_OUT,
+                f"job {wire.quoted(job.id)} ran past its timeout of {job.timeout:g} s and was "
+                f"given up; this {what} was refused", job.id) from None
+        except JobWithdrawn:
+            raise wire.MessageError(
+                wire.CANCELLED,
+                f"job {wire.quoted(job.id)} was cancelled: nobody waits for it now; stop work "
+                "on it and answer, fail or release it", job.id) from None
+        self.reply(wire.OK, ref)
 
     def _hand_back(self, slave: "SlaveProtocol", job: ScheduledJob, outcome: None) -> None:
         self.factory.scheduler.hand_back(slave, job)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -120,6 +122,12 @@ class Options(usage.Options):
         "slaves take them on another. Endpoints are Twisted endpoint strings, "
         "e.g. tcp:9998:interface=0.0.0.0 to listen on every interface."
     )
+    optFlags = [
+        ["admin", None,
+         "Let masters pause, resume and clear types and drain the daemon "
+         "[default: off, refused with forbidden]"],
+    ]
+
     optParameters = [
         ["master", None, DEFAULT_MASTER, "Endpoint where masters connect"],
         ["slave", None, DEFAULT_SLAVE, "Endpoint where slaves connect"],
@@ -306,9 +314,46 @@ class GloomService(MultiService):
         self.detached = factories[0].detached
         self.reactor = reactor
         self.started_at = reactor.seconds()
+        self.stop_reactor: Callable[[], None] = getattr(reactor, "stop", lambda: None)
+        """How the daemon ends itself once drained (the reactor's ``stop``)."""
+        self._previous_usr1 = None
         scheduler.setServiceParent(self)
+        factories[0].drain = self.drain
+
+    def drain(self) -> Deferred:
+        """Take no new jobs (submits are refused with ``shutdown``), finish
+        the queued and running ones, then stop the reactor, so the daemon
+        exits 0 (the ``drain`` action and SIGUSR1).
+
+        :returns: a Deferred that fires once the jobs are finished.
+        """
+        if not self.scheduler.draining:
+            self.log.info("Draining: no new jobs; stopping once the {count} queued and running "
+                          "jobs are finished", count=len(self.scheduler) - self.scheduler.delayed())
+        drained = self.scheduler.drain()
+        drained.addCallback(self._drained)
+        return drained
+
+    def _drained(self, _) -> None:
+        if self.running:
+            self.log.info("Drained: every job is finished; stopping")
+            self.stop_reactor()
+
+    def _usr1(self, signum, frame) -> None:
+        """SIGUSR1: drain (the handler runs between bytecodes; the drain
+        runs in the reactor's turn)."""
+        self.reactor.callFromThread(self.drain)
+
+    def startService(self) -> None:
+        """Start, and drain on SIGUSR1 (when started in the main thread)."""
+        MultiService.startService(self)
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._usr1)
 
     def stopService(self):
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
         stopped = MultiService.stopService(self)
         stopped.addCallback(self._settle_journal)
         stopped.addCallback(lambda _: self._close_connections())
@@ -354,7 +399,10 @@ class GloomService(MultiService):
             "slaves": len(slaves.connections),
             "types": types,
             "types_omitted": len(names) - len(types),
-            "totals": {**self.scheduler.totals, **self.detached.totals},
+            "totals": {**self.scheduler.totals, **self.detached.totals,
+                       "progress_replaced": masters.progress_replaced},
+            "paused": sorted(self.scheduler.paused),
+            "draining": self.scheduler.draining,
             "delayed": self.scheduler.delayed(),
             "detached": self.detached.stats(),
             "journal": self.detached.journal.stats() if self.detached.journal is not None else None,
@@ -418,7 +466,8 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
     masters = MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout,
                             max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED,
                             detached=detached,
-                            max_detached=config.get("max-detached") or DEFAULT_MAX_DETACHED)
+                            max_detached=config.get("max-detached") or DEFAULT_MAX_DETACHED,
+                            admin=bool(config.get("admin")))
     slaves = SlaveFactory(scheduler, reactor, max_frame, outbox, frame_timeout)
     root = GloomService(scheduler, (masters, slaves), reactor)
     masters.stats = root.stats

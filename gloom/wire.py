@@ -83,6 +83,9 @@ TIMED_OUT = "timed_out"
 WRONG_JOB = "wrong_job"
 INTERNAL_ERROR = "internal_error"
 JOURNAL_ERROR = "journal_error"
+CANCELLED = "cancelled"
+CLEARED = "cleared"
+FORBIDDEN = "forbidden"
 
 ERROR_CODES = (
     SIZE_ERROR,
@@ -100,6 +103,9 @@ ERROR_CODES = (
     WRONG_JOB,
     INTERNAL_ERROR,
     JOURNAL_ERROR,
+    CANCELLED,
+    CLEARED,
+    FORBIDDEN,
 )
 """Every ``error`` code an error frame may carry."""
 
@@ -124,11 +130,15 @@ MAX_RETRIES = 1000
 MAX_PAGE = 1000
 """Most dead jobs one ``dead_list`` reply lists."""
 
+ADMIN_ACTIONS = frozenset({"pause", "resume", "clear", "drain"})
+"""The master port's administrative actions, refused (`FORBIDDEN`) unless
+the daemon runs with ``--admin``."""
+
 MASTER_ACTIONS = frozenset({"submit", "cancel", "stats", "status", "dead_list", "dead_retry",
-                            "dead_discard"})
+                            "dead_discard"}) | ADMIN_ACTIONS
 """The actions a master may send (on the master port)."""
 
-SLAVE_ACTIONS = frozenset({"join", "respond", "fail", "leave", "release"})
+SLAVE_ACTIONS = frozenset({"join", "respond", "fail", "leave", "release", "progress", "touch"})
 """The actions a slave may send (on the slave port)."""
 
 # Longest digit string converted to a Python int; longer ones stay text.
@@ -209,7 +219,8 @@ copy.  On PyPy a view saves nothing (the copy is made when the body is
 spliced into the frame that carries it on) and costs time."""
 
 MESSAGE_FIELDS = ("action", "id", "type", "body", "priority", "timeout", "reason", "ref",
-                  "detach", "delay", "at", "retries", "backoff", "offset", "limit")
+                  "detach", "delay", "at", "retries", "backoff", "offset", "limit", "unique",
+                  "done", "total", "data")
 """The fields of a request that Gloom reads; any others are ignored."""
 _FIELD_KEYS = {name.encode("ascii"): name for name in MESSAGE_FIELDS}
 
@@ -247,6 +258,10 @@ if msgspec is not None:
         backoff: Any = msgspec.UNSET
         offset: Any = msgspec.UNSET
         limit: Any = msgspec.UNSET
+        unique: Any = msgspec.UNSET
+        done: Any = msgspec.UNSET
+        total: Any = msgspec.UNSET
+        data: msgspec.Raw = msgspec.UNSET
 
     class _RawFields(msgspec.Struct):
         """A request's fields, each as its raw JSON text."""
@@ -266,6 +281,10 @@ if msgspec is not None:
         backoff: msgspec.Raw = msgspec.UNSET
         offset: msgspec.Raw = msgspec.UNSET
         limit: msgspec.Raw = msgspec.UNSET
+        unique: msgspec.Raw = msgspec.UNSET
+        done: msgspec.Raw = msgspec.UNSET
+        total: msgspec.Raw = msgspec.UNSET
+        data: msgspec.Raw = msgspec.UNSET
 
     _fast_decode = msgspec.json.Decoder(Message).decode
     _raw_fields_decode = msgspec.json.Decoder(_RawFields).decode
@@ -298,7 +317,8 @@ else:
         def __init__(self, action=MISSING, id=MISSING, type=MISSING, body=MISSING,
                      priority=MISSING, timeout=MISSING, reason=MISSING, ref=MISSING,
                      detach=MISSING, delay=MISSING, at=MISSING, retries=MISSING,
-                     backoff=MISSING, offset=MISSING, limit=MISSING):
+                     backoff=MISSING, offset=MISSING, limit=MISSING, unique=MISSING,
+                     done=MISSING, total=MISSING, data=MISSING):
             self.action = action
             self.id = id
             self.type = type
@@ -314,6 +334,10 @@ else:
             self.backoff = backoff
             self.offset = offset
             self.limit = limit
+            self.unique = unique
+            self.done = done
+            self.total = total
+            self.data = data
 
     _fast_decode = None
     _fast_encode = None
@@ -324,12 +348,14 @@ def message(**fields) -> "Message":
 
     :param fields: the message's fields by name, such as ``action="submit"``;
         names not in `MESSAGE_FIELDS` are left out, ``body`` is any value
-        `encode_body` takes, and ``ref`` any value `encode_value` takes.
+        `encode_body` takes (and so is ``data``), and ``ref`` any value
+        `encode_value` takes.
     :raises MessageError: if the body nests too deeply.
     """
-    if "body" in fields:
-        job_id = fields.get("id")
-        fields["body"] = encode_body(fields["body"], job_id if type(job_id) is str else None)
+    job_id = fields.get("id")
+    for raw in ("body", "data"):
+        if raw in fields:
+            fields[raw] = encode_body(fields[raw], job_id if type(job_id) is str else None)
     if "ref" in fields:
         fields["ref"] = encode_value(fields["ref"])
     return Message(**{name: value for name, value in fields.items() if name in MESSAGE_FIELDS})
@@ -402,7 +428,7 @@ def _scanned(frame: bytes) -> "Message":
         raise MessageError(INVALID_JSON, f"frame is not valid JSON: {e}") from None
     fields = {}
     for name, (start, end) in spans.items():
-        if name == "body":
+        if name == "body" or name == "data":
             fields[name] = memoryview(frame)[start:end] if _BODY_VIEWS else frame[start:end]
         elif name == "ref":
             fields[name] = frame[start:end]
@@ -455,7 +481,7 @@ def _decode_large(frame: bytes) -> "Message":
     for name in MESSAGE_FIELDS:
         value = getattr(raw, name)
         if value is not MISSING:
-            if name == "body":
+            if name == "body" or name == "data":
                 fields[name] = value
             elif name == "ref":
                 fields[name] = bytes(value)
@@ -827,6 +853,50 @@ def optional_count(message: "Message", field: str, default: Optional[int], least
     return value
 
 
+def optional_unique(message: "Message", job_id: Optional[str] = None) -> Optional[str]:
+    """A submit's ``unique`` key, or None: a string of 1 to `MAX_NAME_BYTES`
+    bytes of UTF-8.
+
+    :param message: the request, from `decode`.
+    :param job_id: the id of the job, named in the error.
+    :raises MessageError: if the key is anything else.
+    """
+    key = message.unique
+    if key is MISSING:
+        return None
+    if type(key) is not str or not key:
+        raise MessageError(INVALID_MESSAGE, "field 'unique' must be a non-empty string", job_id)
+    _utf8_length(key, "unique", job_id)
+    return key
+
+
+def progress_report(message: "Message", job_id: Optional[str] = None) -> bytes:
+    """A slave's ``progress`` as the JSON object a master receives:
+    ``done``, ``total`` (numbers from 0) and ``data`` (any JSON value, as
+    sent), whichever the slave sent, at least one.
+
+    :param message: the request, from `decode`.
+    :param job_id: the id of the job, named in the error.
+    :raises MessageError: if none is there, or a count is not a number from 0.
+    """
+    parts = []
+    for field in ("done", "total"):
+        value = getattr(message, field)
+        if value is MISSING:
+            continue
+        if type(value) not in (int, float) or not 0 <= value < math.inf:
+            raise MessageError(
+                INVALID_MESSAGE, f"field {field!r} must be a number from 0", job_id)
+        parts.append(b'"%s":%s' % (field.encode("ascii"), encode_value(value)))
+    data = message.data
+    if data is not MISSING:
+        parts.append(b'"data":' + bytes(data))
+    if not parts:
+        raise MessageError(
+            INVALID_MESSAGE, "a progress needs 'done', 'total' or 'data'", job_id)
+    return b"{" + b",".join(parts) + b"}"
+
+
 _MAX_REF_TEXT = 6 * MAX_NAME_BYTES + 2
 """The longest JSON text of a string ref that can be valid: a byte of UTF-8
 takes at most six characters to write (``\\u00e9``), plus the quotes."""
@@ -903,16 +973,17 @@ def stats(figures: dict) -> bytes:
 
 def status(job_id: str, figures: dict) -> bytes:
     """The reply to ``status``: the job's id and its figures; a ``result``
-    among them is an answer's JSON text, spliced in as it is.
+    (an answer) or ``progress`` among them is JSON text, spliced in as it is.
 
     :param job_id: the job's id.
     :param figures: ``state`` and what else applies.
     """
-    result = figures.pop("result", None)
+    raw = [(name, figures.pop(name)) for name in ("progress", "result") if name in figures]
     frame = encode_value({"ok": True, "id": job_id, **figures})
-    if result is None:
+    if not raw:
         return frame
-    return b"".join((frame[:-1], b',"result":', bytes(result), b"}"))
+    return b"".join((frame[:-1], *(b',"%s":%s' % (name.encode("ascii"), bytes(value))
+                                   for name, value in raw), b"}"))
 
 
 def job(id_json: bytes, type_json: bytes, body) -> bytes:
@@ -924,6 +995,24 @@ def job(id_json: bytes, type_json: bytes, body) -> bytes:
         it.
     """
     return b'{"action":"job","id":' + id_json + b',"type":' + type_json + b',"body":' + body + b"}"
+
+
+def progress(id_json: bytes, report: bytes) -> bytes:
+    """Relay a slave's progress on a job to its master.
+
+    :param id_json: the job's id (the master's), from `encode_id`.
+    :param report: the progress object, from `progress_report`.
+    """
+    return b'{"id":' + id_json + b',"progress":' + report + b"}"
+
+
+def coalesced_ack(id_json: bytes) -> bytes:
+    """Accepted a submit by attaching it to a running or queued job with
+    the same type and ``unique`` key.
+
+    :param id_json: the submitter's id for the job, from `encode_id`.
+    """
+    return b'{"ok":true,"id":' + id_json + b',"coalesced":true}'
 
 
 def answer(id_json: bytes, body) -> bytes:

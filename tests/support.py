@@ -98,7 +98,8 @@ class Daemon:
     """A scheduler with both factories, in memory."""
 
     def __init__(self, max_retries=3, max_frame=1024 * 1024, max_queued=1000, default_timeout=None,
-                 journal=None, clock=None, max_detached=1000, jitter=lambda: 0.0, **detached):
+                 journal=None, clock=None, max_detached=1000, jitter=lambda: 0.0, admin=False,
+                 **detached):
         """Keyword arguments beyond these go to `gloom.detached.DetachedJobs`;
         retries back off by exactly half their full wait (``jitter``)."""
         from gloom.detached import DetachedJobs
@@ -108,7 +109,8 @@ class Daemon:
                                    default_timeout=default_timeout, jitter=jitter)
         self.detached = DetachedJobs(self.scheduler, self.clock, journal, **detached)
         self.masters = MasterFactory(self.scheduler, self.clock, max_frame, max_queued=max_queued,
-                                     detached=self.detached, max_detached=max_detached)
+                                     detached=self.detached, max_detached=max_detached,
+                                     admin=admin)
         self.slaves = SlaveFactory(self.scheduler, self.clock, max_frame)
 
     def master(self) -> Peer:

@@ -135,7 +135,7 @@ class DetachedTests(SynchronousTestCase):
         (reply,) = self.master.send({"action": "stats"})
         stats = reply["stats"]
         self.assertEqual(stats["types"]["t"], {"queued": 1, "delayed": 2, "running": 0,
-                                               "idle_slaves": 0, "busy_slaves": 0})
+                                               "idle_slaves": 0, "busy_slaves": 0, "paused": False})
         self.assertEqual(stats["delayed"], 2)
         self.assertEqual(stats["detached"], {"live": 2, "results": 0, "results_bytes": 0, "dead": 0})
         self.assertEqual((stats["totals"]["detached"], stats["totals"]["delayed"]), (2, 2))

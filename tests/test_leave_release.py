@@ -165,7 +165,8 @@ class ReleaseTests(SynchronousTestCase):
         self.assertEqual((job.attempt, job.retries, job.state), (0, 0, QUEUED))
         self.assertEqual(daemon.scheduler.totals,
                          {"submitted": 1, "completed": 0, "failed": 0, "cancelled": 0, "retried": 0,
-                          "timed_out": 0, "released": 1, "delayed": 0})
+                          "timed_out": 0, "released": 1, "delayed": 0, "coalesced": 0,
+                          "progress": 0, "touched": 0, "cleared": 0})
         second = daemon.slave("t")
         self.assertEqual(second.received()[0]["id"], "1")
         second.disconnect()  # the only attempt lost: no retries allowed

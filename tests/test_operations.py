@@ -110,13 +110,16 @@ class StatsTests(DaemonTestCase):
         self.assertTrue(reply["ok"])
         stats = reply["stats"]
         self.assertEqual(stats["types"], {
-            "t": {"queued": 1, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1},
-            "u": {"queued": 0, "delayed": 0, "running": 0, "idle_slaves": 1, "busy_slaves": 0},
+            "t": {"queued": 1, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1, "paused": False},
+            "u": {"queued": 0, "delayed": 0, "running": 0, "idle_slaves": 1, "busy_slaves": 0, "paused": False},
         })
         self.assertEqual(stats["totals"], {"submitted": 3, "completed": 1, "failed": 0, "cancelled": 0,
                                            "retried": 0, "timed_out": 0, "released": 0,
-                                           "delayed": 0, "detached": 0, "dead": 0,
-                                           "dead_dropped": 0, "results_dropped": 0})
+                                           "delayed": 0, "coalesced": 0, "progress": 0,
+                                           "touched": 0, "cleared": 0, "detached": 0, "dead": 0,
+                                           "dead_dropped": 0, "results_dropped": 0,
+                                           "progress_replaced": 0})
+        self.assertEqual((stats["paused"], stats["draining"]), ([], False))
         self.assertEqual(stats["delayed"], 0)
         self.assertEqual(stats["detached"], {"live": 0, "results": 0, "results_bytes": 0, "dead": 0})
         self.assertIsNone(stats["journal"])

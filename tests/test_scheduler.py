@@ -29,7 +29,7 @@ class Answer:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.job = None
-        self.results, self.failures = [], []
+        self.results, self.failures, self.progress = [], [], []
 
     def job_answered(self, job, body):
         assert job is self.job
@@ -38,6 +38,10 @@ class Answer:
     def job_failed(self, job, error):
         assert job is self.job
         self.failures.append(error)
+
+    def job_progress(self, job, report):
+        assert job is self.job
+        self.progress.append(report)
 
     @property
     def fired(self):
@@ -127,7 +131,7 @@ class QueueOrderTests(SynchronousTestCase):
         self.scheduler.join(slave, "t")
         (job,) = slave.ask().results
         self.assertEqual((job.id, job.state, job.attempt, job.holder), ("b", RUNNING, 1, slave))
-        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1})
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1, "paused": False})
         self.assertEqual(self.scheduler.idle_slaves("t"), 0)
 
     def test_submit_reaches_a_waiting_slave_at_once(self):
@@ -350,7 +354,7 @@ class HandBackTests(SynchronousTestCase):
         self.assertIsNot(job.holder, slow)
         self.assertEqual(self.scheduler.totals["released"], 0)
         self.assertEqual(self.scheduler.types(), {"t": {"queued": 0, "delayed": 0, "running": 1, "idle_slaves": 0,
-                                                        "busy_slaves": 1}})
+                                                        "busy_slaves": 1, "paused": False}})
 
     def test_withdrawn_job_ends(self):
         answer = submit(self.scheduler, "a", "t", None)
@@ -404,7 +408,7 @@ class TimeoutTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.scheduler.queued("t"), 1)
         self.assertEqual(self.scheduler.totals["timed_out"], 1)
-        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 0, "idle_slaves": 0, "busy_slaves": 1})
+        self.assertEqual(self.scheduler.types()["t"], {"queued": 1, "delayed": 0, "running": 0, "idle_slaves": 0, "busy_slaves": 1, "paused": False})
         fast = take(self.scheduler, "t")
         self.assertIs(fast, slow)
         self.assertRaises(AttemptGivenUp, self.scheduler.complete, slow_slave, slow, "late")
@@ -495,9 +499,10 @@ class FigureTests(SynchronousTestCase):
         queued.cancel()
         take(scheduler, "t")
         self.assertEqual(scheduler.totals, {"submitted": 7, "completed": 1, "failed": 2, "cancelled": 1,
-                                            "retried": 1, "timed_out": 0, "released": 0, "delayed": 0})
+                                            "retried": 1, "timed_out": 0, "released": 0, "delayed": 0,
+                                            "coalesced": 0, "progress": 0, "touched": 0, "cleared": 0})
         self.assertEqual(answered, [("t", 3.0)])
-        self.assertEqual(scheduler.types(), {"t": {"queued": 2, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1}})
+        self.assertEqual(scheduler.types(), {"t": {"queued": 2, "delayed": 0, "running": 1, "idle_slaves": 0, "busy_slaves": 1, "paused": False}})
         self.assertEqual(len(scheduler), 3)
 
 

@@ -136,7 +136,7 @@ class TacTests(SynchronousTestCase):
     def test_tac_shows_every_option(self):
         with open(TAC) as tac:
             text = tac.read()
-        for name, *_ in tap.Options.optParameters:
+        for name, *_ in tap.Options.optParameters + tap.Options.optFlags:
             self.assertIn(f'"--{name}": ', text)
 
     def test_twistd_runs_the_tac_file(self):
@@ -170,6 +170,11 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn(". ", text.replace("e.g. ", ""), name)  # one sentence
             self.assertNotIn("..", text)
         self.assertIn("Display Gloom's version and exit.", result.stdout)
+        for name, *_ in tap.Options.optFlags:
+            flag = re.search(rf"^ +--{name}\s+(.*?)(?=^ +--|^$)", result.stdout, re.M | re.S)
+            self.assertIsNotNone(flag, name)
+            text = " ".join(flag.group(1).split())
+            self.assertRegex(text, r"^[A-Z].* \[default: [^\]]+\]$", name)
 
     def test_version_is_glooms(self):
         import gloom

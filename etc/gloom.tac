@@ -32,6 +32,9 @@ HTTP = None                               # where /status and /metrics are serve
                                           # "tcp:9997:interface=127.0.0.1"; None: off
 ADMIN = False                             # True: masters may pause, resume and clear types
                                           # and drain the daemon
+ADMIN_ENDPOINT = None                     # another endpoint for masters where those actions
+                                          # are allowed, e.g. "unix:/run/gloom/admin.sock";
+                                          # None: off
 
 settings = {
     "--master": MASTER,
@@ -52,6 +55,7 @@ settings = {
     "--journal-sync": JOURNAL_SYNC,
     "--http": HTTP,
     "--admin": ADMIN,
+    "--admin-endpoint": ADMIN_ENDPOINT,
 }
 arguments = []
 for option, value in settings.items():

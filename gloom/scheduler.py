@@ -1057,8 +1057,8 @@ class Scheduler(Service):
         self._jobs.discard(job)
         if job.unique is not None:
             self._forget_unique(job)
-        if self._drained is not None and self._drain_check is None:
-            self._drain_check = self.clock.callLater(0, self._check_drained)
+        if self._drained is not None:
+            self._drain_changed()
         if error is None:
             if owner is None:
                 self.totals["cancelled"] += 1
@@ -1102,6 +1102,7 @@ class Scheduler(Service):
         :param job_type: a type, known or not yet.
         """
         self.paused.add(job_type)
+        self._drain_changed()
 
     def resume(self, job_type: str) -> None:
         """Hand out jobs of a paused type again: its idle slaves get its
@@ -1159,8 +1160,9 @@ class Scheduler(Service):
         still takes jobs: the caller stops submitting.
 
         :returns: a Deferred that fires once no job is queued or running,
-            and no job waits out the backoff of a retry (jobs submitted to
-            start later and not yet due are not waited for).
+            and no job waits out the backoff of a retry.  Jobs submitted to
+            start later and not yet due are not waited for, nor are the
+            jobs of paused types.
         """
         if self._drained is None:
             self.draining = True
@@ -1174,11 +1176,19 @@ class Scheduler(Service):
         self._drain_check = None
         if self._drained.called:
             return
-        if len(self._jobs) > self.delayed():
-            return  # some job is queued or running
-        if any(job.state is DELAYED and job.attempt for job in self._delayed):
+        paused = self.paused
+        held = sum(len(self._queues[name]) for name in paused if name in self._queues)
+        if len(self._jobs) - self.delayed() - held > 0:
+            return  # some job is queued (and may run) or running
+        if any(job.state is DELAYED and job.attempt and job.type not in paused
+               for job in self._delayed):
             return  # a retry waits out its backoff
         self._drained.callback(None)
+
+    def _drain_changed(self) -> None:
+        """What a drain waits for may have changed: check it again soon."""
+        if self._drained is not None and self._drain_check is None:
+            self._drain_check = self.clock.callLater(0, self._check_drained)
 
     # --- inspection and lifecycle -------------------------------------------
 

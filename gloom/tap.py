@@ -178,6 +178,9 @@ class Options(usage.Options):
         ["http", None, None,
          "Endpoint serving /status (JSON) and /metrics (Prometheus), "
          "e.g. tcp:9997:interface=127.0.0.1 [default: off]"],
+        ["admin-endpoint", None, None,
+         "Another endpoint for masters, on which the administrative actions are always "
+         "allowed, e.g. unix:/run/gloom/admin.sock or an mtls: endpoint [default: off]"],
     ]
 
     def opt_version(self) -> None:
@@ -191,7 +194,7 @@ class Options(usage.Options):
         if self["journal"] is not None and not self["journal"].strip():
             raise usage.UsageError("--journal needs the path of a file")
 
-        for role in ("master", "slave", "http"):
+        for role in ("master", "slave", "http", "admin-endpoint"):
             if self[role] is None:
                 continue
             try:
@@ -238,7 +241,8 @@ class ListenService(StreamServerEndpointService):
         """
         StreamServerEndpointService.__init__(self, _ReportingEndpoint(endpoint, self), factory)
         self.name = role
-        self.audience = {"master": "masters", "slave": "slaves"}.get(role, role.upper())
+        self.audience = {"master": "masters", "slave": "slaves",
+                         "admin-endpoint": "administrators"}.get(role, role.upper())
         self.description = description
         self.reactor = reactor
         self.port = None
@@ -305,7 +309,8 @@ class GloomService(MultiService):
     def __init__(self, scheduler: Scheduler, factories, reactor):
         """
         :param scheduler: the daemon's scheduler, started and stopped as a child.
-        :param factories: the master and slave factories, in that order.
+        :param factories: the master and slave factories, in that order,
+            then the admin endpoint's master factory if there is one.
         :param reactor: the reactor, for the clock.
         """
         MultiService.__init__(self)
@@ -318,7 +323,8 @@ class GloomService(MultiService):
         """How the daemon ends itself once drained (the reactor's ``stop``)."""
         self._previous_usr1 = None
         scheduler.setServiceParent(self)
-        factories[0].drain = self.drain
+        for factory in factories[:1] + factories[2:]:
+            factory.drain = self.drain
 
     def drain(self) -> Deferred:
         """Take no new jobs (submits are refused with ``shutdown``), finish
@@ -389,18 +395,20 @@ class GloomService(MultiService):
     def stats(self, types_limit: Optional[int] = STATS_TYPES_LIMIT) -> dict:
         """What the stats action and /status report: the ``types_limit``
         busiest types (all with None), and how many more there are."""
-        masters, slaves = self.factories
+        masters, slaves = self.factories[:2]
+        admins = self.factories[2:]
         names = self.scheduler.type_names()
         types = self.scheduler.types(types_limit, names)
         return {
             "version": gloom.__version__,
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
-            "masters": len(masters.connections),
+            "masters": len(masters.connections) + sum(len(f.connections) for f in admins),
             "slaves": len(slaves.connections),
             "types": types,
             "types_omitted": len(names) - len(types),
             "totals": {**self.scheduler.totals, **self.detached.totals,
-                       "progress_replaced": masters.progress_replaced},
+                       "progress_replaced": masters.progress_replaced
+                       + sum(f.progress_replaced for f in admins)},
             "paused": sorted(self.scheduler.paused),
             "draining": self.scheduler.draining,
             "delayed": self.scheduler.delayed(),
@@ -463,15 +471,25 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
     frame_timeout = config.get("frame-timeout") or DEFAULT_FRAME_TIMEOUT
     outbox = Outbox(reactor)
     detached = _detached_jobs(config, scheduler, reactor)
-    masters = MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout,
-                            max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED,
-                            detached=detached,
-                            max_detached=config.get("max-detached") or DEFAULT_MAX_DETACHED,
-                            admin=bool(config.get("admin")))
+
+    def master_factory(admin: bool) -> MasterFactory:
+        return MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout,
+                             max_queued=config.get("max-queued") or DEFAULT_MAX_QUEUED,
+                             detached=detached,
+                             max_detached=config.get("max-detached") or DEFAULT_MAX_DETACHED,
+                             admin=admin)
+
+    masters = master_factory(bool(config.get("admin")))
     slaves = SlaveFactory(scheduler, reactor, max_frame, outbox, frame_timeout)
-    root = GloomService(scheduler, (masters, slaves), reactor)
-    masters.stats = root.stats
+    factories = [masters, slaves]
     listeners = [("master", masters), ("slave", slaves)]
+    if config.get("admin-endpoint"):
+        admins = master_factory(True)
+        factories.append(admins)
+        listeners.append(("admin-endpoint", admins))
+    root = GloomService(scheduler, tuple(factories), reactor)
+    for factory in factories[:1] + factories[2:]:
+        factory.stats = root.stats
     if config.get("http"):
         from prometheus_client import CollectorRegistry
 

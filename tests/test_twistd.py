@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,34 @@ class TwistdTests(SynchronousTestCase):
         self.assertIn("Main loop terminated", output)
         self.assertIn("Gloom ", output)
         self.assertNotIn("Traceback", output)
+
+    def test_the_admin_endpoint_allows_what_the_master_port_forbids(self):
+        daemon = TwistdDaemon(self, "-n", "gloom", *ANY_PORT, "--admin-endpoint", "unix:admin.sock")
+        master_port, slave_port = daemon.ports()
+        daemon.read_until(lambda text: "Listening for administrators" in text)
+        master = BlockingClient(master_port)
+        self.addCleanup(master.close)
+        master.send({"action": "pause", "type": "reverse", "ref": 1})
+        refusal = master.receive()
+        self.assertEqual((refusal["error"], refusal["ref"]), ("forbidden", 1))
+        admin = socket.socket(socket.AF_UNIX)
+        self.addCleanup(admin.close)
+        admin.settimeout(10)
+        admin.connect(os.path.join(daemon.cwd, "admin.sock"))
+        admin.sendall(frame({"action": "pause", "type": "reverse"}) + frame({"action": "stats"}))
+        replies = BlockingClient.__new__(BlockingClient)
+        replies.sock = admin
+        self.assertEqual(replies.receive(), {"ok": True})
+        stats = replies.receive()["stats"]
+        self.assertEqual((stats["paused"], stats["masters"]), (["reverse"], 2))
+        admin.sendall(frame({"action": "resume", "type": "reverse"}))
+        self.assertEqual(replies.receive(), {"ok": True})
+        run_a_job(self, master_port, slave_port)  # the admin port is a master port too
+        admin.sendall(frame({"action": "drain"}))
+        self.assertEqual(replies.receive(), {"ok": True})
+        status, output = daemon.finish()
+        self.assertEqual(status, 0, output)
+        self.assertIn("Drained", output)
 
     def test_port_in_use_exits_with_one_clear_line(self):
         port = occupied_port(self)

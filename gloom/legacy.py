@@ -325,6 +325,9 @@ class Connection(Protocol):
         """Read one frame.  A reply is returned with its request's entry; any
         other frame is kept in the stash (and None, None returned)."""
         frame = self._next_frame(deadline)
+        if "progress" in frame and "body" not in frame and "ok" not in frame \
+                and "error" not in frame:
+            return None, None  # a job's progress: the 2009 protocol has none to give
         if not self._is_reply(frame):
             self._stash.append(frame)
             return None, None

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gloom import client as modern
 import gloom.legacy as gloom
-from tests.support import reserved_port
+from tests.support import BlockingClient, reserved_port
 from tests.test_integration import DaemonTestCase
 
 
@@ -148,6 +148,26 @@ class MasterAndSlaveTests(LegacyTestCase):
             self.assertEqual((error.error, error.reason, error.id), ("job_failed", job_id, job_id))
             self.assertIn("slave disconnected", error.detail)
             master.disconnect()
+        return deferToThread(body)
+
+    def test_progress_from_a_new_slave_is_not_an_answer(self):
+        """A 2009 master whose job's slave (a newer one) reports progress
+        receives only the answer."""
+        def body():
+            master_port, slave_port = self.ports()
+            master = gloom.Master("127.0.0.1", master_port)
+            slave = BlockingClient(slave_port)
+            slave.send({"action": "join", "type": "t"})
+            self.assertEqual(slave.receive(), {"ok": True})
+            job_id = master.submit(type="t", body="x")
+            self.assertEqual(slave.receive()["id"], job_id)
+            slave.send({"action": "progress", "done": 1, "total": 2})
+            self.assertEqual(slave.receive(), {"ok": True})
+            slave.send({"action": "respond", "body": "X"})
+            self.assertEqual(slave.receive(), {"ok": True})
+            self.assertEqual(master.receive(timeout=5), {"id": job_id, "body": "X"})
+            master.disconnect()
+            slave.close()
         return deferToThread(body)
 
     def test_do_many(self):

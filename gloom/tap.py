@@ -333,11 +333,12 @@ class GloomService(MultiService):
 
         :returns: a Deferred that fires once the jobs are finished.
         """
-        if not self.scheduler.draining:
+        first = not self.scheduler.draining
+        drained = self.scheduler.drain()
+        if first:
             self.log.info("Draining: no new jobs; stopping once the {count} queued and running "
                           "jobs are finished", count=len(self.scheduler) - self.scheduler.delayed())
-        drained = self.scheduler.drain()
-        drained.addCallback(self._drained)
+            drained.addCallback(self._drained)
         return drained
 
     def _drained(self, _) -> None:

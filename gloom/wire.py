@@ -866,7 +866,9 @@ def optional_unique(message: "Message", job_id: Optional[str] = None) -> Optiona
         return None
     if type(key) is not str or not key:
         raise MessageError(INVALID_MESSAGE, "field 'unique' must be a non-empty string", job_id)
-    _utf8_length(key, "unique", job_id)
+    if _utf8_length(key, "unique", job_id) > MAX_NAME_BYTES:
+        raise MessageError(
+            INVALID_MESSAGE, f"field 'unique' is longer than {MAX_NAME_BYTES} bytes", job_id)
     return key
 
 

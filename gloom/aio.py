@@ -1,7 +1,9 @@
 """An asyncio client for Gloom: `Master` submits jobs and awaits their
 answers (or, for a detached job, its id; ``status`` and the dead list say
-how such jobs went), `Worker` (or `work`) answers jobs with a plain or
-async function.
+how such jobs went), follows their progress (``on_progress``), and
+pauses, resumes, clears and drains the daemons' queues; `Worker` (or
+`work`) answers jobs with a plain or async function, which may report
+its progress (``job.progress``) or ask for more time (``job.touch``).
 
 Both are thin shells over `gloom.core`: they open one connection per
 daemon (per job slot, for a worker), reconnect with backoff, and move
@@ -37,6 +39,9 @@ from gloom import core
 from gloom.core import EncodeError, Job, ProtocolError, TransportError, WorkerError
 
 __all__ = ["Master", "Worker", "Answers", "work"]
+
+ProgressCallback = Callable[[dict], Any]
+"""What ``on_progress`` is: called with each progress dict of a job."""
 
 Addresses = Union[None, str, Sequence[str]]
 TLS = Union[None, bool, _ssl.SSLContext]
@@ -338,7 +343,10 @@ class Master(_Shell):
         if fail_after is not None and fail_after < 1:
             raise ValueError("fail_after must be at least 1")
         self.fail_after = fail_after
-        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit)
+        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit,
+                                     progressed=self._progressed)
+        self._watchers: Dict[core.Request, ProgressCallback] = {}
+        """The ``on_progress`` of each submit in flight that has one."""
         self._failures: Dict[str, float] = {}
         self._why: Dict[str, str] = {}
         self._unreachable: Optional[str] = None
@@ -388,7 +396,8 @@ class Master(_Shell):
 
     async def submit(self, type: str, body: Any = None, priority: Optional[int] = 0, id: Optional[str] = None,
                      timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None,
-                     at: Any = None, retries: Optional[int] = None, backoff: bool = False) -> Any:
+                     at: Any = None, retries: Optional[int] = None, backoff: bool = False,
+                     unique: Optional[str] = None, on_progress: Optional[ProgressCallback] = None) -> Any:
         """Submit a job and return its answer body (a detached job's id,
         once the daemon acked it).  Cancelling the task that awaits it
         cancels the job.
@@ -409,21 +418,43 @@ class Master(_Shell):
             1000); by default, the daemon's ``--retries``.
         :param backoff: retry lost attempts after a growing delay instead
             of at once (detached jobs always do).
+        :param unique: a key (a non-empty string, at most 1024 bytes of
+            UTF-8): while a job of this type with this key is queued,
+            delayed or running on the daemon, this submit joins it instead
+            of queueing another, and gets its progress and answer (the
+            first submit's priority, timeout, delay and retries hold).
+            Cancelling detaches only this submit.  Not with ``detach``.
+        :param on_progress: a plain function, called in the event loop
+            with each progress of the job (a dict of ``done``, ``total``
+            and ``data``, those the worker sent), in order, before the
+            answer is returned; not once the awaiting task is cancelled.
+            An exception it raises is logged.
         :raises gloom.core.ServerError: the job failed, or the daemon
-            refused it (``id_exists``, ``journal_error``...).
+            refused it (``id_exists``, ``journal_error``...), or cleared
+            it (``cleared``).
         :raises gloom.core.TransportError: its daemon's connection was
             lost (a detached job may then have been taken or not: ask
             `status`), or no daemon could be reached (see ``fail_after``).
         :raises gloom.core.EncodeError: the body is not JSON (at once).
-        :raises ValueError: an option is out of range, or both ``delay``
-            and ``at`` (at once).
+        :raises ValueError: an option is out of range, both ``delay``
+            and ``at``, or ``unique`` with ``detach`` (at once).
+        :raises TypeError: ``on_progress`` is not callable (at once).
         """
-        return await self._result(self._submit(type, body, priority, id, timeout, detach=detach, delay=delay,
-                                               at=at, retries=retries, backoff=backoff))
+        if on_progress is not None and not callable(on_progress):
+            raise TypeError(f"on_progress must be callable, not {on_progress!r}")
+        request = self._submit(type, body, priority, id, timeout, detach=detach, delay=delay, at=at,
+                               retries=retries, backoff=backoff, unique=unique)
+        if on_progress is not None and not request.done:
+            self._watchers[request] = on_progress
+        try:
+            return await self._result(request)
+        finally:
+            self._watchers.pop(request, None)
 
     async def run(self, type: str, body: Any = None, priority: Optional[int] = 0, id: Optional[str] = None,
                   timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None,
-                  at: Any = None, retries: Optional[int] = None, backoff: bool = False) -> Any:
+                  at: Any = None, retries: Optional[int] = None, backoff: bool = False,
+                  unique: Optional[str] = None, on_progress: Optional[ProgressCallback] = None) -> Any:
         """`submit`, for a job whose answer is wanted: the same, except
         that ``detach`` is refused.
 
@@ -433,7 +464,7 @@ class Master(_Shell):
         if detach:
             raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
         return await self.submit(type, body, priority, id, timeout, delay=delay, at=at, retries=retries,
-                                 backoff=backoff)
+                                 backoff=backoff, unique=unique, on_progress=on_progress)
 
     def map(self, type: str, bodies: Union[Iterable[Any], AsyncIterable[Any]], window: int = 64,
             priority: Optional[int] = 0, timeout: Optional[float] = None) -> "Answers":
@@ -529,6 +560,65 @@ class Master(_Shell):
                 raise outcome
         return core.sum_stats(dict(zip(up, outcomes)))
 
+    # --- admin ------------------------------------------------------------------------------
+
+    async def pause(self, type: str) -> None:
+        """Have every daemon hand out no job of ``type`` until `resume`
+        (submits are still taken, and queue).  The daemons must run with
+        ``--admin``.
+
+        :param type: the job type.
+        :raises gloom.core.ServerError: ``forbidden``, if a daemon runs
+            without ``--admin``.
+        :raises gloom.core.TransportError: naming the daemons that are not
+            connected (the others were asked).
+        :raises ValueError: if the type is not a non-empty string.
+        """
+        await self._admin("pause", type)
+
+    async def resume(self, type: str) -> None:
+        """Have every daemon hand out jobs of ``type`` again (see `pause`).
+
+        :param type: the job type.
+        """
+        await self._admin("resume", type)
+
+    async def clear(self, type: str) -> int:
+        """End every queued and delayed job of ``type`` on every daemon:
+        each master waiting for one gets ``ServerError`` ``cleared``, and
+        a detached one goes to the dead list.  Running jobs go on.  Raises
+        as `pause` does.
+
+        :param type: the job type.
+        :returns: how many jobs were cleared, over every daemon.
+        """
+        replies = await self._admin("clear", type)
+        return sum(reply.get("cleared", 0) for reply in replies.values())
+
+    async def drain(self) -> None:
+        """Have every daemon refuse new submits (``shutdown``), finish its
+        queued and running jobs, then exit.  Raises as `pause` does."""
+        await self._admin("drain")
+
+    async def _admin(self, action: str, type: Optional[str] = None) -> Dict[str, dict]:
+        """Ask every daemon connected; each one's reply, by name."""
+        core.admin_message(action, type)  # a ValueError before anything is sent
+        self._check_open()
+        up = self._core.up()
+        outcomes = await asyncio.gather(*(self._result(self._core.admin(action, type, name)) for name in up),
+                                        return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        refusal = next((error for error in errors if isinstance(error, core.ServerError)), None)
+        if refusal is not None:
+            raise refusal
+        if errors:
+            raise errors[0]
+        missing = [name for name in self.names if name not in up]
+        if missing:
+            raise TransportError(f"{', '.join(missing)} not connected: {action} was not sent there"
+                                 + (f" (done on {', '.join(up)})" if up else ""), missing[0])
+        return dict(zip(up, outcomes))
+
     # --- inside ------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -561,7 +651,18 @@ class Master(_Shell):
                 raise
         return request.result()
 
+    def _progressed(self, request: core.Request, progress: dict) -> None:
+        """A progress of a submit in flight: call its ``on_progress``."""
+        watcher = self._watchers.get(request)
+        if watcher is not None:
+            try:
+                watcher(progress)
+            except Exception:
+                _log.exception("on_progress of job %r raised an exception", request.id)
+
     def _ended(self, request: core.Request) -> None:
+        if self._watchers:
+            self._watchers.pop(request, None)
         waiter = request.waiter
         if waiter is None:
             return
@@ -775,7 +876,15 @@ class Worker(_Shell):
         body.  A plain function runs in the event loop's default executor
         (a thread); a coroutine function, or a function that returns an
         awaitable, is awaited in the loop.  An exception fails the job with
-        its text.
+        its text.  While it runs, ``job.progress(done, total, data=None)``
+        tells the masters how far it got and ``job.touch()`` restarts its
+        timeout; both may be called from the loop or from the handler's
+        thread (they are handed to the loop), and return whether they were
+        sent (False once the job is answered or its connection lost).
+        ``job.cancelled`` becomes True once the daemon answers either with
+        ``cancelled``: every master that submitted the job withdrew it, and
+        the work may stop (the job must still be answered or failed; the
+        daemon drops that answer).
     :param concurrency: the most jobs run at once.
     :param slaves: the daemons' slave addresses, as for `Master`; None for
         ``GLOOM_SLAVES``, then ``GLOOM_SLAVE``, else ``127.0.0.1:9999``.
@@ -974,9 +1083,46 @@ class Worker(_Shell):
             self._trouble_with(key.daemon, f"{why} (retrying)")
 
     def _run(self, link: core.Link, job: Job) -> None:
+        job.bind(lambda done=None, total=None, data=None: self._report_progress(link, job, (done, total, data)),
+                 lambda: self._report_progress(link, job, None))
         task = self._loop.create_task(self._work(link, job))  # type: ignore[union-attr]
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
+
+    def _report_progress(self, link: core.Link, job: Job, fields: Optional[Tuple[Any, Any, Any]]) -> bool:
+        """Send a job's progress (``fields``: done, total, data) or touch
+        (None).  In the event loop, at once; from another thread (a plain
+        handler's), checked there, then handed to the loop
+        (``call_soon_threadsafe``), with ``data`` copied as it is now.
+
+        :returns: whether it was sent (from another thread: whether the
+            job was still held when it was handed over).
+        """
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if here:
+            if fields is None:
+                return self._core.touch(link, job)
+            return self._core.progress(link, job, *fields)
+        if fields is not None:
+            done, total, data = fields
+            checked = core.progress_fields(done, total, data)  # a mistake raises here, in the caller
+            if "data" in checked:
+                data = core.loads(core.encode(data))  # as it is now, whatever the caller changes next
+            fields = (done, total, data)
+        held = link.up and link.job is job
+        if held:
+            try:
+                if fields is None:
+                    self._loop.call_soon_threadsafe(self._core.touch, link, job)  # type: ignore[union-attr]
+                else:
+                    self._loop.call_soon_threadsafe(self._core.progress, link, job,  # type: ignore[union-attr]
+                                                    *fields)
+            except RuntimeError:  # the loop is closed
+                return False
+        return held
 
     async def _work(self, link: core.Link, job: Job) -> None:
         loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """The ``gloom`` command: submit jobs (attached, detached or delayed),
 turn any program into a worker, watch the daemons, ask where jobs are,
-cancel a job, handle dead jobs, and measure the daemons.
+cancel a job, handle dead jobs, pause, resume, clear or drain the
+daemons, and measure them.
 
 Every subcommand takes several daemons (``--master a:9998,b:9998``, or
 the option repeated); the defaults come from the environment as
@@ -63,11 +64,18 @@ EPILOG = {
   gloom submit --detach report '{"day": 1}'   hand the job to the daemon; print its id
   gloom submit --detach --id nightly report '{}' --at 2026-01-02T03:00:00Z
   gloom submit upper '"hi"' --delay 30 --retries 0   queue it in 30 s; no retry
+  gloom submit report '{"day": 1}' --unique day-1   join the day-1 report if it is there already
 
 With --lines every line read gets one line of output, in input order: its
 answer, or {"error": CODE, "reason": TEXT} (codes beyond the daemon's own:
 no_answer for --wait, connection_error). Ctrl-C ends the command with
 status 130 and names the jobs left unanswered; the daemon drops them.
+
+--unique KEY joins the job of this type with that key that is queued,
+delayed or running, if there is one, instead of queueing another; its
+answer is printed all the same. On a terminal, a progress bar on standard
+error shows the progress the worker reports (--no-progress: none;
+--progress: even when standard error is not a terminal).
 
 --detach hands each job to the daemon: it outlives this command, gets no
 answer here, and instead of its answer the command prints its id (plain
@@ -88,6 +96,14 @@ GLOOM_JOB_ID and GLOOM_JOB_TYPE. Its standard output, read as UTF-8, is the
 answer: JSON if it parses, else a string (one trailing newline removed). A
 non-zero exit status, or running longer than --kill-after, fails the job
 with the status and the end of its standard error.
+
+File descriptor 3 (GLOOM_PROGRESS_FD) takes progress, one line at a time:
+  progress N M          N of M done        (echo "progress 3 10" >&3)
+  progress N            N done
+  touch                 still alive: restart the job's timeout
+  {"done": N, "total": M, "data": ANY}   any of the three
+Each line goes to the masters waiting for the job (and restarts its
+timeout). A line that is none of these is reported and ignored.
 
 Ctrl-C or SIGTERM: take no new job, finish and answer the jobs in hand,
 exit 0. A second one kills the commands and exits at once (130 or 143);
@@ -138,6 +154,31 @@ Dead jobs are detached jobs whose retries ran out. With several daemons,
 and "discard" ask the daemons in turn until one has the job. "retry" and
 "discard" exit 1 if a job was in no dead list.
 """,
+    "pause": """examples:
+  gloom pause resize                           hand out no resize job for now
+  gloom pause resize --master a:9998,b:9998    on every daemon given
+
+Submits of the type are still taken, and queue. Admin commands (pause,
+resume, clear, drain) need daemons started with --admin; a daemon without
+it refuses them (forbidden), and the command exits 1.
+""",
+    "resume": """examples:
+  gloom resume resize                          hand out resize jobs again
+""",
+    "clear": """examples:
+  gloom clear resize                           end every queued and delayed resize job
+
+Prints how many jobs were cleared (over every daemon given). Each master
+waiting for one gets the error "cleared"; detached ones go to the dead list.
+Running jobs go on.
+""",
+    "drain": """examples:
+  gloom drain                                  finish the queued jobs, then exit
+  gloom drain --master a:9998,b:9998           every daemon given
+
+Each daemon refuses new submits (shutdown: draining), finishes its queued
+and running jobs, then exits with status 0 (as SIGUSR1 does).
+""",
     "bench": """examples:
   gloom bench                                  4 masters x 64 in flight, 8 slaves
   gloom bench --jobs 100000 --body-size 1024 --slaves 16
@@ -163,6 +204,7 @@ class _BadBody(EncodeError):
 
 def _out(text: str) -> None:
     """A line on standard output, as UTF-8 whatever the locale says."""
+    _clear_bar()
     stream = getattr(sys.stdout, "buffer", None)
     if stream is None:
         print(text, flush=True)
@@ -174,6 +216,7 @@ def _out(text: str) -> None:
 
 def _say(message: str) -> None:
     """A ``gloom:`` line on standard error."""
+    _clear_bar()
     stream = getattr(sys.stderr, "buffer", None)
     line = f"gloom: {message}"
     if stream is None:
@@ -191,6 +234,142 @@ def _fail(message: str, status: int) -> int:
 
 def _dump(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- the progress bar --------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    """A progress figure, short: 3, 2.5, 0.333."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_progress(progress: dict, width: int = 80, label: str = "") -> str:
+    """One line showing a job's progress, at most ``width`` characters: a
+    bar and a percentage when there is a ``total``, ``done/total``, and
+    the ``data`` (a string as it is, anything else as JSON).
+
+    :param progress: a progress dict (``done``, ``total``, ``data``: those
+        the worker sent).
+    :param width: the most characters the line may take.
+    :param label: what comes first (the job's type, say).
+    """
+    done, total, data = progress.get("done"), progress.get("total"), progress.get("data")
+    number = (int, float)
+    done = done if isinstance(done, number) and not isinstance(done, bool) else None
+    total = total if isinstance(total, number) and not isinstance(total, bool) else None
+    parts = [label] if label else []
+    if total is not None and total > 0 and done is not None:
+        share = max(0.0, min(1.0, done / total))
+        bar = 20 if width >= 60 else max(5, width // 4)
+        filled = int(round(share * bar))
+        parts.append("[" + "#" * filled + "." * (bar - filled) + "]")
+        parts.append(f"{int(share * 100):3d}%")
+        parts.append(f"{_number(done)}/{_number(total)}")
+    elif done is not None and total is not None:
+        parts.append(f"{_number(done)}/{_number(total)}")
+    elif done is not None:
+        parts.append(f"{_number(done)} done")
+    elif total is not None:
+        parts.append(f"0/{_number(total)}")
+    if data is not None:
+        parts.append(_one_line(data if isinstance(data, str) else _dump(data)))
+    line = " ".join(parts)
+    if len(line) > width:
+        line = line[:max(0, width - 3)] + "..."
+    return line
+
+
+class ProgressBar:
+    """A progress line on a terminal, redrawn in place (at most every
+    ``interval`` seconds: a later one waits its turn, so the last state
+    is always shown), and wiped before anything else is printed.
+
+    :param stream: where to draw (standard error).
+    :param label: what each line starts with.
+    :param clock: what gives the time, in seconds.
+    :param later: ``later(seconds, f)`` calls ``f`` that much later (the
+        reactor's ``callLater``); None to draw every update at once.
+    :param interval: the least time between two redraws.
+    """
+
+    def __init__(self, stream, label: str = "", clock: Callable[[], float] = time.monotonic,
+                 later: Optional[Callable[[float, Callable[[], None]], Any]] = None, interval: float = 0.1):
+        self.stream = stream
+        self.label = label
+        self.clock = clock
+        self.later = later
+        self.interval = interval
+        self.shown = False
+        self.drawn: Optional[str] = None
+        self._pending: Optional[dict] = None
+        self._last = None
+        self._timer = None
+
+    def update(self, progress: dict) -> None:
+        """Show a new progress (at once, or once the interval is over)."""
+        now = self.clock()
+        if self.later is None or self._last is None or now - self._last >= self.interval:
+            self._draw(progress, now)
+            return
+        self._pending = progress
+        if self._timer is None:
+            self._timer = self.later(self.interval - (now - self._last), self._draw_pending)
+
+    def _draw_pending(self) -> None:
+        self._timer = None
+        if self._pending is not None:
+            progress, self._pending = self._pending, None
+            self._draw(progress, self.clock())
+
+    def _draw(self, progress: dict, now: float) -> None:
+        self._last = now
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        line = format_progress(progress, width, self.label)
+        if line == self.drawn and self.shown:
+            return
+        self.drawn = line
+        self._write("\r\x1b[K" + line)
+        self.shown = True
+
+    def clear(self) -> None:
+        """Wipe the line (and draw no pending state)."""
+        self._pending = None
+        if self._timer is not None:
+            try:
+                self._timer.cancel()
+            except Exception:
+                pass
+            self._timer = None
+        if self.shown:
+            self._write("\r\x1b[K")
+            self.shown = False
+
+    def _write(self, text: str) -> None:
+        stream = getattr(self.stream, "buffer", None)
+        try:
+            if stream is None:
+                self.stream.write(text)
+                self.stream.flush()
+            else:
+                self.stream.flush()
+                stream.write(text.encode("utf-8", "backslashreplace"))
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+_BAR: Optional[ProgressBar] = None
+"""The progress bar on the screen, if any: wiped before a line is printed."""
+
+
+def _clear_bar() -> None:
+    if _BAR is not None:
+        _BAR.clear()
 
 
 def _describe(error: BaseException) -> str:
@@ -267,6 +446,12 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--backoff", action="store_true",
                         help="retry lost attempts after a growing delay (detached jobs always do)")
     submit.add_argument("--id", help="the job's id (default: a fresh one); not with --lines")
+    submit.add_argument("--unique", metavar="KEY",
+                        help="join the job of this type with this key if one is queued, delayed or "
+                             "running, rather than queue another (not with --lines or --detach)")
+    submit.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show the job's progress as a bar on standard error (default: when "
+                             "standard error is a terminal)")
     master_option(submit)
 
     worker = command("worker", "Answer jobs by running a command once per job.")
@@ -313,6 +498,16 @@ def _parser() -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("ids", nargs="+", metavar="ID", help="a dead job's id")
         master_option(sub)
+
+    for name, text in (("pause", "Hand out no job of a type (submits still queue); needs --admin daemons."),
+                       ("resume", "Hand out jobs of a paused type again; needs --admin daemons."),
+                       ("clear", "End every queued and delayed job of a type; needs --admin daemons.")):
+        sub = command(name, text)
+        sub.add_argument("type", help="the job type")
+        master_option(sub)
+    drain = command("drain", "Have the daemons finish their jobs, taking no new ones, then exit; "
+                             "needs --admin daemons.")
+    master_option(drain)
 
     bench = command("bench", "Measure a running daemon's throughput and latency.")
     bench.add_argument("--masters", type=int, default=4, help="master connections (default 4)")
@@ -551,6 +746,8 @@ class _Submitter:
         self.finished = defer.Deferred()
         self._hint_waiters: List[defer.Deferred] = []
         self._pumping = False
+        self.bar: Optional[ProgressBar] = None
+        """The progress bar of the job, when one is shown."""
 
     # --- input ----------------------------------------------------------------------
 
@@ -613,8 +810,13 @@ class _Submitter:
             where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
             try:
                 body = None if data is None else _parse_body(data, where)
+                extra = {}
+                if args.unique is not None:
+                    extra["unique"] = args.unique
+                if self.bar is not None:
+                    extra["on_progress"] = self.bar.update
                 deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
-                                              timeout=args.timeout, **args.options)
+                                              timeout=args.timeout, **args.options, **extra)
             except UsageError as e:
                 slot.id = None
                 self._ended(Failure(_BadBody(str(e))), slot)
@@ -763,15 +965,28 @@ def _submit(session: _Session, args):
         master = MasterClient(args.masters_at, session.reactor, fail_after=1)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    global _BAR
     submitter = _Submitter(session, master, args)
+    shown = args.progress if args.progress is not None else _is_terminal(sys.stderr)
+    if shown and not args.lines and not args.detach:
+        submitter.bar = _BAR = ProgressBar(sys.stderr, args.type, later=session.reactor.callLater)
     session.on_signal = submitter.interrupt
     master.start()
     try:
         submitter.start()
         status = yield submitter.finished
     finally:
+        _clear_bar()
+        _BAR = None
         yield _bounded(defer.maybeDeferred(master.stop), session.reactor, 1.0)
     return status
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # --- worker -------------------------------------------------------------------------
@@ -779,15 +994,68 @@ def _submit(session: _Session, args):
 _STDERR_TAIL = 2000
 
 
-class _Command(protocol.ProcessProtocol):
-    """One run of the worker's command for one job."""
+PROGRESS_FD = 3
+"""The file descriptor on which the worker's command reports progress."""
 
-    def __init__(self, stdin: bytes):
+_PROGRESS_LINE_MAX = 64 * 1024
+_PROGRESS_USAGE = 'not "progress N [M]", "touch" or a JSON object of done, total and data'
+
+
+def parse_progress_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """What one line a worker's command wrote on its progress descriptor
+    asks for: ``progress N M``, ``progress N``, ``touch``, or a JSON
+    object with any of ``done``, ``total`` and ``data``.
+
+    :param line: the line, without its newline.
+    :returns: the progress fields (``done``, ``total``, ``data``) to
+        send, ``{}`` for a touch, or None for a blank line.
+    :raises ValueError: for any other line (with why).
+    """
+    try:
+        text = line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if not text:
+        return None
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON") from None
+        if not isinstance(fields, dict) or not fields or set(fields) - {"done", "total", "data"}:
+            raise ValueError(_PROGRESS_USAGE)
+        core.progress_fields(fields.get("done"), fields.get("total"), fields.get("data"))
+        return fields
+    words = text.split()
+    if words == ["touch"]:
+        return {}
+    if words[0] == "progress" and len(words) in (2, 3):
+        numbers = []
+        for word in words[1:]:
+            try:
+                number = float(word)
+            except ValueError:
+                raise ValueError(f"{word!r} is not a number") from None
+            numbers.append(int(number) if number.is_integer() and abs(number) < 2 ** 53 else number)
+        fields = dict(zip(("done", "total"), numbers))
+        core.progress_fields(fields.get("done"), fields.get("total"))
+        return fields
+    raise ValueError(_PROGRESS_USAGE)
+
+
+class _Command(protocol.ProcessProtocol):
+    """One run of the worker's command for one job: what it writes on
+    `PROGRESS_FD` goes to the job's masters as it comes."""
+
+    def __init__(self, stdin: bytes, job: Optional[Job] = None):
         self.stdin = stdin
+        self.job = job
         self.stdout: List[bytes] = []
         self.stderr = b""
         self.done = defer.Deferred()
         self.killed_after: Optional[float] = None
+        self._progress = b""
+        self._skipping = False
 
     def connectionMade(self):
         self.transport.write(self.stdin)
@@ -798,6 +1066,59 @@ class _Command(protocol.ProcessProtocol):
 
     def errReceived(self, data):
         self.stderr = (self.stderr + data)[-_STDERR_TAIL:]
+
+    def childDataReceived(self, childFD, data):
+        if childFD != PROGRESS_FD:
+            super().childDataReceived(childFD, data)
+            return
+        lines = (self._progress + data).split(b"\n")
+        self._progress = lines.pop()
+        for line in lines:
+            if self._skipping:
+                self._skipping = False  # the end of a line too long, said already
+            elif len(line) > _PROGRESS_LINE_MAX:
+                self._too_long(line)
+            else:
+                self._progress_line(line)
+        if len(self._progress) > _PROGRESS_LINE_MAX:
+            if not self._skipping:
+                self._too_long(self._progress)
+            self._skipping = True
+            self._progress = b""
+
+    def childConnectionLost(self, childFD):
+        if childFD != PROGRESS_FD:
+            super().childConnectionLost(childFD)
+            return
+        rest, self._progress = self._progress, b""
+        if rest and not self._skipping:
+            self._progress_line(rest)
+
+    def _progress_line(self, line: bytes) -> None:
+        try:
+            fields = parse_progress_line(line)
+        except ValueError as e:
+            self._ignored(line, str(e))
+            return
+        if fields is None or self.job is None:
+            return
+        try:
+            if fields:
+                self.job.progress(fields.get("done"), fields.get("total"), fields.get("data"))
+            else:
+                self.job.touch()
+        except (ValueError, RuntimeError) as e:
+            self._ignored(line, str(e))
+
+    def _too_long(self, line: bytes) -> None:
+        self._ignored(line[:60] + b"...", f"longer than {_PROGRESS_LINE_MAX} bytes")
+
+    def _ignored(self, line: bytes, why: str) -> None:
+        text = line.decode("utf-8", "backslashreplace")
+        if len(text) > 200:
+            text = text[:197] + "..."
+        job = f"job {self.job.id} ({self.job.type})" if self.job is not None else "a job"
+        _say(f"{job}: ignored a line on fd {PROGRESS_FD}: {text!r}: {why}")
 
     def processEnded(self, reason):
         self.done.callback(reason.value)
@@ -841,10 +1162,12 @@ class _Commands:
 
     def run(self, job: Job) -> defer.Deferred:
         args = self.args
-        command = _Command(_command_input(job.body, args.raw))
-        env = dict(os.environ, GLOOM_JOB_ID=str(job.id), GLOOM_JOB_TYPE=str(job.type))
+        command = _Command(_command_input(job.body, args.raw), job)
+        env = dict(os.environ, GLOOM_JOB_ID=str(job.id), GLOOM_JOB_TYPE=str(job.type),
+                   GLOOM_PROGRESS_FD=str(PROGRESS_FD))
         try:
-            self.reactor.spawnProcess(command, self.argv[0], self.argv, env=env)
+            self.reactor.spawnProcess(command, self.argv[0], self.argv, env=env,
+                                      childFDs={0: "w", 1: "r", 2: "r", PROGRESS_FD: "r"})
         except OSError as e:
             return defer.fail(CommandFailed(f"cannot run {self.args.argv[0]}: {e.strerror or e}"))
         key = uuid.uuid4().hex
@@ -1001,6 +1324,21 @@ def format_status(stats: dict, unreachable: Optional[Dict[str, str]] = None) -> 
         lines.append("(no jobs and no slaves)")
     if stats.get("types_omitted"):
         lines.append(f"(and {stats['types_omitted']} less busy types)")
+    paused = [str(name) for name in stats.get("paused") or []]
+    if paused:
+        where = ""
+        if len(daemons) > 1:
+            on = {name: [daemon for daemon, each in daemons.items() if name in (each.get("paused") or [])]
+                  for name in paused}
+            where = "" if all(len(each) == len(daemons) for each in on.values()) else " (" + "; ".join(
+                f"{name} on {', '.join(each)}" for name, each in on.items()) + ")"
+        lines.append(f"paused: {', '.join(paused)}{where}")
+    if stats.get("draining"):
+        if len(daemons) > 1:
+            lines.append("draining: " + ", ".join(name for name, each in daemons.items() if each.get("draining"))
+                         + " (taking no new jobs; exiting once the jobs are done)")
+        else:
+            lines.append("draining: taking no new jobs; exiting once the jobs are done")
     totals = stats["totals"]
     scope = f"{len(daemons)} daemons: " if len(daemons) > 1 else ""
     lines += [
@@ -1118,6 +1456,76 @@ def _cancel(session: _Session, args):
             raise error
         _say(_describe(error))
     return _status_of(errors[0])
+
+
+# --- pause, resume, clear, drain ------------------------------------------------------------
+
+_ADMIN_DONE = {"pause": "paused", "resume": "resumed", "drain": "draining"}
+
+
+@defer.inlineCallbacks
+def _admin(session: _Session, args):
+    """``gloom pause|resume|clear TYPE`` and ``gloom drain``: each daemon
+    given is asked on a connection of its own, so each one's outcome is
+    known (and said) on its own."""
+    from gloom.txclient import MasterClient
+
+    reactor = session.reactor
+    action = args.command
+    try:
+        clients = OrderedDict((core.display_name(address), MasterClient([address], reactor, fail_after=1))
+                              for address in args.masters_at)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def ask(client):
+        if not client.up:
+            why = "; ".join(client.unreachable.values()) or f"cannot connect to {client.daemons[0]}"
+            raise TransportError(why)
+        if action == "drain":
+            return client.drain()
+        return getattr(client, action)(args.type)
+
+    try:
+        yield defer.DeferredList([client.start() for client in clients.values()])
+        answers = yield defer.DeferredList([defer.maybeDeferred(ask, client) for client in clients.values()],
+                                           consumeErrors=True)
+    finally:
+        yield defer.DeferredList([_bounded(defer.maybeDeferred(client.stop), reactor, 1.0)
+                                  for client in clients.values()])
+    status, done, said = EXIT_OK, OrderedDict(), set()
+    for name, (ok, value) in zip(clients, answers):
+        if ok:
+            done[name] = value
+            continue
+        error = value.value
+        if not isinstance(error, GloomError):
+            value.raiseException()
+        status = max(status, _status_of(error))
+        if isinstance(error, ServerError) and error.error == "forbidden":
+            line = (f"{name} refused {action}: admin actions are off there; start the daemon with --admin "
+                    "to allow them")
+        elif isinstance(error, TransportError):
+            line = _describe(error)
+        else:
+            line = f"{name} refused {action}: {_describe(error)}"
+        if line not in said:
+            said.add(line)
+            _say(line)
+    where = f" on {', '.join(done)}" if len(clients) > 1 else ""
+    if action == "clear":
+        if done:
+            counts = {name: int(value or 0) for name, value in done.items()}
+            total = sum(counts.values())
+            each = (" (" + ", ".join(f"{name}: {count}" for name, count in counts.items()) + ")"
+                    if len(clients) > 1 else "")
+            _out(f"cleared {total} job{'' if total == 1 else 's'} of type {args.type!r}{each}")
+    elif done:
+        what = f" {args.type!r}" if action != "drain" else ""
+        tail = "; it exits once its jobs are done" if action == "drain" and len(clients) == 1 else (
+            "; each exits once its jobs are done" if action == "drain" else "")
+        _say(f"{_ADMIN_DONE[action]}{what}{where}{tail}")
+    return status
 
 
 # --- job and dead ------------------------------------------------------------------------
@@ -1349,7 +1757,8 @@ def _bench(session: _Session, args):
 # --- main -------------------------------------------------------------------------------------
 
 _COMMANDS = {"submit": _submit, "worker": _worker, "status": _status, "cancel": _cancel, "job": _job,
-             "dead": _dead, "bench": _bench}
+             "dead": _dead, "pause": _admin, "resume": _admin, "clear": _admin, "drain": _admin,
+             "bench": _bench}
 
 
 def _check(args, parser: argparse.ArgumentParser) -> None:
@@ -1373,6 +1782,16 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             raise UsageError("--id names one job: not with --lines" if args.id else "--id must not be empty")
         if args.detach and args.wait:
             raise UsageError("--wait waits for an answer, and a detached job gets none")
+        if args.unique is not None:
+            if args.lines:
+                raise UsageError("--unique names one job: not with --lines")
+            if args.detach:
+                raise UsageError("--unique is not for detached jobs: their ids are unique on the daemon "
+                                 "already (give the key as --id)")
+            try:
+                core.unique_key(args.unique, spell=lambda name: "--" + name)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         args.options = _job_options(args)
         if not args.lines and args.body not in (None, "-"):
             _parse_body(args.body, "BODY")
@@ -1381,6 +1800,9 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             raise UsageError(f"--offset must not be negative, not {args.offset}")
         if not 1 <= args.limit <= core.MAX_PAGE:
             raise UsageError(f"--limit must be from 1 to {core.MAX_PAGE}, not {args.limit}")
+    elif args.command in ("pause", "resume", "clear"):
+        if not args.type:
+            raise UsageError("TYPE must not be empty")
     elif args.command in ("job", "dead"):
         for job_id in args.ids:
             if not job_id:

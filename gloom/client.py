@@ -5,7 +5,10 @@ The API of the 2009 reference client is kept (``Master.submit``,
 ``respond``), so old code ports by changing an import.  New: context
 managers, `Master.run`, `Master.map`, `Slave.serve`, ``cancel``, ``stats``,
 detached and delayed jobs (``submit(..., detach=True)``, `Master.status`,
-the dead list), TLS, and several daemons at once::
+the dead list), progress (``job.progress`` in a worker, ``on_progress`` in
+a master), unique jobs (``unique=``), the admin actions (`Master.pause`,
+`Master.resume`, `Master.clear`, `Master.drain`), TLS, and several daemons
+at once::
 
     from gloom.client import Master, Slave
 
@@ -246,6 +249,9 @@ class _Client:
             raise TransportError("; ".join(str(e) for e in failures))
         self._why = "no daemon is connected"
         self._lock = threading.Lock()
+        self._state = threading.RLock()
+        """Held while a thread uses the core or the connections' buffers."""
+        self._selecting = 0  # threads waiting in the selector
         self._busy = 0
         self._closed = False
         self._selector = selectors.DefaultSelector()
@@ -328,63 +334,102 @@ class _Client:
             connection.send(data)
 
     def _wait(self, done: Callable[[], bool], timeout: Optional[float] = None,
-              tick: Optional[Callable[[float], Optional[float]]] = None) -> None:
+              tick: Optional[Callable[[float], Optional[float]]] = None, deliver: bool = True) -> None:
         """Read and handle frames until ``done()`` (call inside `_io`).
+        The state lock is held all along but while the selector waits, so
+        another thread may send a job's progress meanwhile (`_poll`).
 
         :param tick: called with the time (``time.monotonic``) before each
             wait; returns the latest time to wake up at, or None.
+        :param deliver: call the callbacks due (`_deliver`) as frames are
+            handled; else they wait for the next call that does.
         :raises Timeout: if ``timeout`` seconds pass first.
         :raises TransportError: if every connection is gone or
             `disconnect` was called first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         polled = False
+        state = self._state
         while True:
-            self._handle_frames()
+            with state:
+                self._handle_frames()
+            if deliver:
+                self._deliver()
             if done():
-                self._flush()
+                with state:
+                    self._flush()
                 return
             if self._closed:
                 raise self._disconnected()
-            if not self._connections:
-                self._all_lost()
-                if done():
-                    return
-                raise TransportError(self._why)
-            wait = None
-            now = time.monotonic()
-            if deadline is not None:
-                wait = deadline - now
-                if wait <= 0:
-                    if polled:
-                        raise Timeout(f"nothing arrived within {timeout} s")
-                    wait = 0
-            if tick is not None:
-                wake = tick(now)
-                if wake is not None:
-                    until = max(0.0, wake - now)
-                    wait = until if wait is None else min(wait, until)
-            polled = True
-            selector = self._selector
-            for connection in self._connections.values():
-                if connection.writing:
-                    connection.flush()
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
-                if events != connection.events:
-                    selector.modify(connection.sock, events, connection)
-                    connection.events = events
-            for key, mask in selector.select(wait):
-                connection = key.data
-                if connection is None:
-                    try:
-                        self._wake_read.recv(64)
-                    except OSError:
-                        pass
-                    continue
-                if mask & selectors.EVENT_WRITE:
-                    connection.flush()
-                if mask & selectors.EVENT_READ:
-                    connection.read()
+            with state:
+                if not self._connections:
+                    self._all_lost()
+                    if done():
+                        return
+                    raise TransportError(self._why)
+                wait = None
+                now = time.monotonic()
+                if deadline is not None:
+                    wait = deadline - now
+                    if wait <= 0:
+                        if polled:
+                            raise Timeout(f"nothing arrived within {timeout} s")
+                        wait = 0
+                if tick is not None:
+                    wake = tick(now)
+                    if wake is not None:
+                        until = max(0.0, wake - now)
+                        wait = until if wait is None else min(wait, until)
+                polled = True
+                selector = self._selector
+                for connection in self._connections.values():
+                    if connection.writing:
+                        connection.flush()
+                    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.writing else 0)
+                    if events != connection.events:
+                        selector.modify(connection.sock, events, connection)
+                        connection.events = events
+                self._selecting += 1
+            try:
+                ready = selector.select(wait)
+            finally:
+                with state:
+                    self._selecting -= 1
+            with state:
+                for key, mask in ready:
+                    connection = key.data
+                    if connection is None:
+                        try:
+                            self._wake_read.recv(64)
+                        except OSError:
+                            pass
+                        continue
+                    if connection.dead is not None:
+                        continue  # another thread found it over meanwhile
+                    if mask & selectors.EVENT_WRITE:
+                        connection.flush()
+                    if mask & selectors.EVENT_READ:
+                        connection.read()
+
+    def _poll(self) -> None:
+        """From a thread that sent something while another may be waiting
+        in `_wait` (call inside `_io`, with the state lock): write it, take
+        what has arrived without waiting, and wake the waiting thread so
+        it sees both."""
+        for connection in self._connections.values():
+            if connection.writing:
+                connection.flush()
+            connection.read()
+        self._handle_frames()
+        if self._selecting:
+            try:
+                self._wake_write.send(b"\0")
+            except OSError:
+                pass
+
+    def _deliver(self) -> None:
+        """Call what waits to be called outside the state lock (the
+        progress callbacks of a `Master`)."""
 
     def _handle_frames(self) -> None:
         """Hand each frame read to the core, then drop the connections
@@ -436,8 +481,13 @@ class Master(_Client):
                  connect_timeout: Optional[float] = 10.0, resubmit: bool = False):
         addresses = _addresses(addr, core.MASTERS_ENV, core.DEFAULT_MASTER)
         super().__init__(addresses, tls, server_hostname, connect_timeout)
-        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit)
+        self._core = core.MasterCore(self.names, self._send, self._ended, resubmit=resubmit,
+                                     progressed=self._progressed)
         self._answers: Deque[core.Request] = deque()
+        self._watchers: Dict[core.Request, Callable[[dict], Any]] = {}
+        """The ``on_progress`` of each submit in flight that has one."""
+        self._progress: Deque[Tuple[Callable[[dict], Any], dict]] = deque()
+        """Progress callbacks due, in the order the frames came."""
         for name in self._connections:
             self._core.connected(name)
 
@@ -455,24 +505,47 @@ class Master(_Client):
     def _ended(self, request: core.Request) -> None:
         """Keep each job's outcome that nobody waits for, for `receive`
         (a detached job has none: its submit ends at the ack)."""
+        if self._watchers:
+            self._watchers.pop(request, None)
         if request.kind == "submit" and request.waiter is None and not request.detached \
                 and not isinstance(request.error, Cancelled):
             self._answers.append(request)
 
+    def _progressed(self, request: core.Request, progress: dict) -> None:
+        watcher = self._watchers.get(request)
+        if watcher is not None:
+            self._progress.append((watcher, progress))
+
+    def _deliver(self) -> None:
+        """Call the ``on_progress`` callbacks due, in order (an exception
+        one raises comes out of the call that was reading; the rest stay
+        due)."""
+        due = self._progress
+        while due:
+            watcher, progress = due.popleft()
+            watcher(progress)
+
     # --- the 2009 API -------------------------------------------------------------------------
 
     def _submit(self, id: Optional[str], type: Optional[str], body: Any, priority: Optional[int],
-                timeout: Optional[float], waiter: Any, options: Optional[Dict[str, Any]] = None
-                ) -> core.Request:
+                timeout: Optional[float], waiter: Any, options: Optional[Dict[str, Any]] = None,
+                on_progress: Optional[Callable[[dict], Any]] = None) -> core.Request:
         """Submit a job and wait for its ack; then the job's outcome goes
-        to ``waiter`` (None: to `receive`).  ``options``: `gloom.core.job_options`'s."""
+        to ``waiter`` (None: to `receive`).  ``options``: `gloom.core.job_options`'s
+        and ``unique``; ``on_progress``: called with each progress."""
         if id and id in self._core.jobs:
             raise ServerError("id_exists", f"job {id!r} is already in flight", id)
+        if on_progress is not None and not callable(on_progress):
+            raise TypeError(f"on_progress must be callable, not {on_progress!r}")
         options = options or {}
         with self._io():
             request = self._core.submit(type, body, priority, id or None, timeout, **options)
             request.waiter = _ACK
-            self._wait(lambda: request.acked or request.done)
+            if on_progress is not None:
+                self._watchers[request] = on_progress
+            # No callback while the ack is awaited: one that raised would
+            # lose the job's id, and the answer's waiter.
+            self._wait(lambda: request.acked or request.done, deliver=False)
         if not request.acked and request.error is not None:
             raise request.error
         request.waiter = waiter
@@ -483,7 +556,8 @@ class Master(_Client):
     def submit(self, id: Optional[str] = None, type: Optional[str] = None, body: Any = None,
                priority: Optional[int] = None, timeout: Optional[float] = None, *, detach: bool = False,
                delay: Any = None, at: Any = None, retries: Optional[int] = None,
-               backoff: bool = False) -> str:
+               backoff: bool = False, unique: Optional[str] = None,
+               on_progress: Optional[Callable[[dict], Any]] = None) -> str:
         """Submit a job and wait for its ack.  Its answer comes to
         `receive`, unless it is detached: a detached job belongs to the
         daemon, outlives this connection, and gets no answer here (`status`
@@ -505,17 +579,28 @@ class Master(_Client):
             1000); by default, the daemon's ``--retries``.
         :param backoff: retry lost attempts after a growing delay instead
             of at once (detached jobs always do).
+        :param unique: a key (a non-empty string, at most 1024 bytes of
+            UTF-8): while a job of this type with this key is queued,
+            delayed or running on the daemon, this submit joins it instead
+            of queueing another, and gets its progress and answer under
+            this id (the first submit's priority, timeout, delay and
+            retries hold).  Not with ``detach``.
+        :param on_progress: called with each progress of the job (a dict
+            of ``done``, ``total`` and ``data``, those the worker sent),
+            before its answer, in the thread of the call that reads it
+            (`receive`, or any call of this master that waits).  An
+            exception it raises comes out of that call.
         :returns: the job's id.
         :raises ServerError: if the daemon refuses the job (``id_exists``,
             ``journal_error``...).
         :raises EncodeError: at once, if the body is not JSON.
-        :raises ValueError: at once, for an option out of range, or both
-            ``delay`` and ``at``.
+        :raises ValueError: at once, for an option out of range, both
+            ``delay`` and ``at``, or ``unique`` with ``detach``.
         :raises TransportError: if the daemon's connection dropped first
             (a detached job may then have been taken or not: ask `status`).
         """
-        options = dict(detach=detach, delay=delay, at=at, retries=retries, backoff=backoff)
-        return self._submit(id, type, body, priority, timeout, None, options).id
+        options = dict(detach=detach, delay=delay, at=at, retries=retries, backoff=backoff, unique=unique)
+        return self._submit(id, type, body, priority, timeout, None, options, on_progress).id
 
     def receive(self, timeout: Optional[float] = None) -> Job:
         """The next answer to any of this master's jobs, as a `Job`; a failed
@@ -529,6 +614,7 @@ class Master(_Client):
         if not self._answers:
             with self._io():
                 self._wait(lambda: bool(self._answers), timeout)
+        self._deliver()  # what came before the answer, first
         request = self._answers.popleft()
         error = request.error
         if error is None:
@@ -542,8 +628,9 @@ class Master(_Client):
         arrive.
 
         :param jobs: dicts with ``type``, ``body`` and optionally ``id``,
-            ``priority``, ``timeout``, ``delay``, ``at``, ``retries`` and
-            ``backoff`` (as `submit` takes them), or ``(type, body)`` pairs.
+            ``priority``, ``timeout``, ``delay``, ``at``, ``retries``,
+            ``backoff``, ``unique`` and ``on_progress`` (as `submit` takes
+            them), or ``(type, body)`` pairs.
         :param timeout: seconds each wait for an answer may take.
         :raises ValueError: for a job with ``detach``: it would get no
             answer to yield.
@@ -557,7 +644,8 @@ class Master(_Client):
                 raise ValueError("do_many waits for answers, and a detached job gets none: use submit")
             self.submit(job.get("id"), job["type"], job.get("body"), job.get("priority"),
                         job.get("timeout"), delay=job.get("delay"), at=job.get("at"),
-                        retries=job.get("retries"), backoff=job.get("backoff", False))
+                        retries=job.get("retries"), backoff=job.get("backoff", False),
+                        unique=job.get("unique"), on_progress=job.get("on_progress"))
             count += 1
         for _ in range(count):
             yield self.receive(timeout)
@@ -567,7 +655,8 @@ class Master(_Client):
     def run(self, type: str, body: Any = None, priority: Optional[int] = None,
             timeout: Optional[float] = None, wait: Optional[float] = None, *, detach: bool = False,
             delay: Any = None, at: Any = None, retries: Optional[int] = None,
-            backoff: bool = False) -> Any:
+            backoff: bool = False, unique: Optional[str] = None,
+            on_progress: Optional[Callable[[dict], Any]] = None) -> Any:
         """Submit one job and wait for its answer body.  Answers to other
         jobs that arrive meanwhile stay for `receive`.
 
@@ -580,8 +669,12 @@ class Master(_Client):
             A delayed job's wait includes its delay.
         :param detach: refused: a detached job gets no answer to wait for
             (use `submit`, then `status`).
-        :param delay: as `submit` takes it; so are ``at``, ``retries`` and
-            ``backoff``.
+        :param delay: as `submit` takes it; so are ``at``, ``retries``,
+            ``backoff`` and ``unique``.
+        :param on_progress: called with each progress of the job (a dict
+            of ``done``, ``total`` and ``data``), in this thread, before
+            `run` returns.  An exception it raises comes out of `run`; the
+            job stays in flight, and its answer goes to `receive`.
         :raises ServerError: if the job was refused or failed.
         :raises TransportError: if its daemon's connection dropped.
         :raises Timeout: if the answer did not come within ``wait``.
@@ -589,13 +682,14 @@ class Master(_Client):
         """
         if detach:
             raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
-        options = dict(delay=delay, at=at, retries=retries, backoff=backoff)
-        request = self._submit(None, type, body, priority, timeout, _RUN, options)
+        options = dict(delay=delay, at=at, retries=retries, backoff=backoff, unique=unique)
+        request = self._submit(None, type, body, priority, timeout, _RUN, options, on_progress)
         try:
             with self._io():
                 self._wait(lambda: request.done, wait)
         except BaseException:
             request.waiter = None
+            self._watchers.pop(request, None)
             if request.done:
                 self._ended(request)
             raise
@@ -742,12 +836,76 @@ class Master(_Client):
             raise next((r.error for r in requests.values()), None) or TransportError(self._why)
         return core.sum_stats(by_daemon)
 
+    # --- admin --------------------------------------------------------------------------------
+
+    def pause(self, type: str) -> None:
+        """Have every daemon hand out no job of ``type`` until `resume`
+        (submits are still taken, and queue).  The daemons must run with
+        ``--admin``.
+
+        :param type: the job type.
+        :raises ServerError: ``forbidden`` if a daemon runs without
+            ``--admin``.
+        :raises TransportError: if a daemon given is not connected (the
+            others were asked).
+        """
+        self._admin("pause", type)
+
+    def resume(self, type: str) -> None:
+        """Hand out jobs of ``type`` again (see `pause`).
+
+        :param type: the job type.
+        """
+        self._admin("resume", type)
+
+    def clear(self, type: str) -> int:
+        """End every queued and delayed job of ``type`` on every daemon:
+        each master waiting for one gets ``ServerError`` ``cleared``, and
+        a detached one goes to the dead list.  Running jobs go on.
+
+        :param type: the job type.
+        :returns: how many jobs were cleared, over every daemon.
+        """
+        return sum(reply.get("cleared", 0) for reply in self._admin("clear", type).values())
+
+    def drain(self) -> None:
+        """Have every daemon refuse new submits (``shutdown``), finish
+        its queued and running jobs, then exit."""
+        self._admin("drain")
+
+    def _admin(self, action: str, type: Optional[str] = None) -> Dict[str, dict]:
+        """Ask every daemon connected; each one's reply, by name."""
+        core.admin_message(action, type)  # a ValueError before anything is sent
+        with self._io():
+            requests = {name: self._core.admin(action, type, name) for name in self._core.up()}
+            self._wait(lambda: all(request.done for request in requests.values()))
+        errors = [request.error for request in requests.values() if request.error is not None]
+        refusal = next((error for error in errors if isinstance(error, ServerError)), None)
+        if refusal is not None:
+            raise refusal
+        if errors:
+            raise errors[0]
+        missing = [name for name in self.names if name not in requests]
+        if missing:
+            raise TransportError(f"{', '.join(missing)} not connected: {action} was not sent there"
+                                 + (f" (done on {', '.join(requests)})" if requests else ""), missing[0])
+        return {name: request.value for name, request in requests.items()}
+
 
 class Slave(_Client):
     """Takes jobs of one type, one at a time, and answers them; with
     several daemons, from whichever has one (`gloom.core.WorkerCore`
     with concurrency 1 keeps it to one job in hand, and `job` wakes every
     ``ROTATE_INTERVAL`` to move an ask that brought nothing).
+
+    The job `job` returns reports progress with ``job.progress(done,
+    total, data)`` and ``job.touch()``, which may be called from any
+    thread, even while another is in a call of this slave: each sends its
+    frame at once, handles the replies that have come by then without
+    waiting for any, and returns whether it was sent (False once the job
+    is answered, or its connection lost, or `disconnect` called).  So
+    ``job.cancelled`` turns True at the first call after the daemon's
+    ``cancelled`` reply has arrived.
 
     :param addr: the daemons' slave ports, as `Master` takes them; by
         default ``GLOOM_SLAVES`` (or ``GLOOM_SLAVE``), else 127.0.0.1:9999.
@@ -781,10 +939,32 @@ class Slave(_Client):
         link.handle.send(data)
 
     def _run(self, link: core.Link, job: Job) -> None:
+        job.bind(lambda done=None, total=None, data=None: self._report_progress(link, job, (done, total, data)),
+                 lambda: self._report_progress(link, job, None))
         self._jobs.append((link, job))
 
     def _replied(self, link: core.Link, kind: str, error: Optional[ServerError]) -> None:
-        self._replies.append((link, kind, error))
+        if kind not in ("progress", "touch"):  # nobody waits for those: job.cancelled says
+            self._replies.append((link, kind, error))
+
+    def _report_progress(self, link: core.Link, job: Job, fields: Optional[Tuple[Any, Any, Any]]) -> bool:
+        """Send a job's progress (``fields``: done, total, data) or touch
+        (None), from any thread, and handle the replies that have come
+        meanwhile, without waiting for any.  False if it was not sent:
+        the job is no longer held, or `disconnect` was called."""
+        if fields is not None:
+            core.progress_fields(*fields)  # a mistake raises in the caller, sent or not
+        try:
+            with self._io(), self._state:
+                if fields is None:
+                    sent = self._core.touch(link, job)
+                else:
+                    sent = self._core.progress(link, job, *fields)
+                if sent:
+                    self._poll()
+                return sent
+        except TransportError:
+            return False
 
     def _report(self, text: str, fatal: bool) -> None:
         _log.log(logging.WARNING if fatal else logging.INFO, "%s", text)
@@ -807,8 +987,9 @@ class Slave(_Client):
         """
         links = self._core.links
         with self._io():
-            self._replies = []
-            self._core.join(type)
+            with self._state:
+                self._replies = []
+                self._core.join(type)
             self._wait(lambda: not any("join" in link.replies for link in links if link.up))
         for _, kind, error in self._replies:
             if kind == "join" and error is not None:
@@ -829,7 +1010,8 @@ class Slave(_Client):
             tick = self._rotate if len(self.names) > 1 else None
             with self._io():
                 self._wait(lambda: bool(self._jobs), timeout, tick)
-        self._link, self.current = self._jobs.popleft()
+        with self._state:
+            self._link, self.current = self._jobs.popleft()
         return self.current
 
     def _rotate(self, now: float) -> float:
@@ -873,8 +1055,9 @@ class Slave(_Client):
             if not link.up:
                 raise TransportError(f"the connection to {link.daemon} was lost; "
                                      f"job {job.id!r} went back to its queue there", link.daemon, job.id)
-            self._replies = []
-            self._core.finished(link, job, outcome, failure)
+            with self._state:
+                self._replies = []
+                self._core.finished(link, job, outcome, failure)
             self._wait(lambda: "respond" not in link.replies)
         for replied, kind, error in self._replies:
             if replied is link and kind == "respond":
@@ -890,7 +1073,9 @@ class Slave(_Client):
 
         :param handler: called with each `Job`; what it returns is the
             answer, and an exception it raises fails the job with the
-            exception's text.
+            exception's text.  It may report with ``job.progress(...)``
+            and ``job.touch()`` (from any thread), and stop early once
+            ``job.cancelled`` is True.
         :param type: the job type to join first; by default, the one
             already joined.
         """

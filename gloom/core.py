@@ -67,7 +67,7 @@ MAX_PAGE = 1000
 
 _HEADER = struct.Struct("!I")
 
-_JOB_ENDINGS = frozenset({"job_failed", "shutdown"})
+_JOB_ENDINGS = frozenset({"job_failed", "shutdown", "cleared"})
 """The error codes of frames that end a job, rather than refuse a request."""
 
 
@@ -143,6 +143,14 @@ class Job(dict):
 
     An answer that is a failure carries ``error`` and ``reason`` instead of
     a body.
+
+    A job a worker holds can also report how far it got (`progress`) and
+    ask for more time (`touch`): `WorkerCore` binds both, for each job it
+    hands its shell, to the slave connection that holds the job (see
+    `bind`).  Once the daemon has answered ``cancelled`` to either,
+    ``cancelled`` is True: every master that submitted the job withdrew
+    it, and the work may stop (the job must still be answered, failed or
+    released as usual; the daemon drops that answer).
     """
 
     id = property(lambda self: self.get("id"))
@@ -151,11 +159,67 @@ class Job(dict):
     error = property(lambda self: self.get("error"))
     reason = property(lambda self: self.get("reason"))
 
+    cancelled = False
+    """Whether the daemon answered ``cancelled`` to a `progress` or
+    `touch` of this job: nobody waits for its answer any more."""
+
+    _progress: Optional[Callable[[Any, Any, Any], Any]] = None
+    _touch: Optional[Callable[[], Any]] = None
+
     def result(self) -> Any:
         """The answer body, or `ServerError` if the job failed."""
         if self.error is not None:
             raise ServerError.from_frame(self)
         return self.body
+
+    def bind(self, progress: Callable[[Any, Any, Any], Any], touch: Callable[[], Any]) -> None:
+        """Say how `progress` and `touch` reach the daemon.  `WorkerCore`
+        binds every job it runs to its own `WorkerCore.progress` and
+        `WorkerCore.touch` for the job's connection; a shell whose
+        handlers may call from another thread binds the job again, before
+        the handler gets it, to functions that hand the calls to its I/O
+        thread.
+
+        :param progress: called as ``progress(done, total, data)``; what
+            it returns, `progress` returns.
+        :param touch: called with no argument; what it returns, `touch`
+            returns.
+        """
+        self._progress = progress
+        self._touch = touch
+
+    def progress(self, done: Optional[float] = None, total: Optional[float] = None,
+                 data: Any = None) -> Any:
+        """Tell the masters waiting for this job how far it got.  Each
+        master gets ``{"done": ..., "total": ..., "data": ...}`` with the
+        fields given, before the answer.  It also restarts the job's
+        timeout, as `touch` does.
+
+        :param done: how much is done: a number, 0 or more.
+        :param total: how much there is to do: a number, 0 or more.
+        :param data: anything else to say, as JSON (None: nothing).
+        :returns: whether it was sent: False, and nothing sent, once the
+            job is no longer held (answered, or its connection lost).
+        :raises ValueError: if none of the three is given, or ``done`` or
+            ``total`` is not a number from 0 up.
+        :raises EncodeError: if ``data`` is not JSON.
+        :raises RuntimeError: if no worker holds this job (an answer, say).
+        """
+        if self._progress is None:
+            raise RuntimeError(f"job {self.id!r} is not held by a worker: only a worker's job has progress")
+        return self._progress(done, total, data)
+
+    def touch(self) -> Any:
+        """Restart the job's timeout: the daemon gives the attempt its
+        whole ``timeout`` again from now, so a long job that is alive is
+        not given up.
+
+        :returns: as `progress` does.
+        :raises RuntimeError: if no worker holds this job.
+        """
+        if self._touch is None:
+            raise RuntimeError(f"job {self.id!r} is not held by a worker: only a worker's job can be touched")
+        return self._touch()
 
 
 class DeadList(list):
@@ -249,6 +313,79 @@ def job_options(detach: bool = False, delay: Any = None, at: Any = None, retries
         fields["retries"] = retries
     if backoff:
         fields["backoff"] = True
+    return fields
+
+
+MAX_UNIQUE = 1024
+"""The longest ``unique`` key a submit may carry, in bytes of UTF-8."""
+
+ADMIN_ACTIONS = ("pause", "resume", "clear", "drain")
+"""The master port's admin actions (the daemon takes them only with
+``--admin``); all but ``drain`` name a job type."""
+
+
+def admin_message(action: str, type: Optional[str] = None) -> Dict[str, Any]:
+    """The frame of an admin action (without its ``ref``).
+
+    :param action: one of `ADMIN_ACTIONS`.
+    :param type: the job type, for all but ``drain``.
+    :raises ValueError: for an unknown action, or a type missing (or
+        given to ``drain``).
+    """
+    if action not in ADMIN_ACTIONS:
+        raise ValueError(f"unknown admin action {action!r}: one of {', '.join(ADMIN_ACTIONS)}")
+    message: Dict[str, Any] = {"action": action}
+    if action == "drain":
+        if type is not None:
+            raise ValueError("drain takes no job type")
+    else:
+        if not isinstance(type, str) or not type:
+            raise ValueError(f"{action} needs a job type (a non-empty string)")
+        message["type"] = type
+    return message
+
+
+def unique_key(key: Any, spell: Callable[[str], str] = lambda name: name) -> str:
+    """A submit's ``unique`` key, checked as the daemon checks it.
+
+    :param key: a non-empty string of at most `MAX_UNIQUE` bytes of UTF-8.
+    :param spell: how messages name the option.
+    :raises ValueError: if it is not.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{spell('unique')} must be a non-empty string, not {key!r}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{spell('unique')} must be text UTF-8 can hold (it has a lone surrogate)") from None
+    if size > MAX_UNIQUE:
+        raise ValueError(f"{spell('unique')} must be at most {MAX_UNIQUE} bytes of UTF-8, not {size}")
+    return key
+
+
+def progress_fields(done: Any = None, total: Any = None, data: Any = None) -> Dict[str, Any]:
+    """The fields of a progress frame: those given (None is not given),
+    checked as the daemon checks them.
+
+    :param done: how much is done: a finite number, 0 or more.
+    :param total: how much there is to do: a finite number, 0 or more.
+    :param data: anything else, as JSON.
+    :raises ValueError: if none is given, or ``done`` or ``total`` is not
+        a number from 0 up.
+    :raises EncodeError: if ``data`` is not JSON.
+    """
+    fields: Dict[str, Any] = {}
+    for name, value in (("done", done), ("total", total)):
+        if value is None:
+            continue
+        if not _number(value) or value < 0:
+            raise ValueError(f"progress {name} must be a number, 0 or more, not {_shown(value)}")
+        fields[name] = value
+    if data is not None:
+        encode(data)  # refuse what cannot be sent, at once
+        fields["data"] = data
+    if not fields:
+        raise ValueError("progress needs done, total or data")
     return fields
 
 
@@ -439,9 +576,13 @@ class Request:
     """One request to a daemon and, once it ended, its outcome.
 
     ``kind`` is ``"submit"``, ``"cancel"``, ``"stats"``, ``"status"``,
-    ``"dead_list"``, ``"dead_retry"`` or ``"dead_discard"``.  A submit
-    ends with its answer, a detached one (``detached``) with its id once
-    the daemon acked it; the others end with their reply.  ``done`` says
+    ``"dead_list"``, ``"dead_retry"``, ``"dead_discard"`` or ``"admin"``.
+    A submit ends with its answer, a detached one (``detached``) with its
+    id once the daemon acked it; the others end with their reply.  A
+    submit's ``progress`` is the latest progress the daemon sent for it
+    (a dict of ``done``, ``total`` and ``data``, as the slave gave them;
+    None before any), and ``coalesced`` says whether its ack said it
+    joined a job already there with the same ``unique`` key.  ``done`` says
     whether it ended; then `result` returns the outcome or raises it.
     ``acked`` says whether the daemon accepted a submit.  ``tried`` lists
     the daemons it was sent to, in order (a request about a job by id may
@@ -450,7 +591,8 @@ class Request:
     """
 
     __slots__ = ("kind", "id", "ref", "message", "daemon", "acked", "done", "value", "error",
-                 "waiter", "tried", "sent", "target", "encoded", "detached", "gather")
+                 "waiter", "tried", "sent", "target", "encoded", "detached", "gather", "progress",
+                 "coalesced")
 
     def __init__(self, kind: str, message: dict, job_id: Optional[str] = None):
         self.kind = kind
@@ -469,6 +611,8 @@ class Request:
         self.encoded: Optional[bytes] = None
         self.detached = False
         self.gather: Optional[_Gather] = None
+        self.progress: Optional[dict] = None
+        self.coalesced = False
 
     def result(self) -> Any:
         """The answer body or reply; raises the error the request ended with."""
@@ -530,7 +674,8 @@ class MasterCore:
     no ref (the 2009 daemon) is matched by id and, failing that, in order.
 
     A submit goes to the first daemon in its id's `rendezvous` order that
-    is up.  A request about a job by id that is not this client's in
+    is up (a submit with a ``unique`` key, in its key's order: so the
+    submits that share a key meet on one daemon).  A request about a job by id that is not this client's in
     flight (`status`, `cancel`, `dead_retry`, `dead_discard`) asks the
     daemons up in that same order, one after the other, until one knows
     the job: so it finds a detached job where its submit put it, even if
@@ -547,16 +692,23 @@ class MasterCore:
         unanswered jobs again to the others instead of failing them
         (never a detached job's submit: the daemon may have taken it).
     :param limit: the largest frame to send.
+    :param progressed: called as ``progressed(request, progress)`` with
+        each progress frame for a submit in flight, in the order they
+        come, all before the submit ends: ``progress`` is the frame's
+        dict (``done``, ``total``, ``data``, those the slave sent), also
+        kept as the request's ``progress``.
     """
 
     def __init__(self, daemons: Sequence[str], send: Callable[[str, bytes], None],
                  ended: Callable[[Request], None] = lambda request: None, resubmit: bool = False,
-                 limit: int = MAX_FRAME):
+                 limit: int = MAX_FRAME,
+                 progressed: Callable[[Request, dict], None] = lambda request, progress: None):
         if not daemons:
             raise ValueError("no daemon address given")
         self.daemons: Dict[str, _Daemon] = OrderedDict((name, _Daemon(name)) for name in daemons)
         self.send = send
         self.ended = ended
+        self.progressed = progressed
         self.resubmit = resubmit
         self.limit = limit
         self.backlog: List[Request] = []
@@ -632,6 +784,10 @@ class MasterCore:
             self._reply(state, request, message)
             return
         job_id = message.get("id")
+        if "progress" in message and "ok" not in message and "error" not in message \
+                and "body" not in message:
+            self._progress(state, job_id, message["progress"])
+            return
         if "body" in message and "ok" not in message:
             request = state.jobs.pop(job_id, None) if isinstance(job_id, str) else None
             if request is not None:
@@ -666,7 +822,7 @@ class MasterCore:
     def submit(self, type: str, body: Any = None, priority: Optional[int] = None,
                id: Optional[str] = None, timeout: Optional[float] = None, *, detach: bool = False,
                delay: Any = None, at: Any = None, retries: Optional[int] = None, backoff: bool = False,
-               **extra: Any) -> Request:
+               unique: Optional[str] = None, **extra: Any) -> Request:
         """Submit a job: send it now if a daemon is up, else when one is.
 
         :param type: the job's type.
@@ -683,6 +839,12 @@ class MasterCore:
             ``datetime``); not with ``delay``.
         :param retries: how many times a lost attempt is queued again.
         :param backoff: retry lost attempts after a growing delay.
+        :param unique: a key (a non-empty string, at most `MAX_UNIQUE`
+            bytes of UTF-8): while a job of this type with this key is
+            queued, delayed or running on the daemon, the submit joins it
+            instead of queueing another (its ack says ``coalesced``, and
+            the request gets that job's progress and answer).  Not with
+            ``detach``.
         :param extra: more fields for the submit frame.
         :raises ValueError: if the id is in use, the type is missing, or an
             option is out of range.
@@ -690,6 +852,11 @@ class MasterCore:
         """
         if not isinstance(type, str) or not type:
             raise ValueError("a job needs a type (a non-empty string)")
+        if unique is not None:
+            unique_key(unique)
+            if detach:
+                raise ValueError("unique is not for detached jobs: their ids are unique on the daemon "
+                                 "already (use the key as the id)")
         job_id = _id_of(id)
         if job_id in self.jobs:
             raise ValueError(f"job {job_id!r} is already in flight")
@@ -700,6 +867,8 @@ class MasterCore:
             message["timeout"] = timeout
         if detach or delay is not None or at is not None or retries is not None or backoff:
             message.update(job_options(detach, delay, at, retries, backoff))
+        if unique is not None:
+            message["unique"] = unique
         message.update(extra)
         request = Request("submit", message, job_id)
         request.detached = message.get("detach") is True
@@ -820,6 +989,35 @@ class MasterCore:
         """
         return self._about("dead_discard", job_id)
 
+    def admin(self, action: str, type: Optional[str] = None, daemon: Optional[str] = None) -> Request:
+        """An admin request (the daemon takes them only when it runs with
+        ``--admin``; otherwise it refuses with ``forbidden``).  The
+        request ends with the reply's fields but ``ok`` and ``ref``: ``{}``,
+        or ``{"cleared": N}`` for ``clear``.
+
+        - ``pause``: hand out no job of ``type`` (submits are still taken).
+        - ``resume``: hand them out again.
+        - ``clear``: end every queued and delayed job of ``type`` (their
+          masters get ``cleared``; detached ones go to the dead list).
+        - ``drain``: refuse new submits, finish the jobs queued and
+          running, then exit.
+
+        :param action: one of `ADMIN_ACTIONS`.
+        :param type: the job type (for all but ``drain``, which takes none).
+        :param daemon: the daemon to ask; by default, the first that is up
+            (or that comes up).  A shell that means every daemon asks each.
+        :raises ValueError: for an unknown action, or a type missing
+            (or given to ``drain``).
+        """
+        request = Request("admin", admin_message(action, type))
+        if daemon is None:
+            self._route(request)
+        elif not self.daemons[daemon].up:
+            self._end(request, error=TransportError(f"{daemon} is not connected", daemon))
+        else:
+            self._send(request, daemon)
+        return request
+
     @property
     def in_flight(self) -> int:
         """How many submits have not ended."""
@@ -840,7 +1038,7 @@ class MasterCore:
     def _route(self, request: Request) -> None:
         kind = request.kind
         if kind != "submit":
-            if kind == "stats":
+            if kind == "stats" or kind == "admin":
                 daemon = next((name for name, state in self.daemons.items() if state.up), None)
                 if daemon is not None:
                     self._send(request, daemon)
@@ -863,7 +1061,9 @@ class MasterCore:
                 self._send(request, state.name)
                 return
         else:
-            for daemon in rendezvous(request.id, daemons):
+            # A unique job goes where its key leads, so that every client's
+            # submits with that key meet on one daemon, whatever their ids.
+            for daemon in rendezvous(request.message.get("unique") or request.id, daemons):
                 if daemons[daemon].up:
                     self._send(request, daemon)
                     return
@@ -1004,6 +1204,7 @@ class MasterCore:
             self._end(request, error=error)
         elif kind == "submit":
             request.acked = True  # the answer ends it
+            request.coalesced = message.get("coalesced") is True
             if request.detached:  # no answer comes: the ack ends it
                 state.jobs.pop(request.id, None)
                 self._end(request, value=request.id)
@@ -1038,8 +1239,23 @@ class MasterCore:
                     entries, total, offset if isinstance(offset, int) else request.message["offset"]))
             else:
                 self._end(request, error=ProtocolError(f"{state.name} sent a dead list that cannot be read"))
+        elif kind == "admin":
+            self._end(request, value={key: value for key, value in message.items() if key not in ("ok", "ref")})
         else:
             self._end(request, value=None)
+
+    def _progress(self, state: _Daemon, job_id: Any, progress: Any) -> None:
+        """A progress frame: keep it on the submit it is for and say so.
+        One for a job not in flight here (cancelled, ended, detached) is
+        dropped."""
+        if not isinstance(progress, dict):
+            raise ProtocolError(f"{state.name} sent a progress that is not an object: "
+                                f"{json.dumps(progress)[:200]}")
+        request = state.jobs.get(job_id) if isinstance(job_id, str) else None
+        if request is None or request.done:
+            return
+        request.progress = progress
+        self.progressed(request, progress)
 
     def _forget(self, state: _Daemon, request: Request) -> None:
         state.by_ref.pop(request.ref, None)
@@ -1121,7 +1337,7 @@ class Link:
     daemon thinks it wants a job (it joined and has not left since), and
     the job it holds."""
 
-    __slots__ = ("daemon", "index", "up", "wants", "job", "replies", "handle", "since")
+    __slots__ = ("daemon", "index", "up", "wants", "job", "replies", "handle", "since", "reported")
 
     def __init__(self, daemon: str, index: int):
         self.daemon = daemon
@@ -1134,6 +1350,8 @@ class Link:
         """The shell's connection object."""
         self.since = 0
         """When (in calls of `WorkerCore.rotate`) it last began to ask."""
+        self.reported: List[Job] = []
+        """The jobs whose ``progress`` or ``touch`` awaits its reply, oldest first."""
 
     @property
     def state(self) -> str:
@@ -1172,8 +1390,15 @@ class WorkerCore:
     ``run(link, job)`` to start a job, ``report(text, fatal)`` with news
     for people (fatal: retrying cannot help, such as a refused join), and
     ``replied(link, kind, error)`` with each reply to a request (``kind``
-    is ``join``, ``leave``, ``respond`` or ``release``; ``error`` a
-    `ServerError` or None).
+    is ``join``, ``leave``, ``respond``, ``release``, ``progress`` or
+    ``touch``; ``error`` a `ServerError` or None).
+
+    Each job handed to ``run`` is bound (`Job.bind`) to `progress` and
+    `touch` on its link, so a handler calls ``job.progress(...)`` and
+    ``job.touch()``; those calls must come from the shell's I/O thread,
+    or be handed to it (a shell that runs handlers elsewhere binds the
+    job again).  A ``cancelled`` reply to either sets the job's
+    ``cancelled``.
 
     :param job_type: the type of jobs to take; None to take none until
         `join` names one.
@@ -1228,6 +1453,7 @@ class WorkerCore:
         link.wants = False
         link.job = None
         link.replies = []
+        link.reported = []
         self._balance()
 
     def link_down(self, link: Link) -> Optional[Job]:
@@ -1241,6 +1467,7 @@ class WorkerCore:
         link.wants = False
         link.job = None
         link.replies = []
+        link.reported = []
         if job is not None:
             self.in_hand -= 1
         self._balance()
@@ -1253,6 +1480,9 @@ class WorkerCore:
             return
         expected = link.replies.pop(0) if link.replies else None
         error = ServerError.from_frame(message, link.daemon) if "error" in message else None
+        if expected in _REPORTS:
+            self._reported(link, expected, error)
+            return
         if expected is not None:
             self.replied(link, expected, error)
         if error is not None:
@@ -1294,6 +1524,47 @@ class WorkerCore:
             if link.wants:
                 link.since = self._tick
         self._balance()
+
+    def progress(self, link: Link, job: Job, done: Optional[float] = None, total: Optional[float] = None,
+                 data: Any = None) -> bool:
+        """Send a progress for ``job``, held on ``link`` (see `Job.progress`;
+        a progress also restarts the job's timeout).  Its reply comes
+        through ``replied(link, "progress", error)``.
+
+        :param link: the connection that holds the job.
+        :param job: the job.
+        :param done: how much is done (a number, 0 or more).
+        :param total: how much there is to do (a number, 0 or more).
+        :param data: anything else, as JSON.
+        :returns: whether it was sent: False, and nothing sent, if ``link``
+            no longer holds ``job`` (it was answered, or the connection
+            was lost).
+        :raises ValueError: if none of the three is given, or ``done`` or
+            ``total`` is not a number from 0 up.
+        :raises EncodeError: if ``data`` is not JSON.
+        """
+        fields = progress_fields(done, total, data)
+        if not link.up or link.job is not job:
+            return False
+        message = {"action": "progress", "id": job.id}
+        message.update(fields)
+        link.reported.append(job)
+        self._request(link, "progress", _slave_frame(message))
+        return True
+
+    def touch(self, link: Link, job: Job) -> bool:
+        """Restart the timeout of ``job``, held on ``link``.  Its reply
+        comes through ``replied(link, "touch", error)``.
+
+        :param link: the connection that holds the job.
+        :param job: the job.
+        :returns: whether it was sent (as `progress` says).
+        """
+        if not link.up or link.job is not job:
+            return False
+        link.reported.append(job)
+        self._request(link, "touch", _slave_frame({"action": "touch", "id": job.id}))
+        return True
 
     def join(self, job_type: str) -> None:
         """Serve ``job_type`` from now on: connections asking for work ask
@@ -1371,8 +1642,31 @@ class WorkerCore:
         link.job = job
         self.in_hand += 1
         self._dry_until[link.daemon] = 0
+        job.bind(lambda done=None, total=None, data=None: self.progress(link, job, done, total, data),
+                 lambda: self.touch(link, job))
         self._balance()
         self.run(link, job)
+
+    def _reported(self, link: Link, kind: str, error: Optional[ServerError]) -> None:
+        """The reply to a ``progress`` or ``touch``: a refusal sets the
+        job's ``cancelled`` (for ``cancelled``) and is reported, once per
+        job and error code."""
+        job = link.reported.pop(0) if link.reported else None
+        if error is not None and job is not None:
+            said = job.__dict__.setdefault("_refusals", set())
+            if error.error == "cancelled":
+                job.cancelled = True
+            if error.error not in said:
+                said.add(error.error)
+                if error.error == "cancelled":
+                    self.report(f"{link.daemon}: job {job.id!r} was cancelled by every master that "
+                                "submitted it; its answer will be dropped", False)
+                elif error.error == "timed_out":
+                    self.report(f"{link.daemon}: job {job.id!r} ran past its timeout; its {kind} came "
+                                "too late and its answer will be discarded", False)
+                else:
+                    self.report(f"{link.daemon} refused the {kind} of job {job.id!r}: {error}", False)
+        self.replied(link, kind, error)
 
     def _request(self, link: Link, kind: str, data: bytes) -> None:
         link.replies.append(kind)
@@ -1486,6 +1780,9 @@ def _slave_frame(message: dict) -> bytes:
 
 _LEAVE = _slave_frame({"action": "leave"})
 
+_REPORTS = frozenset({"progress", "touch"})
+"""The requests about the job a connection holds, which change nothing of its place."""
+
 _SETTLING = frozenset({"leave", "respond", "release"})
 """The requests after which a daemon may count a job on a connection until it replies."""
 
@@ -1496,7 +1793,9 @@ _SETTLING = frozenset({"leave", "respond", "release"})
 def sum_stats(by_daemon: Dict[str, dict]) -> dict:
     """The figures of several daemons added up, in the shape of one
     daemon's stats, with each daemon's own under ``daemons`` (a figure
-    that does not add up, such as ``journal``, is only there).
+    that does not add up, such as ``journal``, is only there).  The
+    ``paused`` types are those paused on any daemon (a type's ``paused``
+    likewise), and ``draining`` says whether any daemon is draining.
 
     :param by_daemon: each daemon's stats, by its address.
     """
@@ -1515,7 +1814,9 @@ def sum_stats(by_daemon: Dict[str, dict]) -> dict:
         for name, figures in stats.get("types", {}).items():
             into = total["types"].setdefault(name, {})
             for key, value in figures.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, bool):
+                    into[key] = into.get(key, False) or value  # such as paused: on any daemon
+                elif isinstance(value, (int, float)):
                     if key.startswith("latency") or key.endswith("_ms"):
                         into[key] = max(into.get(key, value), value)
                     else:
@@ -1524,6 +1825,11 @@ def sum_stats(by_daemon: Dict[str, dict]) -> dict:
             total["types_omitted"] = total.get("types_omitted", 0) + stats["types_omitted"]
         if _number(stats.get("delayed")):
             total["delayed"] = total.get("delayed", 0) + stats["delayed"]
+        if isinstance(stats.get("paused"), list):
+            paused = total.setdefault("paused", [])
+            paused += [name for name in stats["paused"] if name not in paused]
+        if isinstance(stats.get("draining"), bool):
+            total["draining"] = total.get("draining", False) or stats["draining"]
         if isinstance(stats.get("detached"), dict):
             into = total.setdefault("detached", {})
             for key, value in stats["detached"].items():

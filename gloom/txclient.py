@@ -2,10 +2,13 @@
 
 `MasterClient` submits jobs to one or more daemons; each submit is a
 Deferred for the answer body (for a detached job, its id), and it asks
-where jobs are (``status``) and handles the dead list.  `Worker` (and
-`work`) answers jobs with a handler that may return a value or a
-Deferred, serving every daemon given while holding no more jobs than its
-concurrency.  Both are
+where jobs are (``status``) and handles the dead list.  A submit may
+follow its job's progress (``on_progress``) or join a like job already
+there (``unique``), and `MasterClient` also pauses, resumes and clears a
+type's queue and drains the daemons.  `Worker` (and `work`) answers jobs
+with a handler that may return a value or a Deferred, and may report its
+progress (``job.progress``) or ask for more time (``job.touch``), serving
+every daemon given while holding no more jobs than its concurrency.  Both are
 ``MultiService``\\ s of ``ClientService``\\ s, so they reconnect with backoff
 when a daemon restarts.  Addresses are ``host:port`` or Twisted client
 endpoint strings, such as
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -47,6 +51,9 @@ from zope.interface import implementer
 
 from gloom import core
 from gloom.core import EncodeError, Job, ProtocolError, Request, ServerError, TransportError, WorkerError
+
+ProgressCallback = Callable[[dict], Any]
+"""What ``on_progress`` is: called with each progress dict of a job."""
 
 # Named in the docstrings, and importable from here too.
 _DOCUMENTED = (EncodeError, ServerError, TransportError)
@@ -381,6 +388,8 @@ class MasterClient(MultiService):
     :raises ValueError: if an address cannot be used.
     """
 
+    log = Logger()
+
     def __init__(self, masters=None, reactor=None, fail_after: Optional[int] = None,
                  retry_policy: Optional[Callable[[int], float]] = None, resubmit: bool = False):
         super().__init__()
@@ -390,8 +399,11 @@ class MasterClient(MultiService):
         self.fail_after = fail_after
         addresses = _addresses(masters, core.MASTERS_ENV, core.DEFAULT_MASTER)
         names = _names(addresses)
-        self._core = core.MasterCore(names, self._send, self._ended, resubmit=resubmit)
+        self._core = core.MasterCore(names, self._send, self._ended, resubmit=resubmit,
+                                     progressed=self._progressed)
         self._resubmit = resubmit
+        self._watchers: Dict[Request, ProgressCallback] = {}
+        """The ``on_progress`` of each submit in flight that has one."""
         self._daemons: Dict[str, _MasterDaemon] = OrderedDict()
         self._closed = False
         self._tried: set = set()
@@ -476,7 +488,8 @@ class MasterClient(MultiService):
 
     def submit(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
                timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
-               retries: Optional[int] = None, backoff: bool = False) -> Deferred:
+               retries: Optional[int] = None, backoff: bool = False, unique: Optional[str] = None,
+               on_progress: Optional[ProgressCallback] = None) -> Deferred:
         """Submit a job (now, or once a daemon is up).  Cancelling the
         Deferred cancels the job.
 
@@ -498,24 +511,42 @@ class MasterClient(MultiService):
             1000); by default, the daemon's ``--retries``.
         :param backoff: retry lost attempts after a growing delay instead
             of at once (detached jobs always do).
+        :param unique: a key (a non-empty string, at most 1024 bytes of
+            UTF-8): while a job of this type with this key is queued,
+            delayed or running on the daemon, this submit joins it instead
+            of queueing another, and gets its progress and answer (the
+            first submit's priority, timeout, delay and retries hold).
+            Cancelling detaches only this submit.  Not with ``detach``.
+        :param on_progress: called in the reactor thread with each progress
+            of the job (a dict of ``done``, ``total`` and ``data``, those
+            the worker sent), in order, before the Deferred fires; not
+            after the Deferred was cancelled.  An exception it raises is
+            logged.
         :returns: a Deferred that fires with the answer body (a detached
             job's id), or fails with `ServerError` (refused, such as
-            ``id_exists`` or ``journal_error``, or ``job_failed``) or
-            `TransportError` (for a detached job, it may then have been
-            taken or not: ask `status`).
+            ``id_exists`` or ``journal_error``, or ``job_failed``, or
+            ``cleared``) or `TransportError` (for a detached job, it may
+            then have been taken or not: ask `status`).
         :raises EncodeError: if the body cannot be sent as JSON.
         :raises ValueError: if a job with that id is in flight already, or
-            an option is out of range (or both ``delay`` and ``at``).
+            an option is out of range (or both ``delay`` and ``at``, or
+            ``unique`` with ``detach``).
+        :raises TypeError: if ``on_progress`` is not callable.
         """
+        if on_progress is not None and not callable(on_progress):
+            raise TypeError(f"on_progress must be callable, not {on_progress!r}")
         request = self._core.submit(type, body, priority, id, timeout, detach=detach, delay=delay, at=at,
-                                    retries=retries, backoff=backoff)
+                                    retries=retries, backoff=backoff, unique=unique)
+        if on_progress is not None and not request.done:
+            self._watchers[request] = on_progress
         waiter = Deferred(lambda d: self._abandon(request, d))
         self._wait(request, waiter)
         return waiter
 
     def run(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
             timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
-            retries: Optional[int] = None, backoff: bool = False) -> Deferred:
+            retries: Optional[int] = None, backoff: bool = False, unique: Optional[str] = None,
+            on_progress: Optional[ProgressCallback] = None) -> Deferred:
         """`submit`, for a job whose answer is wanted: the same, except
         that ``detach`` is refused.
 
@@ -525,7 +556,7 @@ class MasterClient(MultiService):
         if detach:
             raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
         return self.submit(type, body, priority, id, timeout, delay=delay, at=at, retries=retries,
-                           backoff=backoff)
+                           backoff=backoff, unique=unique, on_progress=on_progress)
 
     def map(self, type: str, bodies: Iterable[Any], window: int = 64, priority: int = 0,
             timeout: Optional[float] = None) -> Deferred:
@@ -648,6 +679,90 @@ class MasterClient(MultiService):
         """
         return self._ask(self._core.dead_discard(job_id))
 
+    # --- admin ------------------------------------------------------------------------------
+
+    def pause(self, type: str) -> Deferred:
+        """Have every daemon hand out no job of ``type`` until `resume`
+        (submits are still taken, and queue).  The daemons must run with
+        ``--admin``.
+
+        :param type: the job type.
+        :returns: a Deferred that fires with None once every daemon
+            connected has paused the type; or fails with `ServerError`
+            ``forbidden`` (a daemon runs without ``--admin``), or with
+            `TransportError` naming the daemons that are not connected
+            (the others were asked).  It waits until every daemon has been
+            tried once (see `start`).
+        :raises ValueError: if the type is not a non-empty string.
+        """
+        return self._admin("pause", type).addCallback(lambda replies: None)
+
+    def resume(self, type: str) -> Deferred:
+        """Have every daemon hand out jobs of ``type`` again (see `pause`).
+
+        :param type: the job type.
+        :returns: a Deferred that fires with None, or fails as `pause`'s.
+        :raises ValueError: if the type is not a non-empty string.
+        """
+        return self._admin("resume", type).addCallback(lambda replies: None)
+
+    def clear(self, type: str) -> Deferred:
+        """End every queued and delayed job of ``type`` on every daemon:
+        each master waiting for one gets `ServerError` ``cleared``, and a
+        detached one goes to the dead list.  Running jobs go on.
+
+        :param type: the job type.
+        :returns: a Deferred that fires with how many jobs were cleared,
+            over every daemon; or fails as `pause`'s.
+        :raises ValueError: if the type is not a non-empty string.
+        """
+        return self._admin("clear", type).addCallback(
+            lambda replies: sum(reply.get("cleared", 0) for reply in replies.values()))
+
+    def drain(self) -> Deferred:
+        """Have every daemon refuse new submits (`ServerError`
+        ``shutdown``), finish its queued and running jobs, then exit.
+
+        :returns: a Deferred that fires with None once every daemon
+            connected said it drains; or fails as `pause`'s.
+        """
+        return self._admin("drain").addCallback(lambda replies: None)
+
+    def _admin(self, action: str, type: Optional[str] = None) -> Deferred:
+        """Ask every daemon connected, once each has been tried; a Deferred
+        for each one's reply, by name."""
+        core.admin_message(action, type)  # a ValueError before anything is sent
+        tried = self._tried >= set(self._daemons) and self.running
+        if tried or self._closed:
+            return self._admin_now(None, action, type)
+        waiter = Deferred()
+        self._tried_waiters.append(waiter)
+        return waiter.addCallback(self._admin_now, action, type)
+
+    def _admin_now(self, _: Any, action: str, type: Optional[str]) -> Deferred:
+        if self._closed:
+            return _failed(TransportError("the client was stopped"))
+        up = self._core.up()
+        asked = []
+        for name in up:
+            waiter = Deferred()
+            self._wait(self._core.admin(action, type, name), waiter)
+            asked.append(waiter)
+
+        def gathered(outcomes: List[Tuple[bool, Any]]) -> Any:
+            errors = [value.value for ok, value in outcomes if not ok]
+            refusal = next((error for error in errors if isinstance(error, ServerError)), None)
+            if refusal is not None or errors:
+                return Failure(refusal or errors[0])
+            missing = [name for name in self._daemons if name not in up]
+            if missing:
+                return Failure(TransportError(
+                    f"{', '.join(missing)} not connected: {action} was not sent there"
+                    + (f" (done on {', '.join(up)})" if up else ""), missing[0]))
+            return {name: value for name, (ok, value) in zip(up, outcomes)}
+
+        return DeferredList(asked, consumeErrors=True).addCallback(gathered)
+
     def _ask(self, request: Request) -> Deferred:
         result = Deferred()
         self._wait(request, result)
@@ -681,6 +796,8 @@ class MasterClient(MultiService):
         return None
 
     def _ended(self, request: Request) -> None:
+        if self._watchers:
+            self._watchers.pop(request, None)
         waiter, request.waiter = request.waiter, None
         if waiter is None:
             return
@@ -694,10 +811,20 @@ class MasterClient(MultiService):
 
     def _abandon(self, request: Request, waiter: Deferred) -> None:
         """A submit's Deferred was cancelled: cancel the job."""
+        self._watchers.pop(request, None)
         if request.waiter is waiter:
             request.waiter = None
             if not request.done:
                 self._core.cancel(request.id)
+
+    def _progressed(self, request: Request, progress: dict) -> None:
+        """A progress of a submit in flight: call its ``on_progress``."""
+        watcher = self._watchers.get(request)
+        if watcher is not None:
+            try:
+                watcher(progress)
+            except Exception:
+                self.log.failure("on_progress of job {id!r} raised", id=request.id)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -892,7 +1019,15 @@ class Worker(MultiService):
     :param job_type: the type of jobs to take.
     :param handler: called with each `Job`; returns the answer body or a
         Deferred for it, and an exception or failure fails the job with its
-        text.
+        text.  While it runs, ``job.progress(done, total, data=None)``
+        tells the masters how far it got and ``job.touch()`` restarts its
+        timeout; both may be called from the reactor thread or any other
+        (they are handed to the reactor with ``callFromThread``), and
+        return whether they were sent (False once the job is answered or
+        its connection lost).  ``job.cancelled`` becomes True once the
+        daemon answers either with ``cancelled``: every master that
+        submitted the job withdrew it, and the work may stop (the job must
+        still be answered or failed; the daemon drops that answer).
     :param concurrency: the most jobs in hand at once.
     :param slaves: the daemons' slave ports, as `MasterClient` takes its
         masters; None for ``GLOOM_SLAVES``, ``GLOOM_SLAVE``, else
@@ -937,6 +1072,8 @@ class Worker(MultiService):
         self._stop_waiters: List[Deferred] = []
         self._done_waiters: List[Deferred] = []
         self._rotation: Optional[LoopingCall] = None
+        self._thread: Optional[int] = None
+        """The reactor's thread, where handlers are called."""
         policy = retry_policy or _default_policy()
         endpoints_by_name = {
             name: _ReportingEndpoint(client_endpoint(reactor, address), name, self._attempt_failed)
@@ -1009,6 +1146,9 @@ class Worker(MultiService):
     # --- jobs -----------------------------------------------------------------------------------
 
     def _run(self, link: "core.Link", job: Job) -> None:
+        self._thread = threading.get_ident()  # the reactor's: the core calls from there
+        job.bind(lambda done=None, total=None, data=None: self._report_progress(link, job, (done, total, data)),
+                 lambda: self._report_progress(link, job, None))
         started = self.reactor.seconds()
         running = maybeDeferred(self.handler, job)
         key = id(running)
@@ -1030,6 +1170,33 @@ class Worker(MultiService):
             except Exception:
                 self.log.failure("on_job raised")
         self._check_drained()
+
+    def _report_progress(self, link: "core.Link", job: Job, fields: Optional[Tuple[Any, Any, Any]]) -> bool:
+        """Send a job's progress (``fields``: done, total, data) or touch
+        (None).  From the reactor thread, at once; from another thread,
+        checked there, then handed to the reactor (``callFromThread``),
+        with ``data`` copied as it is now.
+
+        :returns: whether it was sent (from another thread: whether the
+            job was still held when it was handed over).
+        """
+        if threading.get_ident() == self._thread:
+            if fields is None:
+                return self._core.touch(link, job)
+            return self._core.progress(link, job, *fields)
+        if fields is not None:
+            done, total, data = fields
+            checked = core.progress_fields(done, total, data)  # a mistake raises here, in the caller
+            if "data" in checked:
+                data = core.loads(core.encode(data))  # as it is now, whatever the caller changes next
+            fields = (done, total, data)
+        held = link.up and link.job is job
+        if held:
+            if fields is None:
+                self.reactor.callFromThread(self._core.touch, link, job)
+            else:
+                self.reactor.callFromThread(self._core.progress, link, job, *fields)
+        return held
 
     # --- connections ------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ DETACHED = "Detached and delayed jobs"
 
 # How many Python examples each section has, and so how many the tests here
 # (or, for asyncio, tests/test_aio.py) run: a new example needs a test.
-EXAMPLES = {BLOCKING: 3, LEGACY: 2, TWISTED: 2, ASYNCIO: 1, MANY: 1, DETACHED: 3}
+EXAMPLES = {BLOCKING: 4, LEGACY: 2, TWISTED: 3, ASYNCIO: 2, MANY: 1, DETACHED: 3}
 
 DEFAULT_PORTS = re.compile(r"(?<![\d.])(9998|9999|10998|10999)(?!\d)")
 FAST_RETRY = lambda attempt: 0.05  # noqa: E731
@@ -154,6 +154,14 @@ class ExampleTestCase(TestCase):
 
 class BlockingClientTests(ExampleTestCase):
     @inlineCallbacks
+    def test_progress(self):
+        daemon = self.daemon()
+        printed, _, done = self.run_blocking(example(BLOCKING, 3, daemon))
+        yield done
+        self.assertEqual(printed, ["cat.png: 1/3", "cat.png: 2/3", "cat.png: 3/3",
+                                   "resized cat.png"])
+
+    @inlineCallbacks
     def test_master(self):
         daemon = self.daemon()
         self.worker(daemon)
@@ -240,6 +248,22 @@ class TwistedClientTests(ExampleTestCase):
         self.assertIn(status, (0, -signal.SIGTERM), output)
         self.assertIn("Server Shut Down", output)
         self.assertNotIn("Traceback", output)
+
+    @inlineCallbacks
+    def test_progress_program(self):
+        daemon = self.daemon()
+        ran = yield self.run_program(example(TWISTED, 2, daemon))
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertEqual(ran.stdout.splitlines(), ["1/3", "2/3", "3/3", "resized cat.png"])
+
+
+class AsyncioClientTests(ExampleTestCase):
+    @inlineCallbacks
+    def test_progress_example(self):
+        daemon = self.daemon()
+        printed, _, done = self.run_blocking(example(ASYNCIO, 1, daemon))
+        yield done
+        self.assertEqual(printed, ["cat.png: 1/3", "cat.png: 2/3", "cat.png: 3/3", "resized cat.png"])
 
 
 class ManyDaemonsTests(ExampleTestCase):

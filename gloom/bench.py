@@ -219,6 +219,8 @@ class BenchResult:
         f = self.figures()
         daemons = f.get("daemons", 1)
         over = f" over {daemons} daemons" if daemons > 1 else ""
+        count = f.get("reports", 0)
+        reports = f", {count} progress report{'s' if count != 1 else ''} per job" if count else ""
         head = f"{f['jobs']} jobs in {f['seconds']} s: {f['jobs_per_s']:,.0f} jobs/s"
         if self.interrupted:
             head = f"interrupted after {f['jobs']} of {self.planned} jobs in {f['seconds']} s: " \
@@ -227,7 +229,7 @@ class BenchResult:
             head + (" drained" if self.queue_seconds else ""),
             f"latency ms: p50 {f['p50_ms']}  p90 {f['p90_ms']}  p99 {f['p99_ms']}  max {f['max_ms']}",
             f"({f['masters']} masters x {f['window']} in flight, {f['slaves']} slaves, "
-            f"{f['body_size']}-byte bodies{over}; {f['errors']} errors)",
+            f"{f['body_size']}-byte bodies{reports}{over}; {f['errors']} errors)",
         ]
         if self.queue_seconds:
             lines.insert(1, f"queued first in {f['queue_seconds']} s: {f['queue_per_s']:,.0f} jobs/s")

@@ -517,6 +517,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=20000, help="jobs in all (default 20000)")
     bench.add_argument("--drain", action="store_true",
                        help="queue every job first (random priorities), then let the slaves drain them")
+    bench.add_argument("--reports", type=int, default=0,
+                       help="progress reports each echo slave sends per job before answering "
+                            "(default 0)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show a progress bar (default: when standard error is a terminal)")
@@ -1735,7 +1738,8 @@ def _bench(session: _Session, args):
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     bench = Bench(session.reactor, args.masters_at, args.slaves_at, masters=args.masters, slaves=args.slaves,
                   window=args.window, body_size=args.body_size, jobs=args.jobs,
-                  progress=sys.stderr if progress else None, drain=args.drain)
+                  progress=sys.stderr if progress else None, drain=args.drain,
+                  reports=args.reports)
 
     signals: List[int] = []
 
@@ -1821,6 +1825,8 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             _positive(getattr(args, name), f"--{name}")
         if args.body_size < 0:
             raise UsageError("--body-size must not be negative")
+        if not 0 <= args.reports <= 1000:
+            raise UsageError("--reports must be from 0 to 1000")
 
 
 def _job_options(args) -> Dict[str, Any]:

@@ -287,6 +287,16 @@ class StatusAndBenchTests(CLITestCase):
         self.assertIn("600/600", err)
         self.assertEqual(self.scheduler.totals["completed"], 600)
 
+    @inlineCallbacks
+    def test_bench_with_progress_reports(self):
+        out, err, status = yield self.gloom("bench", "--jobs", "300", "--masters", "2", "--slaves", "2",
+                                            "--reports", "2", "--no-progress",
+                                            *self.master_arg(), *self.slave_arg())
+        self.assertEqual(status, 0, err)
+        self.assertIn("2 slaves, 64-byte bodies, 2 progress reports per job; 0 errors", out)
+        self.assertEqual((self.scheduler.totals["completed"], self.scheduler.totals["progress"]),
+                         (300, 600))
+
 
 class TLSTests(CLITestCase):
     def setUp(self):

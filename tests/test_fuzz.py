@@ -34,6 +34,19 @@ writes to it (in order), and judges every reply against the README:
   bounds, and the detached figures of stats are judged exactly.  Where the
   model cannot follow (a peer whose framing was lost, a job frame that can
   be more than one job), it says so in the frames and judges their shape;
+- progress and touch (README, "Progress"): slaves report on the job they
+  hold, named or not, well-formed or not, and are told ok, not_processing,
+  wrong_job, invalid_message, timed_out (an attempt given up: the model
+  knows a detached job's, and moves its deadline on each touch and
+  progress) or cancelled (nobody waits for the job).  Each progress a
+  master hears is for one of its unfinished jobs, before its answer, and
+  is one a slave sent on that job; one a slave was told ok for reaches the
+  job's master at once if it reads (else the daemon keeps the latest for
+  it: see ``ProgressScenarioTests``); status shows a detached job's last
+  progress; the totals count them;
+- the administrative actions (pause, resume, clear, drain) are refused
+  with forbidden (the daemon runs without --admin), and nothing is paused,
+  cleared or drained;
 - after each example, a fresh master and slave still get a job through,
   attached and detached; then the daemon is stopped (and no timer may be
   left), or every peer disconnects: only detached jobs and their timers may
@@ -115,8 +128,15 @@ MAX_REASON = 400  # an error frame quotes at most 200 characters of the peer's i
 
 OK = "ok"
 
-MASTER_ACTIONS = ("submit", "cancel", "stats", "status", "dead_list", "dead_retry", "dead_discard")
-SLAVE_ACTIONS = ("join", "respond", "fail", "leave", "release")
+# The administrative actions (README, "Administration") are refused with
+# forbidden: the fuzzed daemon runs without --admin.
+ADMIN_ACTIONS = ("pause", "resume", "clear", "drain")
+MASTER_ACTIONS = ("submit", "cancel", "stats", "status", "dead_list", "dead_retry",
+                  "dead_discard") + ADMIN_ACTIONS
+SLAVE_ACTIONS = ("join", "respond", "fail", "leave", "release", "progress", "touch")
+PROGRESS_FIELDS = ("done", "total", "data")  # a progress carries one or more of these
+WITHDRAWN = wire.CANCELLED  # progress or touch on a job nobody waits for any more
+FORBIDDEN = wire.FORBIDDEN
 
 # Detached and delayed jobs (README, "Detached and delayed jobs"; "Protocol
 # reference > Master port").  The bounds are set low so that the fuzzer
@@ -312,6 +332,12 @@ def classify(payload: bytes):
     return "object", value
 
 
+def count_valid(value) -> bool:
+    """A progress's ``done`` or ``total``: a JSON number from 0 (finite: an
+    infinite one is read as Raw), not a boolean."""
+    return type(value) in (int, float) and value >= 0
+
+
 def name_valid(value) -> bool:
     """A usable id or type: a non-empty string of at most MAX_NAME_BYTES of
     UTF-8, with no lone surrogate."""
@@ -397,7 +423,7 @@ class Job:
     __slots__ = ("master", "id", "type", "body", "state", "ended_step", "detached", "priority",
                  "timeout", "limit", "backoff", "run_at", "handed", "phase", "attempts", "retried",
                  "attempt", "ended_at", "end_attempts", "result", "reason", "in_scheduler",
-                 "cancel_step", "taken_step")
+                 "cancel_step", "cancel_index", "taken_step", "reports", "progress")
 
     def __init__(self, master, job_id, job_type, body, detached=False, priority=0, timeout=None,
                  limit=None, backoff=False, run_at=None):
@@ -419,7 +445,10 @@ class Job:
         self.ended_at = self.end_attempts = self.result = self.reason = None
         self.in_scheduler = True  # queued, delayed or running (cancelled or not)
         self.cancel_step = None  # the step it was cancelled in, if it may have run just before
+        self.cancel_index = None  # then: where its cancel is in the step's status history
         self.taken_step = None
+        self.reports = []  # the progress reports slaves sent on it (and the daemon took)
+        self.progress = None  # the latest of them: status shows it
 
     def __repr__(self):
         if self.detached:
@@ -504,6 +533,17 @@ class Harness:
         self.delivered = []  # this step: (master, Job, kind, value) masters heard
         self.loose_master_ever = False
         self.later = []  # jobs slaves got, to check against what masters submitted
+        # progress (README, "Progress"): the reports slaves sent on jobs the
+        # model knows, that the daemon took, this step, as (Job, report,
+        # whether its master must hear it now); the progress frames masters
+        # heard this step, as (master, Job, report); reports on jobs the model
+        # could not tell apart, by id; the ids of jobs held by slaves whose
+        # frames cannot be followed
+        self.reported = []
+        self.heard = []
+        self.reports_by_id = defaultdict(list)
+        self.loose_job_ids = set()
+        self.loose_slave_ever = False
         self.problems = []
         self.transcript = []
         self.stopping = False
@@ -670,8 +710,12 @@ class Harness:
             if any(m in r.payload for r in peer.pending for m in DETACHED_MARKERS) \
                     or any(m in peer.tail + data for m in DETACHED_MARKERS):
                 self.unsure(f"{peer} had detached work in flight when its framing was lost")
-        elif peer.held_attempt is not None:
-            self.unsure(f"{peer} holds a detached job and its framing was lost")
+        else:
+            self.loose_slave_ever = True
+            if peer.held is not None:
+                self.loose_job_ids.add(peer.held)
+            if peer.held_attempt is not None:
+                self.unsure(f"{peer} holds a detached job and its framing was lost")
         peer.pending.clear()
         data, peer.tail = peer.tail + data, b""
         self.feed(peer, data)
@@ -705,6 +749,7 @@ class Harness:
                 peer.held_job = candidates[0] if len(candidates) == 1 else None
                 self.hand_out(peer, candidates)
         self.match_answers()
+        self.match_progress()
         self.judge_statuses()
         self.step += 1
         for peer in self.live():
@@ -789,8 +834,10 @@ class Harness:
             self.reply(peer, msg)
         elif set(msg) == {"id", "body"} and type(msg["id"]) is str:
             self.answered(peer, msg)
+        elif set(msg) == {"id", "progress"}:
+            self.progress_heard(peer, msg)
         else:
-            self.fail(f"{peer}: a frame that is no reply, answer or error: {msg!r}")
+            self.fail(f"{peer}: a frame that is no reply, answer, progress or error: {msg!r}")
 
     def slave_frame(self, peer, msg):
         code = msg.get("error")
@@ -1053,6 +1100,8 @@ class Harness:
             keys = {"ok", "id", "state", "detached", "type", "priority", "attempts"}
             keys |= {"delayed": {"run_at"}, "completed": {"result", "ended_at"},
                      "failed": {"reason", "ended_at"}, "dead": {"reason", "ended_at"}}.get(state, set())
+            if "progress" in msg and state in LIVE + ("dead",):
+                keys.add("progress")  # the last progress its slave sent
             number = (int, float)
             if set(msg) != keys:
                 wrong = f"the fields should be {sorted(keys)}"
@@ -1067,6 +1116,8 @@ class Harness:
                 wrong = "it ended, so before now"
             elif "reason" in msg and type(msg["reason"]) is not str:
                 wrong = "a reason is a string"
+            elif "progress" in msg and not self.report_shaped(msg["progress"]):
+                wrong = "a progress is an object of done, total and data"
         if wrong:
             self.fail(f"{peer}: sent {short(req.payload)}\n  a malformed status reply ({wrong}): "
                       f"{short(msg, 600)}")
@@ -1151,6 +1202,17 @@ class Harness:
             self.fail(f"{peer}: a malformed stats reply {msg!r}")
         self.check_figures(stats.get("types"), stats.get("totals"), f"{peer}'s stats reply", stats)
 
+    def judge_admin(self, peer, req, v, msg):
+        """pause, resume, clear and drain: the fuzzed daemon runs without
+        --admin, so each is refused, whatever it carries (README,
+        "Administration")."""
+        self.expect(peer, req, msg, {FORBIDDEN})
+        if set(msg) != {"error", "reason"} or "--admin" not in msg["reason"]:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  forbidden should say to start the "
+                      f"daemon with --admin, and name no job: {msg!r}")
+
+    judge_pause = judge_resume = judge_clear = judge_drain = judge_admin
+
     def answered(self, peer, msg):
         if peer.loose:
             return
@@ -1192,6 +1254,95 @@ class Harness:
         self.expect(peer, req, msg, {OK})
         self.exact(peer, req, msg, {"ok": True})
         peer.left = True
+
+    def judge_progress(self, peer, req, v, msg):
+        self.judge_report(peer, req, v, msg, "progress")
+
+    def judge_touch(self, peer, req, v, msg):
+        self.judge_report(peer, req, v, msg, "touch")
+
+    def judge_report(self, peer, req, v, msg, kind):
+        """progress or touch (README, "Progress") on the held job, named or
+        not: a progress carries done or total (numbers from 0) or data (any
+        JSON), else invalid_message; refused not_processing without a job,
+        wrong_job naming another, timed_out once the attempt was given up,
+        cancelled once nobody waits for the job; ok restarts the attempt's
+        timeout, and a progress reaches the job's master."""
+        held = peer.held
+        has_id, given = "id" in v, v.get("id")
+        maybe = False
+        fields_ok = True
+        if kind == "progress":
+            counts = [v[name] for name in ("done", "total") if name in v]
+            fields_ok = any(name in v for name in PROGRESS_FIELDS) and \
+                all(count_valid(c) or type(c) is Raw for c in counts)
+            # a number of over 4,000 digits, a deeply nested data: not specified
+            maybe = any(type(c) is Raw for c in counts) or ("data" in v and depth(v["data"]) > 100)
+        if has_id and not name_valid(given):
+            allowed = {INVALID_MESSAGE}
+        elif held is None:
+            allowed = {NOT_PROCESSING}
+        elif has_id and given != held:
+            allowed = {WRONG_JOB}  # the held job stays held
+        elif not fields_ok:
+            allowed = {INVALID_MESSAGE}
+        else:
+            allowed = self.still_held(peer)
+            if maybe:
+                allowed.add(INVALID_MESSAGE)
+        outcome = self.expect(peer, req, msg, allowed)
+        COVERAGE[f"{kind}: {outcome}"] += 1
+        if outcome == OK:
+            self.exact(peer, req, msg, {"ok": True})
+            self.reported_on(peer, {name: v[name] for name in PROGRESS_FIELDS if name in v}
+                             if kind == "progress" else None)
+        elif outcome in (NOT_PROCESSING, WRONG_JOB) and has_id and msg.get("id") != given:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  {outcome} without the id: {msg!r}")
+        elif outcome in (TIMED_OUT, WITHDRAWN) and msg.get("id") != held:
+            self.fail(f"{peer}: sent {short(req.payload)}\n  {outcome} does not name the held "
+                      f"job {held!r}: {msg!r}")
+
+    def still_held(self, peer):
+        """What a well-formed progress or touch on the held job gets: ok
+        while its attempt stands and someone waits for the job; timed_out
+        once the attempt was given up; cancelled once nobody waits for it
+        (the model follows a detached job's attempts, not an attached one's)."""
+        attempt = peer.held_attempt
+        if attempt is not None and self.following():
+            if not attempt.current:
+                return {TIMED_OUT}
+            return {WITHDRAWN} if attempt.job.state == "cancelled" else {OK}
+        job = peer.held_job
+        if job is None or job.detached or self.stopping or job.master.loose:
+            return {OK, TIMED_OUT, WITHDRAWN}
+        if job.state == "live" and not job.master.lost:
+            return {OK, TIMED_OUT}
+        return {TIMED_OUT, WITHDRAWN}  # its master withdrew it, went away, or heard its end
+
+    def reported_on(self, peer, report):
+        """The daemon took a progress (``report``) or a touch (None) on the
+        slave's job: the attempt's timeout starts again; a progress is the
+        job's latest (status shows it), and goes to its master."""
+        job, attempt = peer.held_job, peer.held_attempt
+        if attempt is not None and attempt.current and self.following():
+            job = attempt.job
+            if job.timeout is not None:
+                attempt.deadline = self.now() + job.timeout
+            if report is not None:
+                self.touch(job.id)
+                job.progress = report
+                self.record(job.id)
+        self.figures["touched" if report is None else "progress"] += 1
+        if report is None:
+            return
+        if job is None:
+            self.reports_by_id[peer.held].append(report)
+            return
+        job.reports.append(report)
+        master = job.master
+        must_hear = not (job.detached or job.state != "live" or self.stopping
+                         or master.lost or master.loose or master.paused)
+        self.reported.append((job, report, must_hear))
 
     def judge_release(self, peer, req, v, msg):
         given, held = v.get("id", OMIT), peer.held
@@ -1282,6 +1433,7 @@ class Harness:
                 or type(msg["type"]) is not str:
             self.fail(f"{peer}: a malformed job frame {short(msg, 600)}")
         if peer.loose:
+            self.loose_job_ids.add(msg["id"])
             if any(job.detached for job in self.candidates(msg)):
                 self.unsure(f"{peer}, whose frames cannot be followed, got a detached job")
             return
@@ -1300,6 +1452,51 @@ class Harness:
         peer.job_ids.append(msg["id"])
         if candidates:
             self.hand_out(peer, candidates)
+
+    def progress_heard(self, peer, msg):
+        """A progress frame: for one of the master's unfinished jobs, before
+        its answer; what it says is judged once the step's frames are read
+        (`match_progress`)."""
+        job_id, report = msg["id"], msg["progress"]
+        if type(job_id) is not str or not self.report_shaped(report):
+            self.fail(f"{peer}: a malformed progress frame {short(msg, 600)}")
+        if peer.loose:
+            return
+        job = peer.unfinished.get(job_id)
+        if job is None:
+            self.fail(f"{peer}: progress on {job_id!r}, which it has no unfinished job for: "
+                      f"{short(msg, 600)}")
+        self.heard.append((peer, job, report))
+        COVERAGE["progress heard"] += 1
+
+    @staticmethod
+    def report_shaped(report) -> bool:
+        """A progress as masters and status show it: done, total (numbers
+        from 0) and data, whichever the slave sent, at least one."""
+        return (type(report) is _Obj and not report.duplicate and bool(report)
+                and set(report) <= set(PROGRESS_FIELDS)
+                and all(count_valid(report[name]) for name in ("done", "total") if name in report))
+
+    def match_progress(self):
+        """Each progress a master heard is one a slave sent on that job (and
+        the daemon took); each one a slave sent on a job whose master reads
+        and still waits for it reached that master in the same step."""
+        reported, self.reported = self.reported, []
+        heard, self.heard = self.heard, []
+        for master, job, report in heard:
+            if not (report in job.reports or report in self.reports_by_id.get(job.id, ())
+                    or job.id in self.loose_job_ids):
+                self.fail(f"{master}: heard progress {short(report)} on {job!r}, which no slave "
+                          f"sent on that job; slaves sent {job.reports!r}")
+        for job, report, must_hear in reported:
+            for entry in heard:
+                if entry[1] is job and entry[2] == report:
+                    heard.remove(entry)
+                    break
+            else:
+                if must_hear:
+                    self.fail(f"a slave's progress {short(report)} on {job!r} was taken (ok), and its "
+                              "master, which reads, did not hear it")
 
     def match_answers(self):
         """Each answer or slave failure a master heard is one a slave gave for
@@ -1364,6 +1561,8 @@ class Harness:
                 status["result"] = job.result
             else:
                 status["reason"] = job.reason
+        if phase in LIVE + ("dead",) and job.progress is not None:
+            status["progress"] = job.progress  # the last progress its slaves sent
         return status
 
     def history_of(self, job_id) -> list:
@@ -1460,6 +1659,8 @@ class Harness:
         COVERAGE[f"detached job cancelled while {job.phase}"] += 1
         self.end(job, "failed", reason=CANCELLED)
         self.record(job.id)
+        if job.cancel_step == self.step:
+            job.cancel_index = len(self.history[job.id]) - 1
 
     def handed(self, job, slave):
         """A slave got this detached job: a new attempt."""
@@ -1471,6 +1672,7 @@ class Harness:
             job.state, job.in_scheduler = "cancelled", True
             self.in_scheduler.append(job)
             job.end_attempts += 1
+            self.ran_before_cancel(job)
         elif job.phase == "delayed":
             self.fail(f"{slave}: got {job!r}, delayed until {job.run_at}, at {now}: before its time")
         elif job.state != "live" or job.phase != "queued":
@@ -1482,6 +1684,17 @@ class Harness:
             job, slave, None if job.timeout is None else now + job.timeout)
         COVERAGE["detached job handed out"] += 1
         self.record(job.id)
+
+    def ran_before_cancel(self, job):
+        """A detached job was handed out as it was taken, and cancelled later
+        in the same step (one write of submit, status, cancel): between the
+        two, status said it was running."""
+        at = job.cancel_index
+        self.history[job.id].insert(at, {"state": "running", "detached": True, "type": job.type,
+                                         "priority": job.priority, "attempts": job.attempts + 1})
+        self.statuses = [(peer, req, msg, job_id, index + 1 if job_id == job.id and index >= at
+                          else index) for peer, req, msg, job_id, index in self.statuses]
+        COVERAGE["detached job ran before its cancel"] += 1
 
     def attempt_answered(self, attempt, body):
         job = attempt.job
@@ -1587,19 +1800,25 @@ class Harness:
             self.fail(f"{where}: malformed figures {types!r} {totals!r}")
         live = delayed_jobs = 0
         for name, counts in types.items():
-            if set(counts) != {"queued", "delayed", "running", "idle_slaves", "busy_slaves"}:
+            if set(counts) != {"queued", "delayed", "running", "idle_slaves", "busy_slaves", "paused"}:
                 self.fail(f"{where}: type {name!r} has figures {counts!r}")
             queued, delayed, running = counts["queued"], counts["delayed"], counts["running"]
             idle, busy = counts["idle_slaves"], counts["busy_slaves"]
             live += queued + delayed + running
             delayed_jobs += delayed
+            if counts["paused"] is not False:
+                self.fail(f"{where}: type {name!r} is paused, on a daemon without --admin")
             if not (queued or delayed or running or idle or busy):
                 self.fail(f"{where}: type {name!r} is listed with no jobs and no slaves")
             if queued and idle:
                 self.fail(f"{where}: {queued} {name!r} jobs wait while {idle} slaves of the type idle")
             if running > busy:
                 self.fail(f"{where}: type {name!r} runs {running} jobs on {busy} busy slaves")
-        ended = totals["completed"] + totals["failed"] + totals["cancelled"]
+        if stats.get("paused") != [] or stats.get("draining") is not False or totals["cleared"]:
+            self.fail(f"{where}: without --admin no type is paused or cleared, and the daemon does "
+                      f"not drain: paused {stats.get('paused')!r}, draining {stats.get('draining')!r}, "
+                      f"cleared {totals['cleared']!r}")
+        ended = totals["completed"] + totals["failed"] + totals["cancelled"] + totals["cleared"]
         if totals["submitted"] != ended + live:
             self.fail(f"{where}: totals do not add up: submitted {totals['submitted']} != completed "
                       f"{totals['completed']} + failed {totals['failed']} + cancelled {totals['cancelled']}"
@@ -1644,6 +1863,11 @@ class Harness:
                 self.fail(f"the scheduler holds {len(self.scheduler)} jobs; connected masters "
                           f"await {unfinished}, and {detached} detached jobs are live")
         self.check_delayed_timer(masters)
+        if not self.loose_slave_ever:
+            for key in ("progress", "touched"):
+                if stats["totals"][key] != self.figures[key]:
+                    self.fail(f"totals[{key!r}] is {stats['totals'][key]}; the slaves were told ok "
+                              f"{self.figures[key]} times")
         if self.sure:
             self.check_detached(stats)
 
@@ -1980,7 +2204,13 @@ maybe_priorities, maybe_timeouts, maybe_reasons = (maybe(s, 1, 4) for s in (prio
 often_offsets, often_limits = maybe(offsets, 2, 1), maybe(limits, 2, 1)
 SUBMIT_OPTIONS = (("detach", flags), ("delay", delays), ("at", times), ("retries", retry_counts),
                   ("backoff", flags))
-MORE_OPTIONS = SUBMIT_OPTIONS + (("offset", offsets), ("limit", limits))
+# a progress's done and total: numbers from 0, and what is not
+counts = weighted((8, st.integers(0, 100) | st.sampled_from([0.5, 1e300, 5e-324, -0.0, 2**63, 10**30])),
+                  (2, st.sampled_from([-1, -0.5, True, False, None, "1", [1], Raw("1e400"), Raw("-1e400"),
+                                       Raw("1e-400"), Raw("-0"), Raw("1E+2"), Raw("1" * 4500)])),
+                  (1, st.floats()), (1, junk))
+MORE_OPTIONS = SUBMIT_OPTIONS + (("offset", offsets), ("limit", limits), ("done", counts),
+                                 ("total", counts), ("data", json_values))
 
 
 @st.composite
@@ -2426,8 +2656,12 @@ class GloomMachine(RuleBasedStateMachine):
             answer = (("body", data.draw(json_values, label="body"))
                       if data.draw(st.integers(0, 1 if slave.held_attempt is not None else 3), label="fails (0)")
                       else ("reason", data.draw(short_text, label="reason")))
-            self.h.send(slave, [request(("action", "respond" if answer[0] == "body" else "fail"),
-                                        ("id", slave.held if named else OMIT), answer)])
+            # progress first, now and then: its master hears it before the answer
+            frames = [self.report_frame(data, slave, "progress")
+                      for _ in range(data.draw(choice(0, 1, 1, 2), label="progress first"))]
+            COVERAGE[f"rule: work answers, after {len(frames)} progress"] += 1
+            self.h.send(slave, frames + [request(("action", "respond" if answer[0] == "body" else "fail"),
+                                                 ("id", slave.held if named else OMIT), answer)])
             return
         job_types = sorted({p.joined for p in self.h.live("slave") if name_valid(p.joined)}) or TYPE_POOL
         master = self.pick(data, "master", "master")
@@ -2479,6 +2713,30 @@ class GloomMachine(RuleBasedStateMachine):
         if not named:
             again = message(action=second, body="again", reason="again")
         self.h.send(slave, [message(action="respond", body="first"), again])
+
+    def report_frame(self, data, peer, kind=None):
+        """A progress (done, total, data: one or more, now and then none or
+        malformed) or a touch, naming the held job or not."""
+        kind = kind or data.draw(choice("progress", "progress", "touch"), label="progress or touch")
+        pairs = [("action", kind), ("id", self.answer_id(data, peer))]
+        if kind == "progress":
+            pairs += [("done", data.draw(maybe(counts, 3, 1), label="done")),
+                      ("total", data.draw(maybe(counts, 1, 1), label="total")),
+                      ("data", data.draw(maybe(json_values, 1, 2), label="data"))]
+        pairs.append(("ref", data.draw(maybe_refs, label="ref")))
+        return request(*pairs, style=data.draw(styles, label="style"))
+
+    def report(self, data):
+        """A slave reports progress on its job, or touches it (README,
+        "Progress"); once or a few times in one write."""
+        peer = self.pick_slave(data)
+        COVERAGE["rule: report" + (" (holding a job)" if peer.held is not None else "")] += 1
+        count = data.draw(choice(1, 1, 2, 3), label="reports")
+        self.h.send(peer, [self.report_frame(data, peer) for _ in range(count)])
+
+    # reporting is two rules
+    report_1 = precondition(has("slave"))(rule(data=st.data())(report))
+    report_2 = precondition(has("slave"))(rule(data=st.data())(lambda self, data: self.report(data)))
 
     @precondition(has("slave"))
     @rule(data=st.data(), ref=maybe_refs)
@@ -2744,6 +3002,19 @@ class DetachedScenarioTests(HarnessTestCase):
             "reason": "timeout: no answer within 1 s; gave up after 2 attempts", "ended_at": 2.5})
         self.h.finish()
 
+    def test_submit_status_cancel_in_one_write(self):
+        """Handed to the idle slave as it is taken, the job is running when
+        status asks, and failed (one attempt) once cancelled."""
+        slave = self.slave()
+        self.h.send(self.master, [message(action="submit", id="d", type="t", body=None, detach=True),
+                                  message(action="status", id="d"), message(action="cancel", id="d"),
+                                  message(action="status", id="d")])
+        self.h.settle()
+        self.assertEqual([(m.get("state"), m.get("attempts")) for m in self.master.inbox],
+                         [(None, None), ("running", 1), (None, None), ("failed", 1)])
+        self.h.send(slave, [message(action="progress", done=1), message(action="respond", body=1)])
+        self.h.finish()
+
     def test_the_bounds_drop_the_oldest(self):
         """KEEP_RESULTS_MAX kept ends, DEAD_MAX dead jobs, MAX_DETACHED
         live detached jobs."""
@@ -2765,6 +3036,114 @@ class DetachedScenarioTests(HarnessTestCase):
         self.assertEqual(self.master.inbox[-1]["error"], QUEUE_FULL)
         totals = self.h.service.stats()["totals"]
         self.assertEqual((totals["results_dropped"], totals["dead_dropped"]), (1, 1))
+        self.h.finish()
+
+
+class ProgressScenarioTests(HarnessTestCase):
+    """Progress and touch, and the administrative actions of a daemon
+    without --admin, scripted through the model."""
+
+    def pause(self, peer):
+        peer.paused = True
+        self.h.call(f"{peer}.pauseProducing", peer.protocol.pauseProducing)
+
+    def resume(self, peer):
+        peer.paused = False
+        self.h.acted(peer)
+        self.h.call(f"{peer}.resumeProducing", peer.protocol.resumeProducing)
+        self.h.settle()
+
+    def test_progress_reaches_the_master_before_the_answer(self):
+        slave = self.slave()
+        self.submit("1")
+        self.h.send(slave, [message(action="progress", done=1, total=2),
+                            message(action="progress", id="1", data={"step": ["b"]}),
+                            message(action="touch"),
+                            message(action="progress", done=Raw("1E+2"), ref=4),
+                            message(action="respond", body="done")])
+        self.h.settle()
+        self.assertEqual(self.master.inbox[1:], [
+            {"id": "1", "progress": {"done": 1, "total": 2}},
+            {"id": "1", "progress": {"data": {"step": ["b"]}}},
+            {"id": "1", "progress": {"done": 100.0}},
+            {"id": "1", "body": "done"}])
+        self.assertEqual(slave.inbox[-4:], [{"ok": True}, {"ok": True}, {"ok": True, "ref": 4},
+                                            {"ok": True}])
+        self.h.finish()
+
+    def test_refusals(self):
+        slave = self.slave()
+        self.h.send(slave, [message(action="progress", done=1), message(action="touch", id="1")])
+        self.submit("1")
+        self.h.send(slave, [message(action="progress", id="2", done=1), message(action="progress"),
+                            message(action="progress", id="1", done=-1),
+                            message(action="progress", total=True), message(action="touch", id=""),
+                            message(action="progress", done=Raw("1e400"))])
+        self.h.settle()
+        self.h.send(self.master, [message(action="cancel", id="1")])
+        self.h.settle()
+        self.h.send(slave, [message(action="progress", done=2), message(action="touch", id="1")])
+        self.h.settle()
+        self.assertEqual([m.get("error", "ok") for m in slave.inbox[1:] if "action" not in m], [
+            NOT_PROCESSING, NOT_PROCESSING, WRONG_JOB, INVALID_MESSAGE, INVALID_MESSAGE,
+            INVALID_MESSAGE, INVALID_MESSAGE, INVALID_MESSAGE, WITHDRAWN, WITHDRAWN])
+        self.assertEqual([m for m in self.master.inbox if "progress" in m], [])
+        self.h.send(slave, [message(action="respond", body="dropped")])
+        self.h.finish()
+
+    def test_a_master_that_does_not_read_hears_the_latest_progress(self):
+        slave = self.slave()
+        self.submit("1")
+        self.submit("2")
+        self.pause(self.master)
+        self.h.send(slave, [message(action="progress", done=n) for n in (1, 2, 3)])
+        self.h.settle()
+        self.assertEqual([m for m in self.master.inbox if "progress" in m], [])
+        self.resume(self.master)
+        self.assertEqual([m for m in self.master.inbox if "progress" in m],
+                         [{"id": "1", "progress": {"done": 3}}])
+        self.pause(self.master)
+        self.h.send(slave, [message(action="progress", total=9), message(action="respond", body=1)])
+        self.h.settle()
+        self.assertEqual(self.master.inbox[-2:], [{"id": "1", "progress": {"total": 9}},
+                                                  {"id": "1", "body": 1}])
+        self.assertEqual(self.h.service.stats()["totals"]["progress_replaced"], 2)
+        self.resume(self.master)
+        self.h.finish()
+
+    def test_touch_and_progress_keep_a_detached_attempt_alive(self):
+        slave = self.slave()
+        self.submit("d", detach=True, timeout=1)
+        self.h.advance(0.75)
+        self.h.send(slave, [message(action="touch")])
+        self.h.settle()
+        self.h.advance(0.75)  # past the first deadline, within the new one
+        self.h.send(slave, [message(action="progress", done=1, data="half")])
+        self.h.settle()
+        self.h.advance(0.75)
+        self.h.send(self.master, [message(action="status", id="d")])
+        self.h.settle()
+        self.assertEqual(self.master.inbox[-1], {
+            "ok": True, "id": "d", "state": "running", "detached": True, "type": "t", "priority": 0,
+            "attempts": 1, "progress": {"done": 1, "data": "half"}})
+        self.h.advance(0.25)  # given up: retried after its backoff, its progress kept
+        self.h.send(slave, [message(action="touch")])
+        self.h.send(self.master, [message(action="status", id="d")])
+        self.h.settle()
+        self.assertEqual(slave.inbox[-1]["error"], TIMED_OUT)
+        self.assertEqual((self.master.inbox[-1]["state"], self.master.inbox[-1]["progress"]),
+                         ("delayed", {"done": 1, "data": "half"}))
+        self.h.finish()
+
+    def test_admin_actions_are_forbidden(self):
+        frames = [message(action="pause", type="t"), message(action="resume", type=5),
+                  message(action="clear"), message(action="drain", ref=1)]
+        self.h.send(self.master, frames)
+        slave = self.h.add("slave")
+        self.h.send(slave, frames)
+        self.h.settle()
+        self.assertEqual([m["error"] for m in self.master.inbox], [FORBIDDEN] * 4)
+        self.assertEqual([m["error"] for m in slave.inbox], [WRONG_PORT] * 4)
         self.h.finish()
 
 

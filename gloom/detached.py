@@ -351,6 +351,7 @@ class DetachedJobs:
             self._keep(job, FAILED, None, reason)
             return
         now = self.clock.seconds()
+        job.progress = None  # not needed to retry it, and as big as a frame
         self.dead[job.id] = Dead(job, reason, now)
         self.totals["dead"] += 1
         self.log.warn("Detached job {id} ({type}) is dead: {reason}", id=quoted(job.id),

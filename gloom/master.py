@@ -130,12 +130,17 @@ class MasterProtocol(GloomProtocol):
                                     retries)
         except IdTaken:
             raise wire.MessageError(
-                wire.ID_EXISTS, f"a detached job with id {wire.quoted(job_id)} is queued, "
-                "delayed, running or dead", job_id) from None
+                wire.ID_EXISTS, f"a detached job with id {wire.quoted(job_id)} is "
+                f"{self._detached_state(job_id)} already", job_id) from None
         except ShuttingDown as e:
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         taken.addCallbacks(self._detached_taken, self._detached_refused,
                            callbackArgs=(id_json, ref), errbackArgs=(job_id, ref))
+
+    def _detached_state(self, job_id: str) -> str:
+        """What the detached job with this id is doing, for messages."""
+        status = self.factory.detached.status(job_id)
+        return status["state"] if status else "taken"
 
     def _check_detached_room(self, job_id: str) -> None:
         """Refuse one more live detached job once the daemon holds
@@ -248,8 +253,8 @@ class MasterProtocol(GloomProtocol):
     def _check_admin(self) -> None:
         if not self.factory.admin:
             raise wire.MessageError(
-                wire.FORBIDDEN, "administrative actions are off on this daemon; "
-                "start it with --admin to allow them")
+                wire.FORBIDDEN, "administrative actions are off on this endpoint; start the "
+                "daemon with --admin to allow them here, or use its --admin-endpoint if it has one")
 
     def do_pause(self, message: wire.Message) -> None:
         """Hand out no job of a type until it is resumed."""
@@ -326,12 +331,21 @@ class MasterProtocol(GloomProtocol):
             self.sendString(wire.progress(wire.encode_id(job_id), report))
 
     def resumeProducing(self) -> None:
-        """The master reads again: first send the progress held for it."""
-        held, self._held_progress = self._held_progress, None
+        """The master reads again: first send the progress held for it (as
+        much as it takes before its connection is full again)."""
+        held = self._held_progress
         if held:
-            for job_id, report in held.items():
-                if job_id in self._unfinished:
+            self.paused = False  # for sendString's writes; the transport may pause it again
+            unfinished = self._unfinished
+            while held and not self.paused:
+                job_id = next(iter(held))
+                report = held.pop(job_id)
+                if job_id in unfinished:
                     self.sendString(wire.progress(wire.encode_id(job_id), report))
+            if not held:
+                self._held_progress = None
+            if self.paused:
+                return  # paused again: the rest waits for the next resume
         super().resumeProducing()
 
     def connectionLost(self, reason) -> None:

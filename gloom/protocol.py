@@ -35,6 +35,11 @@ handshake) without sending more, before it is closed."""
 REPLY_WRITTEN_AT_ONCE = 1024
 REPLIES_HELD = 1024
 
+# Frames held for the end of a reactor turn (see GloomProtocol._send) are
+# written at once when they come to more than this many bytes, so that a
+# connection whose transport is then full is paused within the turn too.
+HELD_BYTES_WRITTEN_AT_ONCE = 64 * 1024
+
 # Bad input is logged at most this many times per connection per window;
 # the rest is counted and the count logged when the window ends.
 BAD_INPUT_LOG_BURST = 5
@@ -96,6 +101,11 @@ def address_name(address) -> str:
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is not None and port is not None:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", False)
+    if name is not False:  # a Unix socket's; a client's is usually unnamed
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return f"unix:{name}" if name else "unix socket"
     return str(address)
 
 
@@ -223,6 +233,7 @@ class GloomProtocol(FrameReceiver):
         self._logged = 0
         self._unlogged = 0
         self._held_frames: Optional[List[bytes]] = None
+        self._held_bytes = 0
         self._turn = -1
         self._handshaking = False  # TLS, and the handshake is not over yet
         self._ended_unseen = False  # closed for a stalled handshake: nothing more to log
@@ -265,14 +276,19 @@ class GloomProtocol(FrameReceiver):
         reactor turn; otherwise hold it, with whatever else comes for this
         connection, until the turn ends.  A lone frame (a round trip's)
         goes out at once, and the answers several slaves return in one
-        turn to one master go out in one system call."""
+        turn to one master go out in one system call (in several, of
+        64 KiB or so each, when they come to more)."""
         held = self._held_frames
         if held is not None:
             held.append(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > HELD_BYTES_WRITTEN_AT_ONCE:
+                self.write_held()  # the transport pauses this connection if it is full
             return
         outbox = self.factory.outbox
         if self._turn == outbox.turn:
             self._held_frames = [data]
+            self._held_bytes = len(data)
             outbox.hold(self)
             return
         self._turn = outbox.turn

@@ -201,37 +201,65 @@ class Attachment:
 class Submitters:
     """The submitters of one unique job, in the order they came: the job's
     owner, which tells each of them what the job's owner hears.  Adding and
-    removing a submitter costs O(1)."""
+    removing a submitter costs O(1).
 
-    __slots__ = ("key", "attached", "contain")
+    Telling every submitter of a progress report costs O(submitters).  A
+    job with more than `FAN_OUT_AT_ONCE` submitters passes on at most one
+    report per turn of the reactor, the latest (and the last one before
+    the job's end), so that a slave reporting fast on a job many wait for
+    costs O(submitters) per turn, not per report.
+    """
 
-    def __init__(self, key: str, contain: Callable):
+    FAN_OUT_AT_ONCE = 64
+
+    __slots__ = ("key", "attached", "contain", "later", "pending")
+
+    def __init__(self, key: str, contain: Callable, later: Callable):
         """
         :param key: the job's unique key.
         :param contain: calls a submitter's method, logging what it raises.
+        :param later: ``later(0, f, *args)`` calls ``f(*args)`` at the end
+            of the reactor's turn (a clock's ``callLater``).
         """
         self.key = key
         self.attached: Dict[Attachment, None] = {}
         self.contain = contain
+        self.later = later
+        self.pending: Any = None
 
-    def _ended(self) -> List[Attachment]:
+    def _ended(self, job: "ScheduledJob") -> List[Attachment]:
+        if self.pending is not None:
+            self._pass_on(job)  # the last report goes before the end
         attached, self.attached = list(self.attached), {}
         return attached
 
     def job_answered(self, job: "ScheduledJob", body: Any) -> None:
         """Every submitter gets the answer, under its own id."""
-        for attachment in self._ended():
+        for attachment in self._ended(job):
             owner, attachment.owner = attachment.owner, None
             self.contain(owner.job_answered, attachment, body)
 
     def job_failed(self, job: "ScheduledJob", error: Exception) -> None:
         """Every submitter hears how the job failed, under its own id."""
-        for attachment in self._ended():
+        for attachment in self._ended(job):
             owner, attachment.owner = attachment.owner, None
             self.contain(owner.job_failed, attachment, error)
 
     def job_progress(self, job: "ScheduledJob", report: Any) -> None:
-        """Every submitter gets the progress, under its own id."""
+        """Every submitter gets the progress, under its own id: at once,
+        or at the end of the turn when there are many."""
+        if len(self.attached) <= self.FAN_OUT_AT_ONCE:
+            for attachment in list(self.attached):
+                self.contain(attachment.owner.job_progress, attachment, report)
+            return
+        if self.pending is None:
+            self.later(0, self._pass_on, job)
+        self.pending = report
+
+    def _pass_on(self, job: "ScheduledJob") -> None:
+        report, self.pending = self.pending, None
+        if report is None:
+            return
         for attachment in list(self.attached):
             self.contain(attachment.owner.job_progress, attachment, report)
 
@@ -567,7 +595,7 @@ class Scheduler(Service):
             job.unique.attached[attachment] = None
             self.totals["coalesced"] += 1
             return attachment
-        submitters = Submitters(key, self._contain)
+        submitters = Submitters(key, self._contain, self.clock.callLater)
         job = self.submit(submitters, job_id, job_type, body, priority, timeout, run_at, policy,
                           sequence)
         attachment = Attachment(owner, job_id, job, False)
@@ -693,6 +721,8 @@ class Scheduler(Service):
                                  id=quoted(job.id), type=quoted(job.type))
                 self._fail(job, "it could not be queued when its delay ended")
         self._set_wake()
+        if self._drained is not None:
+            self._drain_changed()
 
     def delayed(self, job_type: Optional[str] = None) -> int:
         """How many jobs (of ``job_type``, or of every type) are delayed."""
@@ -912,6 +942,8 @@ class Scheduler(Service):
                 self._fail(job, "its slave handed it back and it could not be queued again")
                 return
             self.totals["released"] += 1
+            if self._drained is not None:
+                self._drain_changed()
         finally:
             if job.type not in self._joined:
                 self._maybe_unused(job.type)
@@ -1036,6 +1068,8 @@ class Scheduler(Service):
         job.retries += 1
         self.totals["retried"] += 1
         self._observe_waiting(job)
+        if self._drained is not None:
+            self._drain_changed()  # back in a queue, perhaps a paused type's
 
     def _fail(self, job: ScheduledJob, reason: str) -> None:
         """End the job without an answer, and tell its owner why."""
@@ -1172,13 +1206,19 @@ class Scheduler(Service):
         self._drained.addBoth(lambda result: (drained.callback(None), result)[1])
         return drained
 
+    def waited_for(self) -> int:
+        """How many jobs a drain waits for now: queued (in a type that is
+        not paused) or running."""
+        paused = self.paused
+        held = sum(len(self._queues[name]) for name in paused if name in self._queues)
+        return len(self._jobs) - self.delayed() - held
+
     def _check_drained(self) -> None:
         self._drain_check = None
         if self._drained.called:
             return
         paused = self.paused
-        held = sum(len(self._queues[name]) for name in paused if name in self._queues)
-        if len(self._jobs) - self.delayed() - held > 0:
+        if self.waited_for() > 0:
             return  # some job is queued (and may run) or running
         if any(job.state is DELAYED and job.attempt and job.type not in paused
                for job in self._delayed):

@@ -337,7 +337,7 @@ class GloomService(MultiService):
         drained = self.scheduler.drain()
         if first:
             self.log.info("Draining: no new jobs; stopping once the {count} queued and running "
-                          "jobs are finished", count=len(self.scheduler) - self.scheduler.delayed())
+                          "jobs are finished", count=self.scheduler.waited_for())
             drained.addCallback(self._drained)
         return drained
 
@@ -348,8 +348,16 @@ class GloomService(MultiService):
 
     def _usr1(self, signum, frame) -> None:
         """SIGUSR1: drain (the handler runs between bytecodes; the drain
-        runs in the reactor's turn)."""
-        self.reactor.callFromThread(self.drain)
+        runs in the reactor's turn).  Once the daemon is stopping, it is
+        ignored, rather than left to the default action, which would kill
+        the daemon in the middle of its shutdown."""
+        self.reactor.callFromThread(self._usr1_in_reactor)
+
+    def _usr1_in_reactor(self) -> None:
+        if self.running:
+            self.drain()
+        else:
+            self.log.info("SIGUSR1: the daemon is stopping already")
 
     def startService(self) -> None:
         """Start, and drain on SIGUSR1 (when started in the main thread)."""
@@ -358,9 +366,6 @@ class GloomService(MultiService):
             self._previous_usr1 = signal.signal(signal.SIGUSR1, self._usr1)
 
     def stopService(self):
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
         stopped = MultiService.stopService(self)
         stopped.addCallback(self._settle_journal)
         stopped.addCallback(lambda _: self._close_connections())

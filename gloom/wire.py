@@ -887,6 +887,8 @@ def progress_report(message: "Message", job_id: Optional[str] = None) -> bytes:
         if value is MISSING:
             continue
         if type(value) not in (int, float) or not 0 <= value < math.inf:
+            if type(value) is RawNumber:
+                raise MessageError(INVALID_MESSAGE, f"field {field!r} is out of range", job_id)
             raise MessageError(
                 INVALID_MESSAGE, f"field {field!r} must be a number from 0", job_id)
         parts.append(b'"%s":%s' % (field.encode("ascii"), encode_value(value)))

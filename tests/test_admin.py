@@ -390,6 +390,46 @@ class DrainTests(AdminTestCase):
         self.assertTrue(self.drained())
 
 
+class DrainPausedTests(AdminTestCase):
+    """A drain does not wait for the queued jobs of a paused type, however
+    a job comes to be one: a running job of a paused type that goes back to
+    its queue (handed back, its slave lost, or timed out) ends the wait."""
+
+    def drained(self):
+        self.clock.advance(0)
+        fired = []
+        self.scheduler.drain().addCallback(fired.append)
+        return bool(fired)
+
+    def running_then_paused(self, **fields):
+        slave = self.daemon.slave("t")
+        self.master.send(submit("a", **fields))
+        self.assertEqual(slave.received()[0]["id"], "a")
+        self.assertEqual(self.master.send(admin("pause"), admin("drain")), [{"ok": True}] * 2)
+        self.assertFalse(self.drained())
+        return slave
+
+    def test_released(self):
+        slave = self.running_then_paused()
+        self.assertEqual(slave.send({"action": "leave"}, {"action": "release", "id": "a"}),
+                         [{"ok": True}, {"ok": True}])
+        self.assertTrue(self.drained())
+
+    def test_slave_lost(self):
+        self.running_then_paused().disconnect()
+        self.assertTrue(self.drained())
+
+    def test_timed_out(self):
+        self.running_then_paused(timeout=2)
+        self.clock.advance(2)
+        self.assertTrue(self.drained())
+
+    def test_a_retry_waiting_its_backoff(self):
+        slave = self.running_then_paused(backoff=True)
+        slave.disconnect()  # the retry waits out its backoff, in a paused type
+        self.assertTrue(self.drained())
+
+
 class DrainServiceTests(SynchronousTestCase):
     """`GloomService.drain` (the drain action, SIGUSR1) stops the reactor
     once the last job ends."""
@@ -436,6 +476,14 @@ class DrainServiceTests(SynchronousTestCase):
         self.assertEqual((first, second), ([None], [None]))
         self.assertEqual(self.stops, [0])
         self.assertEqual(self.flushLoggedErrors(ReactorNotRunning), [])
+
+    def test_sigusr1_while_stopping_is_ignored(self):
+        """A SIGUSR1 that comes once the daemon is stopping does nothing
+        (the default action would kill it in the middle of its shutdown)."""
+        self.service.stopService()
+        self.service._usr1_in_reactor()
+        self.assertFalse(self.daemon.scheduler.draining)
+        self.assertEqual(self.stops, [])
 
 
 # --- twistd in a subprocess ---------------------------------------------------

@@ -154,6 +154,28 @@ class ProgressTests(SynchronousTestCase):
         (refusal,) = self.slave.send({"action": "progress", "done": 1})
         self.assertEqual(refusal["error"], "cancelled")
 
+    def test_a_dead_job_does_not_keep_its_progress(self):
+        self.master.send(submit("d", detach=True, retries=0))
+        self.slave.received()
+        self.slave.send({"action": "progress", "data": "x" * 1000},
+                        {"action": "fail", "reason": "no"})
+        (status,) = self.master.send({"action": "status", "id": "d"})
+        self.assertEqual(status["state"], "dead")
+        self.assertNotIn("progress", status)
+        self.assertIsNone(self.daemon.detached.dead["d"].job.progress)
+
+    def test_a_count_too_long_to_read_is_out_of_range(self):
+        self.running()
+        (refusal,) = self.slave.send(b'{"action":"progress","done":' + b"9" * 4001 + b"}")
+        self.assertEqual((refusal["error"], refusal["reason"]),
+                         ("invalid_message", "field 'done' is out of range"))
+
+    def test_a_taken_detached_id_says_what_has_it(self):
+        self.master.send(submit("d", detach=True))
+        (refusal,) = self.master.send(submit("d", detach=True))
+        self.assertEqual(refusal["error"], "id_exists")
+        self.assertIn("is running already", refusal["reason"])
+
     def test_progress_on_a_cancelled_detached_job_says_cancelled(self):
         self.master.send(submit("d", detach=True))
         self.slave.received()
@@ -309,6 +331,31 @@ class _Socket:
             self.pending += chunk
 
 
+class ClientReadLimitTests(SynchronousTestCase):
+    def test_clients_read_what_the_daemon_sends_on_a_frame_at_the_limit(self):
+        """A frame at --max-frame that a slave sends comes to its master a
+        little longer (the id around it): the clients read it."""
+        from gloom import core
+
+        size = core.MAX_FRAME + 2 * 6 * wire.MAX_NAME_BYTES + 100
+        self.assertLessEqual(size, core.READ_LIMIT)
+        buffer = core.FrameBuffer()
+        self.assertEqual(buffer.feed(struct.pack("!I", size)), [])
+        with self.assertRaises(core.ProtocolError):
+            core.FrameBuffer().feed(struct.pack("!I", core.READ_LIMIT + 1))
+
+
+class UnixAddressTests(SynchronousTestCase):
+    def test_unix_peers_are_named_as_such(self):
+        from twisted.internet.address import UNIXAddress
+
+        from gloom.protocol import address_name
+
+        self.assertEqual(address_name(UNIXAddress(None)), "unix socket")
+        self.assertEqual(address_name(UNIXAddress(b"/run/gloom/admin.sock")),
+                         "unix:/run/gloom/admin.sock")
+
+
 class FloodTests(TestCase):
     """A slave floods progress to a master that does not read: the daemon
     (a twistd process) holds the latest report, not the flood."""
@@ -366,4 +413,34 @@ class FloodTests(TestCase):
         self.assertEqual(done[-1], 99_999)
         self.assertLess(frames, 50_000)
         for client in (master, slave, other, worker):
+            client.sock.close()
+
+    def test_many_submitters_of_one_job_that_do_not_read_cost_bounded_memory(self):
+        """One master that does not read attaches 5,000 ids to one unique
+        job; a 20 KB progress report would be 100 MB of frames for it."""
+        if not os.path.exists("/proc/self/status"):
+            self.skipTest("needs /proc to read the daemon's memory")
+        master_port, slave_port = reserved_port(self), reserved_port(self)
+        daemon = TwistdDaemon(self, "-n", "gloom", "--master",
+                              f"tcp:{master_port}:interface=127.0.0.1", "--slave",
+                              f"tcp:{slave_port}:interface=127.0.0.1")
+        daemon.ports()
+        master = _Socket(master_port, receive_buffer=4096)
+        slave = _Socket(slave_port)
+        slave.send({"action": "join", "type": "t"})
+        self.assertEqual(slave.receive(), {"ok": True})
+        for start in range(0, 5000, 500):
+            master.send(*(submit(f"i{n}", unique="k") for n in range(start, start + 500)))
+            for _ in range(500):
+                self.assertTrue(master.receive()["ok"])
+        self.assertEqual(slave.receive()["id"], "i0")
+        before = _rss_kib(daemon.process.pid)
+        slave.send({"action": "progress", "data": "x" * 20_000})
+        self.assertEqual(slave.receive(), {"ok": True})
+        other = _Socket(master_port)  # a round trip after the report's turn
+        other.send({"action": "stats"})
+        self.assertEqual(other.receive()["stats"]["totals"]["progress"], 1)
+        grown = _rss_kib(daemon.process.pid) - before
+        self.assertLess(grown, 30 * 1024, f"the daemon grew by {grown} KiB")
+        for client in (master, slave, other):
             client.sock.close()

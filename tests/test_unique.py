@@ -7,7 +7,7 @@ import platform
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from gloom.scheduler import Attachment, Scheduler
+from gloom.scheduler import Attachment, Scheduler, Submitters
 from gloom.tap import GloomService
 from tests.support import ANY_PORT, BlockingClient, Daemon, TwistdDaemon
 
@@ -523,6 +523,48 @@ class ManyMastersTests(UniqueTestCase):
         totals = self.totals()
         self.assertEqual((totals["submitted"], totals["coalesced"], totals["completed"]),
                          (1, 999, 1))
+        self.assertNothingLeft()
+
+
+class ManySubmittersProgressTests(UniqueTestCase):
+    """A job with more than `Submitters.FAN_OUT_AT_ONCE` submitters passes
+    on at most one progress report per reactor turn, the latest; one with
+    fewer passes on every report at once."""
+
+    def running(self, count):
+        masters = self.masters(count)
+        self.attach_all(masters)
+        slave = self.daemon.slave("t")
+        self.assertEqual(slave.received()[0]["id"], "m0")
+        return masters, slave
+
+    def test_few_submitters_get_every_report_at_once(self):
+        masters, slave = self.running(Submitters.FAN_OUT_AT_ONCE)
+        slave.send(*({"action": "progress", "done": done} for done in range(3)))
+        for n, master in enumerate(masters):
+            self.assertEqual(master.received(),
+                             [{"id": f"m{n}", "progress": {"done": done}} for done in range(3)])
+
+    def test_many_submitters_get_the_latest_report_of_each_turn(self):
+        masters, slave = self.running(Submitters.FAN_OUT_AT_ONCE + 1)
+        self.assertEqual(slave.send(*({"action": "progress", "done": done} for done in range(3))),
+                         [{"ok": True}] * 3)
+        self.assertEqual(masters[0].received(), [])
+        self.daemon.clock.advance(0)
+        for n, master in enumerate(masters):
+            self.assertEqual(master.received(), [{"id": f"m{n}", "progress": {"done": 2}}])
+        slave.send({"action": "progress", "done": 3})
+        self.daemon.clock.advance(0)
+        self.assertEqual(masters[-1].received(), [{"id": f"m{len(masters) - 1}", "progress": {"done": 3}}])
+
+    def test_a_report_still_waiting_goes_before_the_answer(self):
+        masters, slave = self.running(Submitters.FAN_OUT_AT_ONCE + 1)
+        slave.send({"action": "progress", "done": 1}, {"action": "respond", "body": "r"})
+        for n, master in enumerate(masters):
+            self.assertEqual(master.received(), [{"id": f"m{n}", "progress": {"done": 1}},
+                                                 {"id": f"m{n}", "body": "r"}])
+        self.daemon.clock.advance(0)
+        self.assertEqual(masters[0].received(), [])
         self.assertNothingLeft()
 
 

@@ -698,6 +698,7 @@ class Master(_Shell):
     def _attempt_failed(self, key: Any, failures: int, why: str, permanent: bool) -> None:
         self._failures[key] = float("inf") if permanent else failures
         self._why[key] = why
+        self._core.attempt_failed(key)
         if self._core.up():
             return
         limit = float("inf") if self.fail_after is None else self.fail_after
@@ -884,7 +885,10 @@ class Worker(_Shell):
         ``job.cancelled`` becomes True once the daemon answers either with
         ``cancelled``: every master that submitted the job withdrew it, and
         the work may stop (the job must still be answered or failed; the
-        daemon drops that answer).
+        daemon drops that answer).  ``job.timed_out`` becomes True once it
+        answers ``timed_out`` (the attempt was given up), and
+        ``job.on_dropped(f)`` has ``f(code)`` called in the loop at the
+        first of the two.
     :param concurrency: the most jobs run at once.
     :param slaves: the daemons' slave addresses, as for `Master`; None for
         ``GLOOM_SLAVES``, then ``GLOOM_SLAVE``, else ``127.0.0.1:9999``.

@@ -48,7 +48,7 @@ class _BenchConnection(Int32StringReceiver):
     """A bench connection: frames in, decoded by `gloom.core.decode`,
     handed to its owner; frames out, encoded as fast as possible."""
 
-    MAX_LENGTH = core.MAX_FRAME
+    MAX_LENGTH = core.READ_LIMIT
 
     def connectionMade(self) -> None:
         setter = getattr(self.transport, "setTcpNoDelay", None)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
@@ -73,9 +75,15 @@ status 130 and names the jobs left unanswered; the daemon drops them.
 
 --unique KEY joins the job of this type with that key that is queued,
 delayed or running, if there is one, instead of queueing another; its
-answer is printed all the same. On a terminal, a progress bar on standard
-error shows the progress the worker reports (--no-progress: none;
---progress: even when standard error is not a terminal).
+answer is printed all the same (the first submit's body and options hold).
+On a terminal or with -v, joining such a job is said on standard error. On
+a terminal, a progress bar on standard error shows the progress the worker
+reports (--no-progress: none; --progress: even when standard error is not a
+terminal).
+
+Nothing is submitted before every daemon given was tried once. --wait
+counts from the start; the message says why no answer came when the daemon
+can tell: the job was running, its type is paused, or no slave is free.
 
 --detach hands each job to the daemon: it outlives this command, gets no
 answer here, and instead of its answer the command prints its id (plain
@@ -103,7 +111,15 @@ File descriptor 3 (GLOOM_PROGRESS_FD) takes progress, one line at a time:
   touch                 still alive: restart the job's timeout
   {"done": N, "total": M, "data": ANY}   any of the three
 Each line goes to the masters waiting for the job (and restarts its
-timeout). A line that is none of these is reported and ignored.
+timeout). A line that is none of these is reported and ignored; other keys
+of the JSON object are ignored, and null counts as not given. Once the
+command has exited, descriptor 3 is read without waiting and closed: a
+background child holding it does not hold the job.
+
+--kill-after, and a job the daemon says was cancelled or timed out (in
+reply to a line on descriptor 3), stop the command: SIGTERM, then SIGKILL
+5 s later (to its process group under setsid). -v then says "cancelled" or
+"timed out", not "answered".
 
 Ctrl-C or SIGTERM: take no new job, finish and answer the jobs in hand,
 exit 0. A second one kills the commands and exits at once (130 or 143);
@@ -168,9 +184,10 @@ it refuses them (forbidden), and the command exits 1.
     "clear": """examples:
   gloom clear resize                           end every queued and delayed resize job
 
-Prints how many jobs were cleared (over every daemon given). Each master
-waiting for one gets the error "cleared"; detached ones go to the dead list.
-Running jobs go on.
+Prints how many jobs were cleared (over every daemon given) on standard
+output: a result, where pause, resume and drain say what they did on
+standard error. Each master waiting for one gets the error "cleared";
+detached ones go to the dead list. Running jobs go on.
 """,
     "drain": """examples:
   gloom drain                                  finish the queued jobs, then exit
@@ -248,27 +265,106 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def format_progress(progress: dict, width: int = 80, label: str = "") -> str:
-    """One line showing a job's progress, at most ``width`` characters: a
-    bar and a percentage when there is a ``total``, ``done/total``, and
-    the ``data`` (a string as it is, anything else as JSON).
+# Characters a terminal would take as commands or that reorder the text
+# around them: the bidirectional formatting characters.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+# Whitespace that str.split() splits on, beyond the ASCII one.
+_SPACES = frozenset("\t\n\v\f\r\x1c\x1d\x1e\x1f\x85\u2028\u2029")
+
+
+def printable(text: str) -> str:
+    """``text`` made safe to write to a terminal: line breaks and tabs
+    become spaces; every other control character (C0, DEL, C1, ESC among
+    them), a bidirectional formatting character or a lone surrogate is
+    written as an escape (``\\x1b``, ``\\u202e``), so that what a worker
+    sent can neither move the cursor, change colours, nor reorder the
+    line.
+
+    :param text: any text, such as a progress's data.
+    """
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in _SPACES:
+            out.append(" ")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif char in _BIDI or 0xD800 <= code < 0xE000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _char_width(char: str) -> int:
+    """The columns a (printable) character takes on a terminal: 0 for a
+    combining mark or a format character, 2 for a wide or full-width one
+    (``unicodedata.east_asian_width`` W or F), else 1."""
+    if char < "\u0300":
+        return 1
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    """How many terminal columns ``text`` (made `printable`) takes.
+
+    :param text: text without control characters.
+    """
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(char) for char in text)
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` if it takes at most ``width`` columns, else cut so that it
+    and a ``...`` take at most ``width`` (counted by `display_width`).
+
+    :param text: text without control characters.
+    :param width: the most columns.
+    """
+    if display_width(text) <= width:
+        return text
+    room = max(0, width - 3)
+    used, end = 0, 0
+    for index, char in enumerate(text):
+        columns = _char_width(char)
+        if used + columns > room:
+            break
+        used += columns
+        end = index + 1
+    return text[:end] + "..." if width >= 3 else text[:end]
+
+
+def format_progress(progress: dict, width: int = 80, label: str = "", bar: bool = True) -> str:
+    """One line showing a job's progress, at most ``width`` terminal
+    columns (wide characters count two, combining marks none): a bar and
+    a percentage when there is a ``total``, ``done/total``, and the
+    ``data`` (a string as it is, anything else as JSON), on one line with
+    its control characters escaped (see `printable`).
 
     :param progress: a progress dict (``done``, ``total``, ``data``: those
         the worker sent).
-    :param width: the most characters the line may take.
+    :param width: the most columns the line may take.
     :param label: what comes first (the job's type, say).
+    :param bar: draw the bar (else only the percentage).
     """
     done, total, data = progress.get("done"), progress.get("total"), progress.get("data")
     number = (int, float)
     done = done if isinstance(done, number) and not isinstance(done, bool) else None
     total = total if isinstance(total, number) and not isinstance(total, bool) else None
-    parts = [label] if label else []
+    parts = [_one_line(label)] if label else []
     if total is not None and total > 0 and done is not None:
         share = max(0.0, min(1.0, done / total))
-        bar = 20 if width >= 60 else max(5, width // 4)
-        filled = int(round(share * bar))
-        parts.append("[" + "#" * filled + "." * (bar - filled) + "]")
-        parts.append(f"{int(share * 100):3d}%")
+        if bar:
+            cells = 20 if width >= 60 else max(5, width // 4)
+            filled = int(round(share * cells))
+            parts.append("[" + "#" * filled + "." * (cells - filled) + "]")
+            parts.append(f"{int(share * 100):3d}%")
+        else:
+            parts.append(f"{int(share * 100)}%")
         parts.append(f"{_number(done)}/{_number(total)}")
     elif done is not None and total is not None:
         parts.append(f"{_number(done)}/{_number(total)}")
@@ -277,11 +373,8 @@ def format_progress(progress: dict, width: int = 80, label: str = "") -> str:
     elif total is not None:
         parts.append(f"0/{_number(total)}")
     if data is not None:
-        parts.append(_one_line(data if isinstance(data, str) else _dump(data)))
-    line = " ".join(parts)
-    if len(line) > width:
-        line = line[:max(0, width - 3)] + "..."
-    return line
+        parts.append(_one_line(data if isinstance(data, str) else _dump(data), width))
+    return fit(" ".join(parts), width)
 
 
 class ProgressBar:
@@ -452,6 +545,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show the job's progress as a bar on standard error (default: when "
                              "standard error is a terminal)")
+    submit.add_argument("-v", "--verbose", action="store_true",
+                        help="say on standard error when a --unique submit joins a job already there "
+                             "(said anyway when standard error is a terminal)")
     master_option(submit)
 
     worker = command("worker", "Answer jobs by running a command once per job.")
@@ -464,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--raw", action="store_true",
                         help="give a string body to the command as plain text, not JSON")
     worker.add_argument("--kill-after", type=float, metavar="SECONDS",
-                        help="kill the command and fail the job after this long")
+                        help="stop the command (SIGTERM, then SIGKILL) and fail the job after this long")
     worker.add_argument("-v", "--verbose", action="store_true",
                         help="log each job: its id, how long it took, its outcome")
     slave_option(worker)
@@ -716,7 +812,7 @@ class _Slot:
     """One line of ``gloom submit``'s output: a job (or a bad body) and,
     once it ended, its outcome.  `core.InOrder` keeps them in input order."""
 
-    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired")
+    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired", "status")
 
     def __init__(self, number: int, job_id: Optional[str] = None):
         self.number = number
@@ -727,6 +823,8 @@ class _Slot:
         self.deferred: Optional[defer.Deferred] = None
         self.timer = None
         self.expired = False
+        self.status: Optional[defer.Deferred] = None
+        """Once given up on (``--wait``): the job's status, asked just before its cancel."""
 
 
 class _Submitter:
@@ -747,10 +845,13 @@ class _Submitter:
         self.stopped_reading = False
         self.status = EXIT_OK
         self.finished = defer.Deferred()
-        self._hint_waiters: List[defer.Deferred] = []
+        self._stats_waiters: Dict[Optional[str], List[defer.Deferred]] = {}
         self._pumping = False
         self.bar: Optional[ProgressBar] = None
         """The progress bar of the job, when one is shown."""
+        self.say_joined = False
+        """Whether to say on standard error that a ``--unique`` submit joined a job already there."""
+        self.began = self.reactor.seconds()
 
     # --- input ----------------------------------------------------------------------
 
@@ -816,6 +917,8 @@ class _Submitter:
                 extra = {}
                 if args.unique is not None:
                     extra["unique"] = args.unique
+                    if self.say_joined:
+                        extra["on_ack"] = self._acked
                 if self.bar is not None:
                     extra["on_progress"] = self.bar.update
                 deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
@@ -834,14 +937,26 @@ class _Submitter:
                 continue
             slot.deferred = deferred
             if args.wait:
-                slot.timer = self.reactor.callLater(args.wait, self._expire, slot)
+                wait = args.wait
+                if not self.lines:  # the one job's --wait counts from the start, connecting included
+                    wait = max(0.0, wait - (self.reactor.seconds() - self.began))
+                slot.timer = self.reactor.callLater(wait, self._expire, slot)
             deferred.addBoth(self._ended, slot)
+
+    def _acked(self, joined: bool) -> None:
+        if joined:
+            _say(f"joined the {self.args.type!r} job already queued or running with unique key "
+                 f"{_quoted(self.args.unique)}: its answer is this one's (this submit's body and "
+                 "options are not used)")
 
     def _expire(self, slot: _Slot) -> None:
         slot.timer = None
         if slot.done:
             return
         slot.expired = True
+        # Asked before the cancel, on the same connection: the daemon says
+        # where the job was (running, or still queued) before it drops it.
+        slot.status = _bounded(defer.maybeDeferred(self.master.status, slot.id), self.reactor, 2.0)
         slot.deferred.cancel()
 
     def _ended(self, result, slot: _Slot) -> None:
@@ -850,7 +965,7 @@ class _Submitter:
         slot.timer = None
         if isinstance(result, Failure):
             if slot.expired:
-                self._no_answer().addCallback(self._settle, slot, None)
+                self._no_answer(slot).addCallback(self._settle, slot, None)
                 return None
             return self._settle(None, slot, result.value)
         return self._settle(None, slot, None, result)
@@ -863,31 +978,35 @@ class _Submitter:
         if not self.finished.called:
             self.flush()
 
-    def _no_answer(self) -> defer.Deferred:
-        """A hint for a job given up on: whether any slave serves its type
-        (one stats request for the jobs given up on together)."""
+    def _no_answer(self, slot: _Slot) -> defer.Deferred:
+        """A hint for a job given up on: whether it was running (and its
+        last progress), else whether its type is paused on its daemon or
+        any slave serves it there (one stats request per daemon for the
+        jobs given up on together)."""
+        job_type = self.args.type
+        status = slot.status if slot.status is not None else defer.succeed(None)
+
+        def with_status(found):
+            found = found if isinstance(found, dict) else {}
+            daemon = found.get("daemon") if isinstance(found.get("daemon"), str) else None
+            return self._stats(daemon).addCallback(lambda stats: no_answer_hint(job_type, found, stats))
+
+        return status.addCallback(with_status)
+
+    def _stats(self, daemon: Optional[str]) -> defer.Deferred:
+        """The stats of ``daemon`` (None: as `MasterClient.stats` gives
+        them), or None if they did not come within 2 s; one request for
+        the callers that ask meanwhile."""
         waiter = defer.Deferred()
-        self._hint_waiters.append(waiter)
-        if len(self._hint_waiters) == 1:
-            job_type = self.args.type
+        waiters = self._stats_waiters.setdefault(daemon, [])
+        waiters.append(waiter)
+        if len(waiters) == 1:
+            def told(stats):
+                for each in self._stats_waiters.pop(daemon, []):
+                    each.callback(stats)
 
-            def hint(stats):
-                figures = stats.get("types", {}).get(job_type)
-                if figures is None:
-                    return "" if stats.get("types_omitted") else f"; no slave serves {job_type!r}"
-                idle, busy = figures.get("idle_slaves", 0), figures.get("busy_slaves", 0)
-                if not idle + busy:
-                    return f"; no slave serves {job_type!r}"
-                if not idle:
-                    return f"; the {busy} slave(s) serving {job_type!r} are all busy"
-                return ""
-
-            def told(text):
-                waiters, self._hint_waiters = self._hint_waiters, []
-                for each in waiters:
-                    each.callback(text or "")
-
-            asked = defer.maybeDeferred(self.master.stats).addCallback(hint)
+            asked = defer.maybeDeferred(self.master.stats, daemon) if daemon else \
+                defer.maybeDeferred(self.master.stats)
             _bounded(asked, self.reactor, 2.0).addCallback(told)
         return waiter
 
@@ -946,6 +1065,39 @@ class _Submitter:
         self.finished.callback(status)
 
 
+def no_answer_hint(job_type: str, status: dict, stats: Optional[dict]) -> str:
+    """What ``gloom submit --wait`` adds to "no answer within N s": the
+    job was running (with its last progress), else its type is paused, or
+    no slave serves it, or every slave serving it is busy; or nothing.
+
+    :param job_type: the job's type.
+    :param status: the job's status, asked just before it was cancelled
+        (``{}`` if none came).
+    :param stats: the stats of the job's daemon (None if none came).
+    """
+    if status.get("state") == "running":
+        progress = status.get("progress")
+        last = (f" (last progress: {format_progress(progress, 60, bar=False)})"
+                if isinstance(progress, dict) and progress else "")
+        return f"; the job was running on a slave{last}"
+    if not isinstance(stats, dict):
+        return ""
+    types = stats.get("types") if isinstance(stats.get("types"), dict) else {}
+    figures = types.get(job_type)
+    paused = stats.get("paused")
+    if (isinstance(paused, list) and job_type in paused) \
+            or (isinstance(figures, dict) and figures.get("paused") is True):
+        return f"; type {job_type!r} is paused (gloom resume {shlex.quote(job_type)})"
+    if not isinstance(figures, dict):
+        return "" if stats.get("types_omitted") else f"; no slave serves {job_type!r}"
+    idle, busy = figures.get("idle_slaves", 0), figures.get("busy_slaves", 0)
+    if not idle + busy:
+        return f"; no slave serves {job_type!r}"
+    if not idle:
+        return f"; the {busy} slave(s) serving {job_type!r} are all busy"
+    return ""
+
+
 def _error_object(error: BaseException) -> dict:
     """The JSON line ``--lines`` prints for a line that got no answer."""
     if isinstance(error, ServerError):
@@ -970,12 +1122,22 @@ def _submit(session: _Session, args):
         raise UsageError(str(e)) from None
     global _BAR
     submitter = _Submitter(session, master, args)
-    shown = args.progress if args.progress is not None else _is_terminal(sys.stderr)
+    terminal = _is_terminal(sys.stderr)
+    shown = args.progress if args.progress is not None else terminal
     if shown and not args.lines and not args.detach:
         submitter.bar = _BAR = ProgressBar(sys.stderr, args.type, later=session.reactor.callLater)
+    submitter.say_joined = args.verbose or terminal
     session.on_signal = submitter.interrupt
-    master.start()
     try:
+        # Every daemon is tried before anything is submitted, so that a job
+        # goes where the daemons up send it (a --unique one, by its key).
+        started = master.start()
+        if args.wait and not args.lines:
+            started = _bounded(started, session.reactor, args.wait)
+        yield started
+        if not master.up:
+            raise TransportError("; ".join(master.unreachable.values()) or "no daemon could be reached"
+                                 + (f" within {args.wait:g} s" if args.wait and not args.lines else ""))
         submitter.start()
         status = yield submitter.finished
     finally:
@@ -1002,12 +1164,16 @@ PROGRESS_FD = 3
 
 _PROGRESS_LINE_MAX = 64 * 1024
 _PROGRESS_USAGE = 'not "progress N [M]", "touch" or a JSON object of done, total and data'
+_PROGRESS_EMPTY = 'a progress needs "done", "total" or "data" (null counts as not given)'
 
 
 def parse_progress_line(line: bytes) -> Optional[Dict[str, Any]]:
     """What one line a worker's command wrote on its progress descriptor
     asks for: ``progress N M``, ``progress N``, ``touch``, or a JSON
-    object with any of ``done``, ``total`` and ``data``.
+    object with any of ``done``, ``total`` and ``data``.  In the object,
+    other keys are ignored (as the daemon ignores them in a progress
+    frame), and a null value counts as not given: ``"data": null`` sends
+    no data.
 
     :param line: the line, without its newline.
     :returns: the progress fields (``done``, ``total``, ``data``) to
@@ -1025,8 +1191,11 @@ def parse_progress_line(line: bytes) -> Optional[Dict[str, Any]]:
             fields = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             raise ValueError("not JSON") from None
-        if not isinstance(fields, dict) or not fields or set(fields) - {"done", "total", "data"}:
+        if not isinstance(fields, dict):
             raise ValueError(_PROGRESS_USAGE)
+        fields = {name: fields[name] for name in ("done", "total", "data") if fields.get(name) is not None}
+        if not fields:
+            raise ValueError(_PROGRESS_EMPTY)
         core.progress_fields(fields.get("done"), fields.get("total"), fields.get("data"))
         return fields
     words = text.split()
@@ -1046,19 +1215,42 @@ def parse_progress_line(line: bytes) -> Optional[Dict[str, Any]]:
     raise ValueError(_PROGRESS_USAGE)
 
 
+KILL_GRACE = 5.0
+"""Seconds ``gloom worker`` waits, after sending a command SIGTERM (past
+``--kill-after``, or for a job cancelled or given up), before SIGKILL."""
+
+_DROPPED = {"cancelled": "cancelled by every master that submitted it",
+            "timed_out": "given up by the daemon (it ran past its timeout)"}
+
+
 class _Command(protocol.ProcessProtocol):
     """One run of the worker's command for one job: what it writes on
-    `PROGRESS_FD` goes to the job's masters as it comes."""
+    `PROGRESS_FD` goes to the job's masters as it comes.
 
-    def __init__(self, stdin: bytes, job: Optional[Job] = None):
+    Once the command itself has exited, what it left on `PROGRESS_FD` is
+    read without waiting and the descriptor closed: a background child
+    that inherited it does not hold the job up.  `stop` ends the command:
+    SIGTERM, then SIGKILL `KILL_GRACE` seconds later (to its process
+    group when it runs in a session of its own)."""
+
+    def __init__(self, stdin: bytes, job: Optional[Job] = None, reactor=None):
         self.stdin = stdin
         self.job = job
+        self.reactor = reactor
         self.stdout: List[bytes] = []
         self.stderr = b""
         self.done = defer.Deferred()
-        self.killed_after: Optional[float] = None
+        self.exited = False
+        self.stopped: Optional[str] = None
+        """Why `stop` was called: ``kill_after``, ``cancelled`` or ``timed_out``."""
+        self._timers: List[Any] = []
         self._progress = b""
         self._skipping = False
+
+    @property
+    def killed_after(self) -> bool:
+        """Whether it was stopped for running past ``--kill-after``."""
+        return self.stopped == "kill_after"
 
     def connectionMade(self):
         self.transport.write(self.stdin)
@@ -1123,12 +1315,87 @@ class _Command(protocol.ProcessProtocol):
         job = f"job {self.job.id} ({self.job.type})" if self.job is not None else "a job"
         _say(f"{job}: ignored a line on fd {PROGRESS_FD}: {text!r}: {why}")
 
+    # --- ending it ---------------------------------------------------------------------
+
+    def later(self, seconds: float, function: Callable[[], Any]) -> None:
+        """Call ``function`` in ``seconds``, unless the command has exited by then."""
+        self._timers.append(self.reactor.callLater(seconds, function))
+
+    def stop(self, why: str) -> None:
+        """End the command (unless it has exited, or is being stopped):
+        SIGTERM now, SIGKILL `KILL_GRACE` seconds later if it is still
+        there.
+
+        :param why: ``kill_after``, ``cancelled`` or ``timed_out``.
+        """
+        if self.exited or self.stopped is not None:
+            return
+        self.stopped = why
+        self.signal(signal.SIGTERM)
+        self.later(KILL_GRACE, lambda: self.signal(signal.SIGKILL))
+
+    def dropped(self, code: str) -> None:
+        """The daemon said the job's answer will be dropped (``cancelled``
+        or ``timed_out``): stop the command, if it still runs."""
+        self.stop(code)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the command, unless it has exited: to its
+        process group when it leads one (it runs under ``setsid``), so
+        that its children get it too."""
+        pid = getattr(self.transport, "pid", None)
+        if self.exited or pid is None:
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signum)
+            else:
+                os.kill(pid, signum)
+        except OSError:
+            pass
+
+    def processExited(self, reason):
+        """The command exited (its children may live on): no signal goes
+        to it any more, and what it wrote on `PROGRESS_FD` is read without
+        waiting, then the descriptor is closed, so a child that inherited
+        it does not hold the job up."""
+        self.exited = True
+        self._cancel_timers()
+        pipes = getattr(self.transport, "pipes", {})
+        reader = pipes.get(PROGRESS_FD)
+        if reader is None:
+            return
+        while True:
+            try:
+                data = os.read(reader.fileno(), 65536)
+            except InterruptedError:
+                continue
+            except OSError:  # EAGAIN: nothing more for now; or it is gone
+                break
+            if not data:
+                break
+            self.childDataReceived(PROGRESS_FD, data)
+        self.transport.closeChildFD(PROGRESS_FD)
+
     def processEnded(self, reason):
+        self.exited = True
+        self._cancel_timers()
         self.done.callback(reason.value)
+
+    def _cancel_timers(self) -> None:
+        timers, self._timers = self._timers, []
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
 
 
 class CommandFailed(Exception):
     """The worker's command exited badly; the text is the job's failure reason."""
+
+
+class _Stopped(CommandFailed):
+    """The worker stopped the command because its job was cancelled or
+    given up."""
 
 
 def _answer_from(output: bytes):
@@ -1165,7 +1432,7 @@ class _Commands:
 
     def run(self, job: Job) -> defer.Deferred:
         args = self.args
-        command = _Command(_command_input(job.body, args.raw), job)
+        command = _Command(_command_input(job.body, args.raw), job, self.reactor)
         env = dict(os.environ, GLOOM_JOB_ID=str(job.id), GLOOM_JOB_TYPE=str(job.type),
                    GLOOM_PROGRESS_FD=str(PROGRESS_FD))
         try:
@@ -1175,26 +1442,22 @@ class _Commands:
             return defer.fail(CommandFailed(f"cannot run {self.args.argv[0]}: {e.strerror or e}"))
         key = uuid.uuid4().hex
         self.running[key] = command
-        killer = None
         if args.kill_after:
-            def kill():
-                command.killed_after = args.kill_after
-                try:
-                    command.transport.signalProcess("KILL")
-                except Exception:
-                    pass
-            killer = self.reactor.callLater(args.kill_after, kill)
+            command.later(args.kill_after, lambda: command.stop("kill_after"))
+        on_dropped = getattr(job, "on_dropped", None)
+        if on_dropped is not None:
+            on_dropped(command.dropped)
 
         def ended(reason):
             self.running.pop(key, None)
-            if killer is not None and killer.active():
-                killer.cancel()
             if self.abandoned:
                 return defer.Deferred()  # never answered: the daemon queues the job again
             tail = command.stderr.decode("utf-8", errors="replace").strip()
             tail = f": {tail}" if tail else ""
-            if command.killed_after is not None:
-                raise CommandFailed(f"killed after {command.killed_after:g} s{tail}")
+            if command.killed_after:
+                raise CommandFailed(f"killed after {args.kill_after:g} s{tail}")
+            if command.stopped is not None:
+                raise _Stopped(f"stopped: the job was {_DROPPED.get(command.stopped, command.stopped)}")
             if isinstance(reason, ProcessDone):
                 return _answer_from(b"".join(command.stdout))
             if isinstance(reason, ProcessTerminated) and reason.signal is not None:
@@ -1208,10 +1471,7 @@ class _Commands:
         """Kill every run; their jobs get no answer."""
         self.abandoned = True
         for command in list(self.running.values()):
-            try:
-                command.transport.signalProcess("KILL")
-            except Exception:
-                pass
+            command.signal(signal.SIGKILL)
 
 
 _SETSID = shutil.which("setsid")
@@ -1221,9 +1481,17 @@ the jobs in hand, and not the commands running them."""
 
 
 def _job_logger(job, seconds: float, error) -> None:
-    """``gloom worker -v``: a line per job."""
+    """``gloom worker -v``: a line per job.  A job whose answer the daemon
+    said it drops (cancelled, or given up past its timeout) is not called
+    answered."""
     error = getattr(error, "value", error)  # a Failure's exception
-    outcome = "answered" if error is None else f"failed: {_describe(error)}"
+    dropped = getattr(job, "dropped", None)
+    if dropped is not None:
+        word = "cancelled" if dropped == "cancelled" else "timed out"
+        how = "; its command was stopped" if isinstance(error, _Stopped) else ""
+        outcome = f"{word}{how}; the daemon drops its answer"
+    else:
+        outcome = "answered" if error is None else f"failed: {_describe(error)}"
     _say(f"job {job.id} ({job.type}) {seconds:.3f} s {outcome}")
 
 
@@ -1543,18 +1811,21 @@ def _when(seconds: Any) -> str:
 
 
 def _one_line(text: Any, width: int = 0) -> str:
-    """Text on one line (newlines as spaces), cut to ``width`` if given."""
-    line = " ".join(str(text).split())
-    if width and len(line) > width:
-        line = line[:width - 3] + "..."
-    return line
+    """Text on one line (runs of whitespace as one space), `printable`,
+    and cut to ``width`` columns if given."""
+    text = str(text)
+    if width and len(text) > 8 * width + 64:
+        text = text[:8 * width + 64]  # more than can be shown: no need to read it all
+    line = printable(" ".join(text.split()))
+    return fit(line, width) if width else line
 
 
 def format_job(status: dict, now: Optional[float] = None) -> str:
     """A job's status, for people: a line with its id and state (and the
     daemon that has it, when the client asked several), then what applies
-    of its kind, type, priority and attempts, when it runs or ended, and
-    its result or the reason it failed.
+    of its kind, type, priority and attempts, its unique key, its last
+    progress (``done/total`` and the start of its data, made `printable`),
+    when it runs or ended, and its result or the reason it failed.
 
     :param status: the dict `gloom.txclient.MasterClient.status` fires with.
     :param now: the time to count a delayed job's wait from; by default, now.
@@ -1577,16 +1848,28 @@ def format_job(status: dict, now: Optional[float] = None) -> str:
         facts.append(f"{attempts} attempt" + ("" if attempts == 1 else "s"))
     if facts:
         lines.append("  " + ", ".join(facts))
+    if isinstance(status.get("unique"), str):
+        lines.append(f"  unique key: {_quoted(status['unique'])}")
+    if isinstance(status.get("progress"), dict) and status["progress"]:
+        lines.append("  progress: " + format_progress(status["progress"], 68, bar=False))
     if "run_at" in status:
         wait = float(status["run_at"]) - (time.time() if now is None else now)
         lines.append(f"  runs at {_when(status['run_at'])}" + (f" (in {_duration(wait)})" if wait >= 1 else ""))
     if "ended_at" in status:
         lines.append(f"  ended at {_when(status['ended_at'])}")
     if "result" in status:
-        lines.append(f"  result: {_dump(status['result'])}")
+        lines.append(f"  result: {printable(_dump(status['result']))}")
     if "reason" in status:
         lines.append(f"  reason: {_one_line(status['reason'])}")
     return "\n".join(lines)
+
+
+def _quoted(text: str, width: int = 100) -> str:
+    """A string quoted as Python writes it (control characters escaped),
+    cut to about ``width`` characters."""
+    if len(text) > width:
+        return repr(text[:width]) + "..."
+    return repr(text)
 
 
 def format_dead(dead: "core.DeadList") -> str:

@@ -490,6 +490,9 @@ class Master(_Client):
         """Progress callbacks due, in the order the frames came."""
         for name in self._connections:
             self._core.connected(name)
+        for name in self.names:
+            if name not in self._connections:
+                self._core.attempt_failed(name)  # tried: unique submits need not wait for it
 
     # --- what the core and the connections say ------------------------------------------------
 
@@ -1075,7 +1078,7 @@ class Slave(_Client):
             answer, and an exception it raises fails the job with the
             exception's text.  It may report with ``job.progress(...)``
             and ``job.touch()`` (from any thread), and stop early once
-            ``job.cancelled`` is True.
+            ``job.cancelled`` (or ``job.timed_out``) is True.
         :param type: the job type to join first; by default, the one
             already joined.
         """

@@ -54,7 +54,12 @@ SLAVES_ENV = ("GLOOM_SLAVES", "GLOOM_SLAVE")
 """Environment variables read, in order, for the slave addresses."""
 
 MAX_FRAME = 64 * 1024 * 1024
-"""The largest frame a client reads (and the daemon's default limit)."""
+"""The largest frame a client sends (and the daemon's default limit)."""
+
+READ_LIMIT = MAX_FRAME + 64 * 1024
+"""The largest frame a client reads: a frame the daemon passes a body or a
+progress report on in is longer than the one that brought it by the id and
+type around it (each at most 1,024 bytes, escaped up to six times)."""
 
 MAX_DELAY = 31_536_000
 """The longest ``delay`` a submit may ask for, in seconds (365 days)."""
@@ -150,7 +155,11 @@ class Job(dict):
     `bind`).  Once the daemon has answered ``cancelled`` to either,
     ``cancelled`` is True: every master that submitted the job withdrew
     it, and the work may stop (the job must still be answered, failed or
-    released as usual; the daemon drops that answer).
+    released as usual; the daemon drops that answer).  Once it has
+    answered ``timed_out``, ``timed_out`` is True: the attempt ran past
+    its timeout and was given up (the job is queued again or failed), so
+    its answer will be discarded too.  `on_dropped` calls a function at
+    the first of either.
     """
 
     id = property(lambda self: self.get("id"))
@@ -162,6 +171,11 @@ class Job(dict):
     cancelled = False
     """Whether the daemon answered ``cancelled`` to a `progress` or
     `touch` of this job: nobody waits for its answer any more."""
+
+    timed_out = False
+    """Whether the daemon answered ``timed_out`` to a `progress` or
+    `touch` of this job: the attempt was given up, and its answer will be
+    discarded."""
 
     _progress: Optional[Callable[[Any, Any, Any], Any]] = None
     _touch: Optional[Callable[[], Any]] = None
@@ -220,6 +234,52 @@ class Job(dict):
         if self._touch is None:
             raise RuntimeError(f"job {self.id!r} is not held by a worker: only a worker's job can be touched")
         return self._touch()
+
+    @property
+    def dropped(self) -> Optional[str]:
+        """Why the daemon will drop this job's answer, once it said so in
+        reply to a `progress` or `touch`: ``"cancelled"`` or
+        ``"timed_out"``; None until then."""
+        return self.__dict__.get("_dropped")
+
+    def on_dropped(self, callback: Callable[[str], Any]) -> None:
+        """Have ``callback(code)`` called once the daemon says this job's
+        answer will be dropped, in reply to a `progress` or `touch`:
+        ``code`` is ``"cancelled"`` (every master that submitted the job
+        withdrew it) or ``"timed_out"`` (the attempt ran past its timeout
+        and was given up); at once if it has said so already.  Each
+        callback is called at most once, by the first of the two, from
+        where the shell handles the connection's frames (the reactor
+        thread, the event loop, or the blocking client's thread that reads
+        the reply): it should only note the news or start stopping the
+        work, not block.  The job must still be answered, failed or
+        released as usual.
+
+        :param callback: called with the error code.
+        """
+        if self.dropped is not None:
+            callback(self.dropped)
+            return
+        self.__dict__.setdefault("_on_dropped", []).append(callback)
+
+    def _drop(self, code: str) -> List[BaseException]:
+        """The daemon said ``code`` (``cancelled`` or ``timed_out``) to a
+        report of this job: set the flags and call the `on_dropped`
+        callbacks (the first time).  What the callbacks raised is returned."""
+        if code == "cancelled":
+            self.cancelled = True
+        else:
+            self.timed_out = True
+        if self.dropped is not None:
+            return []
+        self.__dict__["_dropped"] = code
+        errors = []
+        for callback in self.__dict__.pop("_on_dropped", []):
+            try:
+                callback(code)
+            except Exception as e:
+                errors.append(e)
+        return errors
 
 
 class DeadList(list):
@@ -382,7 +442,7 @@ def progress_fields(done: Any = None, total: Any = None, data: Any = None) -> Di
             raise ValueError(f"progress {name} must be a number, 0 or more, not {_shown(value)}")
         fields[name] = value
     if data is not None:
-        encode(data)  # refuse what cannot be sent, at once
+        encode(data, "the progress data")  # refuse what cannot be sent, at once
         fields["data"] = data
     if not fields:
         raise ValueError("progress needs done, total or data")
@@ -467,17 +527,19 @@ def display_name(address: Any) -> str:
 # --- framing ---------------------------------------------------------------------------------
 
 
-def encode(message: dict) -> bytes:
+def encode(message: Any, what: str = "the body") -> bytes:
     """A message's JSON, as the daemon takes it (UTF-8, no NaN).
 
+    :param message: the message (or any value to be sent as JSON).
+    :param what: what it is, for the error's text.
     :raises EncodeError: if the message is not JSON.
     """
     try:
         return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
-        raise EncodeError(f"the body cannot be sent as JSON: {e}") from None
+        raise EncodeError(f"{what} cannot be sent as JSON: {e}") from None
     except RecursionError:
-        raise EncodeError("the body cannot be sent as JSON: it nests too deeply") from None
+        raise EncodeError(f"{what} cannot be sent as JSON: it nests too deeply") from None
 
 
 def frame(message: dict, limit: int = MAX_FRAME) -> bytes:
@@ -523,7 +585,7 @@ class FrameBuffer:
     :param limit: the largest frame accepted.
     """
 
-    def __init__(self, limit: int = MAX_FRAME):
+    def __init__(self, limit: int = READ_LIMIT):
         self.limit = limit
         self._buffer = bytearray()
 
@@ -652,11 +714,14 @@ id's rendezvous order, until one knows the job."""
 class _Daemon:
     """What a `MasterCore` knows of one daemon connection."""
 
-    __slots__ = ("name", "up", "by_ref", "jobs", "next_ref", "last_error")
+    __slots__ = ("name", "up", "tried", "by_ref", "jobs", "next_ref", "last_error")
 
     def __init__(self, name: str):
         self.name = name
         self.up = False
+        self.tried = False
+        """Whether the shell has tried it since it started: it connected,
+        or an attempt failed."""
         self.by_ref: "OrderedDict[int, Request]" = OrderedDict()
         self.jobs: Dict[str, Request] = {}
         self.next_ref = 1
@@ -674,8 +739,12 @@ class MasterCore:
     no ref (the 2009 daemon) is matched by id and, failing that, in order.
 
     A submit goes to the first daemon in its id's `rendezvous` order that
-    is up (a submit with a ``unique`` key, in its key's order: so the
-    submits that share a key meet on one daemon).  A request about a job by id that is not this client's in
+    is up.  A submit with a ``unique`` key goes by its key's order
+    instead, so the submits that share a key meet on one daemon; with
+    several daemons it waits in the backlog until every daemon has been
+    tried once (`connected`, or `attempt_failed`), so that it is not sent
+    to whichever daemon happened to connect first while the key's own
+    daemon is still connecting.  A request about a job by id that is not this client's in
     flight (`status`, `cancel`, `dead_retry`, `dead_discard`) asks the
     daemons up in that same order, one after the other, until one knows
     the job: so it finds a detached job where its submit put it, even if
@@ -697,18 +766,23 @@ class MasterCore:
         come, all before the submit ends: ``progress`` is the frame's
         dict (``done``, ``total``, ``data``, those the slave sent), also
         kept as the request's ``progress``.
+    :param acked: called with each submit the daemon accepted, as its ack
+        comes (its ``coalesced`` says whether it joined a unique job
+        already there).
     """
 
     def __init__(self, daemons: Sequence[str], send: Callable[[str, bytes], None],
                  ended: Callable[[Request], None] = lambda request: None, resubmit: bool = False,
                  limit: int = MAX_FRAME,
-                 progressed: Callable[[Request, dict], None] = lambda request, progress: None):
+                 progressed: Callable[[Request, dict], None] = lambda request, progress: None,
+                 acked: Callable[[Request], None] = lambda request: None):
         if not daemons:
             raise ValueError("no daemon address given")
         self.daemons: Dict[str, _Daemon] = OrderedDict((name, _Daemon(name)) for name in daemons)
         self.send = send
         self.ended = ended
         self.progressed = progressed
+        self.acked = acked
         self.resubmit = resubmit
         self.limit = limit
         self.backlog: List[Request] = []
@@ -721,11 +795,35 @@ class MasterCore:
         """A connection to ``daemon`` is up: send it what waits for it."""
         state = self.daemons[daemon]
         state.up = True
+        state.tried = True
         state.last_error = None
-        backlog, self.backlog = self.backlog, []
-        for request in backlog:
-            if not request.done:
-                self._route(request)
+        self._flush_backlog()
+
+    def attempt_failed(self, daemon: str) -> None:
+        """An attempt to connect to ``daemon`` failed: it counts as tried.
+        Once every daemon has been tried, the unique submits that waited
+        for that go to the daemons up, by their keys.  (Nothing else
+        changes: requests still wait for a connection, until the shell
+        calls `unreachable`.)"""
+        state = self.daemons[daemon]
+        if state.tried:
+            return
+        state.tried = True
+        if self.tried:
+            self._flush_backlog()
+
+    def restarting(self) -> None:
+        """The shell starts connecting again, after it stopped: each daemon
+        not up counts as not tried yet."""
+        for state in self.daemons.values():
+            if not state.up:
+                state.tried = False
+
+    @property
+    def tried(self) -> bool:
+        """Whether every daemon has been tried: each connected, or an
+        attempt to connect to it failed, since the shell started."""
+        return all(state.tried for state in self.daemons.values())
 
     def lost(self, daemon: str, why: str) -> None:
         """The connection to ``daemon`` is gone (``why``, for people):
@@ -762,6 +860,13 @@ class MasterCore:
                 continue
             else:
                 self._end(request, error=TransportError(why, daemon))
+
+    def _flush_backlog(self) -> None:
+        """Route again what waits in the backlog."""
+        backlog, self.backlog = self.backlog, []
+        for request in backlog:
+            if not request.done:
+                self._route(request)
 
     def unreachable(self, why: str) -> None:
         """The shell gave up connecting: every request waiting for a
@@ -843,8 +948,10 @@ class MasterCore:
             bytes of UTF-8): while a job of this type with this key is
             queued, delayed or running on the daemon, the submit joins it
             instead of queueing another (its ack says ``coalesced``, and
-            the request gets that job's progress and answer).  Not with
-            ``detach``.
+            the request gets that job's progress and answer).  It goes
+            to the first daemon up in the key's `rendezvous` order; with
+            several daemons, only once each has been tried (see the
+            class).  Not with ``detach``.
         :param extra: more fields for the submit frame.
         :raises ValueError: if the id is in use, the type is missing, or an
             option is out of range.
@@ -1062,8 +1169,13 @@ class MasterCore:
                 return
         else:
             # A unique job goes where its key leads, so that every client's
-            # submits with that key meet on one daemon, whatever their ids.
-            for daemon in rendezvous(request.message.get("unique") or request.id, daemons):
+            # submits with that key meet on one daemon, whatever their ids:
+            # once it is known which daemons are up.
+            unique = request.message.get("unique")
+            if unique is not None and not self.tried:
+                self.backlog.append(request)
+                return
+            for daemon in rendezvous(unique or request.id, daemons):
                 if daemons[daemon].up:
                     self._send(request, daemon)
                     return
@@ -1205,6 +1317,7 @@ class MasterCore:
         elif kind == "submit":
             request.acked = True  # the answer ends it
             request.coalesced = message.get("coalesced") is True
+            self.acked(request)
             if request.detached:  # no answer comes: the ack ends it
                 state.jobs.pop(request.id, None)
                 self._end(request, value=request.id)
@@ -1398,7 +1511,8 @@ class WorkerCore:
     ``job.touch()``; those calls must come from the shell's I/O thread,
     or be handed to it (a shell that runs handlers elsewhere binds the
     job again).  A ``cancelled`` reply to either sets the job's
-    ``cancelled``.
+    ``cancelled``, a ``timed_out`` reply its ``timed_out``; the first of
+    them calls the job's `Job.on_dropped` callbacks.
 
     :param job_type: the type of jobs to take; None to take none until
         `join` names one.
@@ -1649,13 +1763,16 @@ class WorkerCore:
 
     def _reported(self, link: Link, kind: str, error: Optional[ServerError]) -> None:
         """The reply to a ``progress`` or ``touch``: a refusal sets the
-        job's ``cancelled`` (for ``cancelled``) and is reported, once per
-        job and error code."""
+        job's ``cancelled`` or ``timed_out`` (calling its `Job.on_dropped`
+        callbacks the first time) and is reported, once per job and error
+        code."""
         job = link.reported.pop(0) if link.reported else None
         if error is not None and job is not None:
             said = job.__dict__.setdefault("_refusals", set())
-            if error.error == "cancelled":
-                job.cancelled = True
+            if error.error in ("cancelled", "timed_out"):
+                for raised in job._drop(error.error):
+                    self.report(f"a function given to on_dropped of job {job.id!r} raised "
+                                f"{raised.__class__.__name__}: {raised}", False)
             if error.error not in said:
                 said.add(error.error)
                 if error.error == "cancelled":

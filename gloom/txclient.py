@@ -253,7 +253,7 @@ class _Connection(Int32StringReceiver):
     parser copies the buffer on every read), frames out.  It counts as up
     once connected or, over TLS, once the handshake is done."""
 
-    MAX_LENGTH = core.MAX_FRAME
+    MAX_LENGTH = core.READ_LIMIT
 
     def __init__(self, owner, key):
         self.owner = owner
@@ -400,10 +400,12 @@ class MasterClient(MultiService):
         addresses = _addresses(masters, core.MASTERS_ENV, core.DEFAULT_MASTER)
         names = _names(addresses)
         self._core = core.MasterCore(names, self._send, self._ended, resubmit=resubmit,
-                                     progressed=self._progressed)
+                                     progressed=self._progressed, acked=self._acked)
         self._resubmit = resubmit
         self._watchers: Dict[Request, ProgressCallback] = {}
         """The ``on_progress`` of each submit in flight that has one."""
+        self._ack_watchers: Dict[Request, Callable[[bool], Any]] = {}
+        """The ``on_ack`` of each submit in flight that has one."""
         self._daemons: Dict[str, _MasterDaemon] = OrderedDict()
         self._closed = False
         self._tried: set = set()
@@ -424,7 +426,9 @@ class MasterClient(MultiService):
         :returns: a Deferred that fires (with None) once every daemon has
             been tried once: connected, or its first attempt failed.  (A
             request made before that asks only the daemons up when it is
-            sent; `status` and the dead-letter requests want them all.)
+            sent; `status` and the dead-letter requests want them all.  A
+            submit with a ``unique`` key waits for it: it goes by its key
+            to one of the daemons up, once it is known which are.)
         """
         if not self.running:
             self.startService()
@@ -438,6 +442,7 @@ class MasterClient(MultiService):
         """Start the connections (`start` does this)."""
         self._closed = False
         self._core.resubmit = self._resubmit
+        self._core.restarting()
         self._tried = set()
         for daemon in self._daemons.values():
             daemon.dead, daemon.failures = None, 0
@@ -489,7 +494,8 @@ class MasterClient(MultiService):
     def submit(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
                timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
                retries: Optional[int] = None, backoff: bool = False, unique: Optional[str] = None,
-               on_progress: Optional[ProgressCallback] = None) -> Deferred:
+               on_progress: Optional[ProgressCallback] = None,
+               on_ack: Optional[Callable[[bool], Any]] = None) -> Deferred:
         """Submit a job (now, or once a daemon is up).  Cancelling the
         Deferred cancels the job.
 
@@ -515,13 +521,21 @@ class MasterClient(MultiService):
             UTF-8): while a job of this type with this key is queued,
             delayed or running on the daemon, this submit joins it instead
             of queueing another, and gets its progress and answer (the
-            first submit's priority, timeout, delay and retries hold).
-            Cancelling detaches only this submit.  Not with ``detach``.
+            first submit's body, priority, timeout, delay and retries
+            hold).  Cancelling detaches only this submit.  With several
+            daemons, it is sent once every daemon has been tried (see
+            `start`), to the first up in the key's rendezvous order, so
+            that the submits sharing a key meet.  Not with ``detach``.
         :param on_progress: called in the reactor thread with each progress
             of the job (a dict of ``done``, ``total`` and ``data``, those
             the worker sent), in order, before the Deferred fires; not
             after the Deferred was cancelled.  An exception it raises is
             logged.
+        :param on_ack: called in the reactor thread once the daemon has
+            accepted the submit (again if ``resubmit`` sends it to another
+            daemon), with whether it joined a job already there with the
+            same ``unique`` key (the ack's ``coalesced``).  An exception it
+            raises is logged.
         :returns: a Deferred that fires with the answer body (a detached
             job's id), or fails with `ServerError` (refused, such as
             ``id_exists`` or ``journal_error``, or ``job_failed``, or
@@ -531,14 +545,17 @@ class MasterClient(MultiService):
         :raises ValueError: if a job with that id is in flight already, or
             an option is out of range (or both ``delay`` and ``at``, or
             ``unique`` with ``detach``).
-        :raises TypeError: if ``on_progress`` is not callable.
+        :raises TypeError: if ``on_progress`` or ``on_ack`` is not callable.
         """
-        if on_progress is not None and not callable(on_progress):
-            raise TypeError(f"on_progress must be callable, not {on_progress!r}")
+        for name, given in (("on_progress", on_progress), ("on_ack", on_ack)):
+            if given is not None and not callable(given):
+                raise TypeError(f"{name} must be callable, not {given!r}")
         request = self._core.submit(type, body, priority, id, timeout, detach=detach, delay=delay, at=at,
                                     retries=retries, backoff=backoff, unique=unique)
         if on_progress is not None and not request.done:
             self._watchers[request] = on_progress
+        if on_ack is not None and not request.done:
+            self._ack_watchers[request] = on_ack
         waiter = Deferred(lambda d: self._abandon(request, d))
         self._wait(request, waiter)
         return waiter
@@ -546,7 +563,8 @@ class MasterClient(MultiService):
     def run(self, type: str, body: Any = None, priority: int = 0, id: Optional[str] = None,
             timeout: Optional[float] = None, *, detach: bool = False, delay: Any = None, at: Any = None,
             retries: Optional[int] = None, backoff: bool = False, unique: Optional[str] = None,
-            on_progress: Optional[ProgressCallback] = None) -> Deferred:
+            on_progress: Optional[ProgressCallback] = None,
+            on_ack: Optional[Callable[[bool], Any]] = None) -> Deferred:
         """`submit`, for a job whose answer is wanted: the same, except
         that ``detach`` is refused.
 
@@ -556,7 +574,7 @@ class MasterClient(MultiService):
         if detach:
             raise ValueError("run waits for the answer, and a detached job gets none: use submit(detach=True)")
         return self.submit(type, body, priority, id, timeout, delay=delay, at=at, retries=retries,
-                           backoff=backoff, unique=unique, on_progress=on_progress)
+                           backoff=backoff, unique=unique, on_progress=on_progress, on_ack=on_ack)
 
     def map(self, type: str, bodies: Iterable[Any], window: int = 64, priority: int = 0,
             timeout: Optional[float] = None) -> Deferred:
@@ -798,6 +816,8 @@ class MasterClient(MultiService):
     def _ended(self, request: Request) -> None:
         if self._watchers:
             self._watchers.pop(request, None)
+        if self._ack_watchers:
+            self._ack_watchers.pop(request, None)
         waiter, request.waiter = request.waiter, None
         if waiter is None:
             return
@@ -812,6 +832,7 @@ class MasterClient(MultiService):
     def _abandon(self, request: Request, waiter: Deferred) -> None:
         """A submit's Deferred was cancelled: cancel the job."""
         self._watchers.pop(request, None)
+        self._ack_watchers.pop(request, None)
         if request.waiter is waiter:
             request.waiter = None
             if not request.done:
@@ -825,6 +846,15 @@ class MasterClient(MultiService):
                 watcher(progress)
             except Exception:
                 self.log.failure("on_progress of job {id!r} raised", id=request.id)
+
+    def _acked(self, request: Request) -> None:
+        """A submit was accepted: call its ``on_ack``."""
+        watcher = self._ack_watchers.get(request)
+        if watcher is not None:
+            try:
+                watcher(request.coalesced)
+            except Exception:
+                self.log.failure("on_ack of job {id!r} raised", id=request.id)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -900,6 +930,7 @@ class MasterClient(MultiService):
                     state.failures = 0
                 self._core.unreachable(why)
         finally:
+            self._core.attempt_failed(daemon.name)
             self._tried_once(daemon.name)
 
     def _dead(self, daemon: _MasterDaemon, line: str) -> None:
@@ -1028,6 +1059,10 @@ class Worker(MultiService):
         daemon answers either with ``cancelled``: every master that
         submitted the job withdrew it, and the work may stop (the job must
         still be answered or failed; the daemon drops that answer).
+        ``job.timed_out`` becomes True once it answers ``timed_out`` (the
+        attempt ran past its timeout and was given up), and
+        ``job.on_dropped(f)`` has ``f(code)`` called in the reactor thread
+        at the first of the two.
     :param concurrency: the most jobs in hand at once.
     :param slaves: the daemons' slave ports, as `MasterClient` takes its
         masters; None for ``GLOOM_SLAVES``, ``GLOOM_SLAVE``, else

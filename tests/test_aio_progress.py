@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted.internet import reactor
 
+from gloom import core
 from gloom.aio import Master, Worker, work
 from gloom.core import EncodeError, ServerError, TransportError
 from gloom.tap import makeService
@@ -147,6 +148,59 @@ class MasterProgressTests(SynchronousTestCase):
 
 
 # --- admin -----------------------------------------------------------------------------------
+
+
+class UniqueRoutingTests(SynchronousTestCase):
+    def test_a_unique_submit_goes_by_its_key_to_the_daemons_up(self):
+        names = ["a:1", "b:2", "c:3"]
+        down = next(key for key in (f"k{n}" for n in range(1000)) if core.rendezvous(key, names)[0] == "a:1")
+        home = next(key for key in (f"k{n}" for n in range(1000)) if core.rendezvous(key, names)[0] == "c:3")
+
+        async def body():
+            master = Master(names, **QUICK)
+            net = FakeNet(master)
+            net.refuse.add("a:1")  # tried: its first attempt failed
+            await master.start()
+            self.assertTrue(master._core.tried)
+            tasks = [asyncio.ensure_future(master.submit("t", None, id=key, unique=key)) for key in (down, home)]
+            await turn()
+            placed = {c.name: [frame["id"] for frame in c.transport.frames()] for c in net.connections}
+            self.assertEqual(placed["c:3"], [home])
+            self.assertIn(down, placed[core.rendezvous(down, ["b:2", "c:3"])[0]])
+            for task in tasks:
+                task.cancel()
+            await master.close()
+        run(body())
+
+    def test_a_submit_waits_for_a_daemon_still_connecting(self):
+        names = ["a:1", "b:2"]
+        key = next(key for key in (f"k{n}" for n in range(1000)) if core.rendezvous(key, names)[0] == "a:1")
+
+        async def body():
+            master = Master(names, **QUICK)
+            net = FakeNet(master)
+            slow = asyncio.get_running_loop().create_future()
+            fast_open = net.open
+
+            async def open(name, received):
+                if name == "a:1":
+                    await slow
+                return await fast_open(name, received)
+
+            master._open = open
+            master.connect_timeout = 0.05  # start() returns before a:1 is up
+            await master.start()
+            (b,) = net.connections
+            task = asyncio.ensure_future(master.submit("t", 1, id="u", unique=key))
+            await turn()
+            self.assertEqual(b.transport.frames(), [])  # a:1, the key's daemon, was not tried yet
+            slow.set_result(None)
+            await turn(6)
+            (a,) = net.to("a:1")
+            self.assertEqual([frame["id"] for frame in a.transport.frames()], ["u"])
+            task.cancel()
+            await master.close()
+        run(body())
 
 
 class AdminTests(SynchronousTestCase):

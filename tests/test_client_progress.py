@@ -245,6 +245,30 @@ class FakeMasterTests(unittest.TestCase):
                       str(caught.exception))
 
 
+    def test_a_unique_submit_goes_by_its_key_to_the_daemons_up_at_once(self):
+        up = FakeDaemon(self)
+        down = socket.socket()
+        down.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        self.addCleanup(down.close)
+        missing = f"127.0.0.1:{down.getsockname()[1]}"
+        names = [up.address, missing]
+        key = next(key for key in (f"k{n}" for n in range(1000)) if core.rendezvous(key, names)[0] == missing)
+        master = Master(names, connect_timeout=2)
+        self.addCleanup(master.disconnect)
+        peer = up.accept()
+
+        def script():
+            sent = peer.receive()
+            peer.send({"ok": True, "id": sent["id"], "ref": sent["ref"]})
+            return sent
+
+        scripted = in_thread(self, script)
+        # The key's daemon was tried (it refused): the submit does not wait for it.
+        self.assertEqual(master.submit("u", "t", 1, unique=key), "u")
+        sent = joined(scripted)
+        self.assertEqual((sent["id"], sent["unique"]), ("u", key))
+
+
 class FakeSlaveTests(unittest.TestCase):
     def connect(self):
         daemon = FakeDaemon(self)

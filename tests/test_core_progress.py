@@ -51,8 +51,10 @@ class JobTests(unittest.TestCase):
                     dict(total=float("inf")), dict(done="3")):
             with self.assertRaises(ValueError, msg=bad):
                 core.progress_fields(**bad)
-        with self.assertRaises(core.EncodeError):
+        with self.assertRaises(core.EncodeError) as caught:
             core.progress_fields(1, data={1, 2})
+        self.assertIn("the progress data cannot be sent as JSON", str(caught.exception))
+        self.assertNotIn("body", str(caught.exception))
 
     def test_unique_keys_are_checked(self):
         self.assertEqual(core.unique_key("k"), "k")
@@ -152,6 +154,38 @@ class WorkerProgressTests(unittest.TestCase):
         cores.received(link, {"ok": True})
         self.assertEqual(wire.replies[-2:], [("progress", "cancelled"), ("respond", None)])
         self.assertEqual(link.replies, [])
+
+    def test_on_dropped_is_called_once_by_cancelled_or_timed_out(self):
+        cores, wire, link, job = running()
+        seen = []
+        job.on_dropped(seen.append)
+        job.on_dropped(lambda code: seen.append(("second", code)))
+        job.progress(1)
+        job.touch()
+        job.touch()
+        self.assertIsNone(job.dropped)
+        cores.received(link, {"ok": True})
+        self.assertEqual(seen, [])
+        cores.received(link, {"error": "timed_out", "reason": "too late", "id": "j1"})
+        self.assertEqual(seen, ["timed_out", ("second", "timed_out")])
+        self.assertEqual((job.timed_out, job.cancelled, job.dropped), (True, False, "timed_out"))
+        cores.received(link, {"error": "cancelled", "reason": "", "id": "j1"})
+        self.assertTrue(job.cancelled)
+        self.assertEqual(len(seen), 2)  # at most once
+        job.on_dropped(seen.append)  # after the news: at once
+        self.assertEqual(seen[-1], "timed_out")
+
+    def test_an_on_dropped_that_raises_is_reported(self):
+        cores, wire, link, job = running()
+        seen = []
+        job.on_dropped(lambda code: 1 / 0)
+        job.on_dropped(seen.append)
+        job.touch()
+        cores.received(link, {"error": "cancelled", "reason": "", "id": "j1"})
+        self.assertEqual(seen, ["cancelled"])
+        self.assertTrue(any("on_dropped of job 'j1' raised ZeroDivisionError" in text
+                            for text, fatal in wire.reports))
+        self.assertEqual(cores.in_hand, 1)  # the job is still held
 
     def test_timed_out_and_other_refusals_are_reported_not_fatal(self):
         cores, wire, link, job = running()
@@ -307,6 +341,87 @@ class UniqueTests(unittest.TestCase):
         other = "b:1" if first == "a:1" else "a:1"
         cores.lost(first, "gone")
         self.assertEqual(wire.to(other)[-1]["unique"], "k")
+
+
+class UniqueRoutingTests(unittest.TestCase):
+    """A unique submit waits until every daemon was tried, then goes by its key."""
+
+    daemons = ["a:1", "b:1", "c:1"]
+
+    def key_for(self, first):
+        """A key whose rendezvous order starts with ``first``."""
+        return next(key for key in (f"k{n}" for n in range(1000))
+                    if core.rendezvous(key, self.daemons)[0] == first)
+
+    def test_it_waits_for_the_keys_daemon_to_be_tried(self):
+        cores, wire = master(self.daemons)
+        cores.connected("a:1")
+        key = self.key_for("b:1")
+        unique = cores.submit("t", 1, id="u", unique=key)
+        plain = cores.submit("t", 2, id="p")
+        self.assertFalse(unique.sent)
+        self.assertEqual(plain.daemon, "a:1")  # without a key: at once, to a daemon up
+        cores.attempt_failed("c:1")
+        self.assertFalse(unique.sent)
+        self.assertFalse(cores.tried)
+        cores.connected("b:1")  # the key's daemon: it goes there
+        self.assertTrue(cores.tried)
+        self.assertEqual(unique.daemon, "b:1")
+        self.assertEqual(wire.to("b:1"), [{"action": "submit", "id": "u", "type": "t", "body": 1,
+                                           "unique": key, "ref": 1}])
+
+    def test_once_every_daemon_was_tried_it_goes_to_the_first_up_in_its_order(self):
+        cores, wire = master(self.daemons)
+        cores.connected("c:1")
+        key = self.key_for("b:1")
+        order = core.rendezvous(key, self.daemons)
+        request = cores.submit("t", None, unique=key)
+        cores.attempt_failed("a:1")
+        self.assertFalse(request.sent)
+        cores.attempt_failed("b:1")
+        self.assertEqual(request.daemon, "c:1")  # the only one up
+        self.assertEqual(order[0], "b:1")
+        cores.attempt_failed("b:1")  # again: nothing changes
+        self.assertEqual(len(wire.sent), 1)
+
+    def test_none_up_it_waits_for_a_connection_or_fails_as_unreachable(self):
+        cores, wire = master(self.daemons)
+        request = cores.submit("t", None, unique="k")
+        for daemon in self.daemons:
+            cores.attempt_failed(daemon)
+        self.assertFalse(request.sent)
+        cores.unreachable("no daemon can be reached")
+        self.assertIsInstance(request.error, core.TransportError)
+
+    def test_a_restarting_shell_tries_again_the_daemons_not_up(self):
+        cores, wire = master(self.daemons)
+        cores.connected("a:1")
+        cores.attempt_failed("b:1")
+        cores.attempt_failed("c:1")
+        self.assertTrue(cores.tried)
+        cores.restarting()
+        self.assertFalse(cores.tried)
+        key = self.key_for("a:1")
+        request = cores.submit("t", None, unique=key)
+        self.assertFalse(request.sent)  # a:1 is up, but b:1 and c:1 are not known yet
+        cores.attempt_failed("b:1")
+        cores.attempt_failed("c:1")
+        self.assertEqual(request.daemon, "a:1")
+
+    def test_one_daemon_does_not_wait(self):
+        cores, wire = master()
+        cores.connected("a:1")
+        self.assertEqual(cores.submit("t", None, unique="k").daemon, "a:1")
+
+    def test_acked_is_called_with_the_request(self):
+        acks = []
+        cores, wire = master(acked=acks.append)
+        cores.connected("a:1")
+        first = cores.submit("t", 1, id="one", unique="k")
+        second = cores.submit("t", 1, id="two", unique="k")
+        cores.received("a:1", {"ok": True, "id": "one", "ref": 1})
+        cores.received("a:1", {"ok": True, "id": "two", "coalesced": True, "ref": 2})
+        self.assertEqual([(request, request.coalesced) for request in acks], [(first, False), (second, True)])
 
 
 class AdminTests(unittest.TestCase):

@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
 
+from gloom import core
 from gloom.core import EncodeError, ServerError, TransportError
 from gloom.txclient import MasterClient, Worker
 from tests.support import live_ids
@@ -130,6 +131,75 @@ class MasterProgressTests(MasterTestCase):
         self.assertEqual((peer.received(), master._core.in_flight, master._watchers), ([], 0, {}))
         master.submit("t", 1, unique="é" * 512)  # 1024 bytes: the most
         self.assertEqual(len(peer.received()), 1)
+
+
+class UniqueRoutingTests(MasterTestCase):
+    """A unique submit made before `start` fired waits until every daemon
+    was tried, then goes to its key's daemon if that one is up."""
+
+    names = ["tcp:127.0.0.1:9000", "tcp:127.0.0.1:9010"]
+
+    def key_for(self, first):
+        return next(key for key in (f"k{n}" for n in range(1000))
+                    if core.rendezvous(key, self.names)[0] == first)
+
+    def accept_port(self, port):
+        """Accept the pending attempt to ``port`` only."""
+        reactor = self.script.reactor
+        index = next(i for i, attempt in enumerate(reactor.tcpClients) if attempt[1] == port)
+        reactor.tcpClients.insert(0, reactor.tcpClients.pop(index))
+        reactor.connectors.insert(0, reactor.connectors.pop(index))
+        pending = reactor.tcpClients[1:]
+        connectors = reactor.connectors[1:]
+        del reactor.tcpClients[1:], reactor.connectors[1:]
+        (peer,) = self.script.accept()
+        reactor.tcpClients.extend(pending)
+        reactor.connectors.extend(connectors)
+        return peer
+
+    def test_it_meets_on_the_keys_daemon_even_if_another_connected_first(self):
+        master = self.master(ports=(9000, 9010))
+        key = self.key_for("tcp:127.0.0.1:9000")
+        other = self.accept_port(9010)
+        answer = master.submit("t", 1, id="j", unique=key)
+        plain = master.submit("t", 2, id="p")
+        self.assertEqual([m["id"] for m in other.received()], ["p"])  # the unique one waits
+        self.assertNoResult(self.started)
+        (own,) = self.script.accept()
+        self.assertEqual(own.port, 9000)
+        self.assertEqual(own.received(), [{"action": "submit", "id": "j", "type": "t", "body": 1,
+                                           "priority": 0, "unique": key, "ref": 1}])
+        self.successResultOf(self.started)
+        own.send({"ok": True, "id": "j", "ref": 1}, {"id": "j", "body": "done"})
+        self.assertEqual(self.successResultOf(answer), "done")
+        self.assertNoResult(plain)
+
+    def test_the_keys_daemon_down_it_goes_to_the_next_up(self):
+        master = self.master(ports=(9000, 9010))
+        key = self.key_for("tcp:127.0.0.1:9000")
+        other = self.accept_port(9010)
+        master.submit("t", 1, id="j", unique=key)
+        self.assertEqual(other.received(), [])
+        ConnectionCompleter(self.script.reactor).failOnce(refused())  # 9000's first attempt
+        self.successResultOf(self.started)
+        self.assertEqual([m["id"] for m in other.received()], ["j"])
+
+    def test_on_ack_says_whether_it_joined_a_job_already_there(self):
+        master = self.master()
+        (peer,) = self.script.accept()
+        acks = []
+        first = master.submit("t", 1, id="a", unique="k", on_ack=lambda joined: acks.append(("a", joined)))
+        second = master.run("t", 1, id="b", unique="k", on_ack=lambda joined: acks.append(("b", joined)))
+        master.submit("t", 1, id="c", on_ack=lambda joined: 1 / 0)
+        peer.received()
+        peer.send({"ok": True, "id": "a", "ref": 1}, {"ok": True, "id": "b", "coalesced": True, "ref": 2},
+                  {"ok": True, "id": "c", "ref": 3})
+        self.assertEqual(acks, [("a", False), ("b", True)])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        peer.send({"id": "a", "body": 5}, {"id": "b", "body": 5})
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (5, 5))
+        self.assertEqual(master._ack_watchers, {k: v for k, v in master._ack_watchers.items() if k.id == "c"})
+        self.assertRaises(TypeError, master.submit, "t", 1, on_ack="print")
 
 
 # --- admin, scripted ---------------------------------------------------------------------------

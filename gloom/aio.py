@@ -607,17 +607,7 @@ class Master(_Shell):
         up = self._core.up()
         outcomes = await asyncio.gather(*(self._result(self._core.admin(action, type, name)) for name in up),
                                         return_exceptions=True)
-        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        refusal = next((error for error in errors if isinstance(error, core.ServerError)), None)
-        if refusal is not None:
-            raise refusal
-        if errors:
-            raise errors[0]
-        missing = [name for name in self.names if name not in up]
-        if missing:
-            raise TransportError(f"{', '.join(missing)} not connected: {action} was not sent there"
-                                 + (f" (done on {', '.join(up)})" if up else ""), missing[0])
-        return dict(zip(up, outcomes))
+        return core.admin_outcome(action, self.names, dict(zip(up, outcomes)))
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -1111,11 +1101,7 @@ class Worker(_Shell):
                 return self._core.touch(link, job)
             return self._core.progress(link, job, *fields)
         if fields is not None:
-            done, total, data = fields
-            checked = core.progress_fields(done, total, data)  # a mistake raises here, in the caller
-            if "data" in checked:
-                data = core.loads(core.encode(data))  # as it is now, whatever the caller changes next
-            fields = (done, total, data)
+            fields = core.progress_from_another_thread(*fields)
         held = link.up and link.job is job
         if held:
             try:

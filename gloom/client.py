@@ -882,17 +882,9 @@ class Master(_Client):
         with self._io():
             requests = {name: self._core.admin(action, type, name) for name in self._core.up()}
             self._wait(lambda: all(request.done for request in requests.values()))
-        errors = [request.error for request in requests.values() if request.error is not None]
-        refusal = next((error for error in errors if isinstance(error, ServerError)), None)
-        if refusal is not None:
-            raise refusal
-        if errors:
-            raise errors[0]
-        missing = [name for name in self.names if name not in requests]
-        if missing:
-            raise TransportError(f"{', '.join(missing)} not connected: {action} was not sent there"
-                                 + (f" (done on {', '.join(requests)})" if requests else ""), missing[0])
-        return {name: request.value for name, request in requests.items()}
+        return core.admin_outcome(action, self.names, {
+            name: request.error if request.error is not None else request.value
+            for name, request in requests.items()})
 
 
 class Slave(_Client):

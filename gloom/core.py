@@ -423,6 +423,46 @@ def unique_key(key: Any, spell: Callable[[str], str] = lambda name: name) -> str
     return key
 
 
+def progress_from_another_thread(done: Any = None, total: Any = None, data: Any = None) -> tuple:
+    """Progress a worker's handler reports from a thread other than its
+    client's I/O thread: checked there (a mistake raises in the caller),
+    and with ``data`` copied as it is now, whatever the caller changes
+    next, to be handed to the I/O thread as ``(done, total, data)``.
+
+    :raises ValueError: as `progress_fields` does.
+    :raises EncodeError: if ``data`` is not JSON.
+    """
+    checked = progress_fields(done, total, data)
+    if "data" in checked:
+        data = loads(encode(data))
+    return done, total, data
+
+
+def admin_outcome(action: str, names: Sequence[str], replies: Dict[str, Any]) -> Dict[str, Any]:
+    """What an admin action sent to every daemon connected comes to.
+
+    :param action: the action, for messages.
+    :param names: every daemon given, in order.
+    :param replies: each connected daemon's reply (a dict) or the
+        exception its request ended with, by name.
+    :returns: the replies, by name, if every daemon given took it.
+    :raises ServerError: the first refusal (such as ``forbidden``).
+    :raises GloomError: else the first other error; else `TransportError`
+        naming the daemons that are not connected (the others were asked).
+    """
+    errors = [reply for reply in replies.values() if isinstance(reply, BaseException)]
+    refusal = next((error for error in errors if isinstance(error, ServerError)), None)
+    if refusal is not None:
+        raise refusal
+    if errors:
+        raise errors[0]
+    missing = [name for name in names if name not in replies]
+    if missing:
+        raise TransportError(f"{', '.join(missing)} not connected: {action} was not sent there"
+                             + (f" (done on {', '.join(replies)})" if replies else ""), missing[0])
+    return dict(replies)
+
+
 def progress_fields(done: Any = None, total: Any = None, data: Any = None) -> Dict[str, Any]:
     """The fields of a progress frame: those given (None is not given),
     checked as the daemon checks them.

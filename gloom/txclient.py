@@ -768,16 +768,11 @@ class MasterClient(MultiService):
             asked.append(waiter)
 
         def gathered(outcomes: List[Tuple[bool, Any]]) -> Any:
-            errors = [value.value for ok, value in outcomes if not ok]
-            refusal = next((error for error in errors if isinstance(error, ServerError)), None)
-            if refusal is not None or errors:
-                return Failure(refusal or errors[0])
-            missing = [name for name in self._daemons if name not in up]
-            if missing:
-                return Failure(TransportError(
-                    f"{', '.join(missing)} not connected: {action} was not sent there"
-                    + (f" (done on {', '.join(up)})" if up else ""), missing[0]))
-            return {name: value for name, (ok, value) in zip(up, outcomes)}
+            replies = {name: (value if ok else value.value) for name, (ok, value) in zip(up, outcomes)}
+            try:
+                return core.admin_outcome(action, list(self._daemons), replies)
+            except Exception as e:
+                return Failure(e)
 
         return DeferredList(asked, consumeErrors=True).addCallback(gathered)
 
@@ -1220,11 +1215,7 @@ class Worker(MultiService):
                 return self._core.touch(link, job)
             return self._core.progress(link, job, *fields)
         if fields is not None:
-            done, total, data = fields
-            checked = core.progress_fields(done, total, data)  # a mistake raises here, in the caller
-            if "data" in checked:
-                data = core.loads(core.encode(data))  # as it is now, whatever the caller changes next
-            fields = (done, total, data)
+            fields = core.progress_from_another_thread(*fields)
         held = link.up and link.job is job
         if held:
             if fields is None:

@@ -504,6 +504,8 @@ class Scheduler(Service):
         self.on_answer: Optional[Callable[[str, float], None]] = None
         """Called, if set, with a job's type and the seconds from its
         submission to its answer."""
+        self.on_failure: Optional[Callable[[str], None]] = None
+        """Called, if set, with a job's type when the job ends failed."""
         self.on_type_unused: Optional[Callable[[str], None]] = None
         """Called, if set, with a type that no longer has queued or running
         jobs nor joined slaves."""
@@ -1103,6 +1105,8 @@ class Scheduler(Service):
             self.totals["cleared"] += 1
         else:
             self.totals["failed"] += 1
+            if self.on_failure is not None:
+                self._contain(self.on_failure, job.type)
         if owner is not None:
             self._contain(owner.job_failed, job, error)
         return None
@@ -1236,6 +1240,10 @@ class Scheduler(Service):
         """How many jobs of type ``job_type`` wait for a slave."""
         queue = self._queues.get(job_type)
         return len(queue) if queue else 0
+
+    def queued_total(self) -> int:
+        """How many jobs of every type wait for a slave (O(types))."""
+        return sum(len(queue) for queue in self._queues.values())
 
     def idle_slaves(self, job_type: str) -> int:
         """How many slaves of type ``job_type`` wait for a job."""

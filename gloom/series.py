@@ -124,7 +124,7 @@ class Series:
         return totals["completed"], totals["failed"], totals["submitted"]
 
     def sample(self) -> None:
-        """Take this second's sample (the `LoopingCall` calls this)."""
+        """Take this second's sample (called once a second once started)."""
         now = self._totals()
         last = self._last if self._last is not None else now
         self.answered.append(now[0] - last[0])

@@ -28,8 +28,11 @@ JOURNAL = None                            # SQLite file keeping detached, delaye
                                           # None: nothing on disk
 JOURNAL_SYNC = "normal"                   # "full": commits survive a power cut; "normal":
                                           # a process crash
-HTTP = None                               # where /status and /metrics are served, e.g.
-                                          # "tcp:9997:interface=127.0.0.1"; None: off
+HTTP = None                               # where /status, /metrics and the /api/ JSON API are
+                                          # served, e.g. "tcp:9997:interface=127.0.0.1"; None: off
+ADMIN_TOKEN_FILE = None                   # file holding the bearer token (16 or more characters)
+                                          # that allows the /api/ actions, e.g.
+                                          # "/etc/gloom/admin-token"; None: read-only API
 ADMIN = False                             # True: masters may pause, resume and clear types
                                           # and drain the daemon
 ADMIN_ENDPOINT = None                     # another endpoint for masters where those actions
@@ -54,6 +57,7 @@ settings = {
     "--journal": JOURNAL,
     "--journal-sync": JOURNAL_SYNC,
     "--http": HTTP,
+    "--admin-token-file": ADMIN_TOKEN_FILE,
     "--admin": ADMIN,
     "--admin-endpoint": ADMIN_ENDPOINT,
 }

@@ -1,19 +1,31 @@
 """``--http``: the daemon's figures as JSON (/status) and in Prometheus text
-format (/metrics), served from the reactor thread so a scrape reads a
+format (/metrics), and the JSON API under /api/ (figures, connections, job
+lookup, and the administrative actions when the daemon has an admin
+credential), all served from the reactor thread so a request reads a
 consistent snapshot without locks."""
 
 from __future__ import annotations
 
+import hmac
 import json
-from typing import Callable, Set
+import os
+import sys
+from typing import Any, Callable, Optional, Set, Tuple
+from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from gloom.scheduler import TOTALS
+from gloom import wire
+from gloom.master import DRAINING
+from gloom.protocol import address_name
+from gloom.quoting import quoted
+from gloom.scheduler import TOTALS, ShuttingDown
 
 DETACHED_TOTALS = ("detached", "dead", "dead_dropped", "results_dropped", "progress_replaced")
 """The totals of detached jobs (and of progress held for masters that do
@@ -172,9 +184,67 @@ class _Page(Resource):
         return b""
 
 
+DASHBOARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
+"""Where the dashboard's files are (package data: the page loads nothing else)."""
+
+_DASHBOARD_FILES = {b"": ("index.html", "text/html; charset=utf-8"),
+                    b"dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+                    b"dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+
+_PAGE_HEADERS = (
+    (b"Content-Security-Policy",
+     b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"Referrer-Policy", b"no-referrer"),
+    (b"Cache-Control", b"no-cache"),
+)
+
+
+class _DashboardFile(Resource):
+    """One of the dashboard's files, read once, served with headers that
+    let it load only from the daemon itself."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: str):
+        super().__init__()
+        with open(os.path.join(DASHBOARD, name), "rb") as file:
+            self.body = file.read()
+        self.content_type = content_type.encode()
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", self.content_type)
+        for name, value in _PAGE_HEADERS:
+            request.setHeader(name, value)
+        return self.body
+
+    def render_HEAD(self, request):
+        """The headers of GET and no body."""
+        self.render_GET(request)
+        request.setHeader(b"Content-Length", b"%d" % len(self.body))
+        return b""
+
+
 class _Root(Resource):
+    """``/``: the dashboard, and 404 for what is not there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files = {path: _DashboardFile(name, kind) for path, (name, kind) in _DASHBOARD_FILES.items()}
+
     def getChild(self, path, request):
+        page = self.files.get(path)
+        if page is not None and not request.postpath:
+            return page
         return notFound()
+
+    def render_GET(self, request):
+        """``/`` itself is the dashboard's page."""
+        return self.files[b""].render_GET(request)
+
+    def render_HEAD(self, request):
+        """The headers of ``/``."""
+        return self.files[b""].render_HEAD(request)
 
 
 class _QuietSite(Site):
@@ -184,9 +254,393 @@ class _QuietSite(Site):
         pass
 
 
+READ_ONLY = ("the HTTP API is read-only: start the daemon with --admin-token-file or an mtls: "
+             "--http endpoint")
+"""Why every POST is refused when the daemon has no admin credential."""
+
+MAX_LISTED = 1000
+"""Most masters, and most slaves, /api/connections lists."""
+
+API_ENDPOINTS = (
+    "GET /api/", "GET /api/types", "GET /api/connections", "GET /api/series",
+    "GET /api/jobs/<id>", "GET /api/dead", "POST /api/types/<type>/pause",
+    "POST /api/types/<type>/resume", "POST /api/types/<type>/clear",
+    "POST /api/jobs/<id>/cancel", "POST /api/dead/<id>/retry", "POST /api/dead/<id>/discard",
+    "POST /api/drain",
+)
+"""What GET /api/ lists."""
+
+_EMPTY_SERIES = ("answered", "failed", "submitted", "depth")
+
+_GET = (b"GET", b"HEAD")
+
+
+class ApiError(Exception):
+    """A request the API refuses: its status code, error and reason."""
+
+    def __init__(self, code: int, error: str, reason: str, headers: Tuple = ()):
+        """
+        :param code: the HTTP status code.
+        :param error: the ``error`` field of the JSON body.
+        :param reason: the ``reason`` field, for people.
+        :param headers: more (name, value) headers, as bytes.
+        """
+        super().__init__(reason)
+        self.code = code
+        self.error = error
+        self.reason = reason
+        self.headers = headers
+
+
+def _peer_certificate(request):
+    """The certificate the client of ``request`` presented over TLS, or None."""
+    for transport in (request.transport, getattr(request.channel, "transport", None)):
+        if transport is not None and ISSLTransport.providedBy(transport):
+            try:
+                return transport.getPeerCertificate()
+            except Exception:
+                return None
+    return None
+
+
+def tls_subject(transport) -> Optional[str]:
+    """The subject of the certificate a peer presented on ``transport``,
+    as RFC 4514 text, or None (no TLS, or no certificate).
+
+    :param transport: a connection's transport.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        certificate = transport.getPeerCertificate()
+        if certificate is None:
+            return None
+        return certificate.to_cryptography().subject.rfc4514_string()
+    except Exception:
+        return None
+
+
+def _name(segment: bytes, what: str) -> str:
+    """A path segment as a job id or type: URL-decoded UTF-8, 1 to
+    `wire.MAX_NAME_BYTES` bytes.
+
+    :raises ApiError: 400, if it is not.
+    """
+    raw = unquote_to_bytes(segment)
+    if not raw:
+        raise ApiError(400, "bad_request", f"the {what} is empty")
+    if len(raw) > wire.MAX_NAME_BYTES:
+        raise ApiError(400, "bad_request",
+                       f"the {what} is {len(raw)} bytes long, over {wire.MAX_NAME_BYTES}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_request", f"the {what} is not UTF-8") from None
+
+
+def _count(request, name: str, default: Optional[int], least: int, most: int) -> Optional[int]:
+    """The whole-number query argument ``name``, or ``default``.
+
+    :raises ApiError: 400, if it is not a whole number from ``least`` to ``most``.
+    """
+    values = request.args.get(name.encode())
+    if not values:
+        return default
+    text = values[-1].decode("ascii", "replace")
+    try:
+        number = int(text)
+    except ValueError:
+        raise ApiError(400, "bad_request",
+                       f"{name} takes a whole number, not {quoted(text)}") from None
+    if not least <= number <= most:
+        raise ApiError(400, "bad_request", f"{name} must be from {least} to {most}, not {number}")
+    return number
+
+
+class Api(Resource):
+    """The JSON API under /api/: GETs read the daemon's figures; POSTs act,
+    only for a request that carries the admin credential.
+
+    :ivar service: the daemon (a ``gloom.tap.GloomService``).
+    :ivar series: the daemon's time series (``snapshot()`` and
+        ``type_figures()``), or None.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, service, series: Any = None, admin_token: Optional[bytes] = None,
+                 mtls: bool = False):
+        """
+        :param service: the daemon, a ``gloom.tap.GloomService``.
+        :param series: the daemon's time series, or None: then /api/series
+            has empty lists and types have no rates.
+        :param admin_token: the bearer token POSTs must carry, or None.
+        :param mtls: whether the --http endpoint is ``mtls:`` (a client
+            that presented a verified certificate may POST).
+        """
+        super().__init__()
+        self.service = service
+        self.series = series
+        self.admin_token = admin_token
+        self.mtls = mtls
+
+    # --- dispatch -----------------------------------------------------------
+
+    def render(self, request):
+        """Route the request; every answer, errors included, is JSON."""
+        head = request.method == b"HEAD"
+        try:
+            body = self._route(request)
+        except ApiError as e:
+            request.setResponseCode(e.code)
+            for name, value in e.headers:
+                request.setHeader(name, value)
+            body = wire.encode_value({"error": e.error, "reason": e.reason}) + b"\n"
+        except Exception:
+            self.log.failure("HTTP API {method} {path}", method=request.method.decode("latin-1"),
+                             path=quoted(request.path.decode("utf-8", "replace")))
+            request.setResponseCode(500)
+            body = wire.encode_value({"error": "internal_error",
+                                      "reason": "the daemon failed to answer; see its log"}) + b"\n"
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if head:
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
+    def _route(self, request) -> bytes:
+        path = list(request.postpath)
+        if path and path[-1] == b"" and len(path) > 1:
+            path.pop()  # a trailing slash
+        count = len(path)
+        first = path[0] if path else b""
+        if count <= 1 and first == b"":
+            return self._get(request, self.get_index)
+        if count == 1 and first in (b"types", b"connections", b"series", b"dead"):
+            return self._get(request, getattr(self, f"get_{first.decode()}"))
+        if count == 2 and first == b"jobs":
+            return self._get(request, self.get_job, path[1], "job id")
+        if count == 1 and first == b"drain":
+            return self._post(request, self.drain)
+        if count == 3 and first == b"types" and path[2] in (b"pause", b"resume", b"clear"):
+            return self._post(request, getattr(self, path[2].decode()), path[1], "type")
+        if count == 3 and first == b"jobs" and path[2] == b"cancel":
+            return self._post(request, self.cancel, path[1], "job id")
+        if count == 3 and first == b"dead" and path[2] in (b"retry", b"discard"):
+            return self._post(request, getattr(self, f"dead_{path[2].decode()}"), path[1],
+                              "job id")
+        path_text = quoted(request.path.decode("utf-8", "replace"))
+        raise ApiError(404, "not_found", f"no such API path: {path_text} (GET /api/ lists them)")
+
+    def _get(self, request, handler, segment: Optional[bytes] = None, what: str = "") -> bytes:
+        if request.method not in _GET:
+            raise ApiError(405, "method_not_allowed", "use GET here",
+                           ((b"Allow", b"GET, HEAD"),))
+        if segment is None:
+            return self._json(handler(request))
+        return self._json(handler(request, _name(segment, what)))
+
+    def _post(self, request, handler, segment: Optional[bytes] = None, what: str = "") -> bytes:
+        if request.method != b"POST":
+            raise ApiError(405, "method_not_allowed", "use POST here", ((b"Allow", b"POST"),))
+        self._authorize(request)
+        if segment is None:
+            return self._json(handler(request))
+        return self._json(handler(request, _name(segment, what)))
+
+    @staticmethod
+    def _json(value) -> bytes:
+        if isinstance(value, bytes):
+            return value + b"\n"
+        return wire.encode_value(value) + b"\n"
+
+    def _authorize(self, request) -> None:
+        """Let a POST through only with the admin credential.
+
+        :raises ApiError: 403 without any credential configured or with a
+            wrong token, 401 without the Authorization header.
+        """
+        if self.mtls and _peer_certificate(request) is not None:
+            return  # the handshake verified it against the endpoint's caCerts
+        if self.admin_token is None:
+            raise ApiError(403, "forbidden", READ_ONLY if not self.mtls else
+                           "this request presented no client certificate")
+        header = request.getHeader(b"authorization")
+        if not header or not header[:7].lower() == b"bearer ":
+            raise ApiError(401, "unauthorized",
+                           "this action needs the header Authorization: Bearer <admin token>",
+                           ((b"WWW-Authenticate", b'Bearer realm="gloom"'),))
+        if not hmac.compare_digest(header[7:].strip(), self.admin_token):
+            raise ApiError(403, "forbidden", "the bearer token is not the admin token",
+                           ((b"WWW-Authenticate", b'Bearer realm="gloom", error="invalid_token"'),))
+
+    def _who(self, request) -> str:
+        return address_name(request.getClientAddress())
+
+    # --- reads --------------------------------------------------------------
+
+    def get_index(self, request) -> dict:
+        """GET /api/: the endpoints, and whether actions are allowed."""
+        if self.mtls and _peer_certificate(request) is not None:
+            actions, why = True, "this request presented a verified client certificate"
+        elif self.admin_token is not None:
+            actions, why = True, ("actions (POST) need the header Authorization: Bearer <token>, "
+                                  "the token in the daemon's --admin-token-file")
+        elif self.mtls:
+            actions, why = False, "this request presented no client certificate"
+        else:
+            actions, why = False, READ_ONLY
+        return {"endpoints": list(API_ENDPOINTS), "actions": actions, "why": why}
+
+    def get_types(self, request) -> dict:
+        """GET /api/types[?limit=N]: every type, the busiest first."""
+        limit = _count(request, "limit", None, 0, 2**31)
+        scheduler = self.service.scheduler
+        types = scheduler.types()
+        ordered = sorted(types.items(), key=lambda item: -(item[1]["queued"] + item[1]["running"]))
+        omitted = 0
+        if limit is not None and len(ordered) > limit:
+            omitted = len(ordered) - limit
+            ordered = ordered[:limit]
+        figures = self.series.type_figures() if self.series is not None else None
+        if figures is not None:
+            for name, counts in ordered:
+                rates = figures.get(name)
+                counts.update(rates if rates is not None else
+                              {"answered_per_s": 0.0, "failed_per_s": 0.0,
+                               "p50_ms": None, "p99_ms": None})
+        return {"types": dict(ordered), "types_omitted": omitted,
+                "paused": sorted(scheduler.paused), "draining": scheduler.draining}
+
+    def get_connections(self, request) -> dict:
+        """GET /api/connections: masters and slaves, at most `MAX_LISTED` of each."""
+        factories = self.service.factories
+        masters = [c for f in factories[:1] + factories[2:] for c in f.connections]
+        slaves = list(factories[1].connections)
+        now = self.service.reactor.seconds()
+        masters.sort(key=lambda c: c.peer)
+        slaves.sort(key=lambda c: c.peer)
+        listed_masters = [{"peer": c.peer, "tls": tls_subject(c.transport),
+                           "unfinished": len(c._unfinished)} for c in masters[:MAX_LISTED]]
+        listed_slaves = []
+        for c in slaves[:MAX_LISTED]:
+            job = c.job
+            listed_slaves.append({
+                "peer": c.peer, "tls": tls_subject(c.transport), "type": c.job_type,
+                "state": c.state.value, "job": job.id if job is not None else None,
+                "held_s": round(now - c.held_since, 3)
+                if job is not None and c.held_since is not None else None})
+        return {"masters": listed_masters, "masters_omitted": max(0, len(masters) - MAX_LISTED),
+                "slaves": listed_slaves, "slaves_omitted": max(0, len(slaves) - MAX_LISTED)}
+
+    def get_series(self, request) -> dict:
+        """GET /api/series: the per-second counts of the last minutes."""
+        if self.series is not None:
+            return self.series.snapshot()
+        return {"interval": 1, "end": self.service.reactor.seconds(),
+                **{name: [] for name in _EMPTY_SERIES}}
+
+    def get_job(self, request, job_id: str) -> bytes:
+        """GET /api/jobs/<id>: a detached job's status, else the first
+        master's unfinished job with that id."""
+        from gloom.detached import describe
+
+        status = self.service.detached.status(job_id)
+        if status is not None:
+            return wire.status(job_id, status)
+        factories = self.service.factories
+        for factory in factories[:1] + factories[2:]:
+            for connection in factory.connections:
+                job = connection._unfinished.get(job_id)
+                if job is not None:
+                    status = describe(job, detached=False)
+                    status["master"] = connection.peer
+                    return wire.status(job_id, status)
+        raise ApiError(404, "unknown_job",
+                       f"no detached job and no master's unfinished job has id {quoted(job_id)}")
+
+    def get_dead(self, request) -> dict:
+        """GET /api/dead[?offset=&limit=]: a page of the dead list, oldest first."""
+        offset = _count(request, "offset", 0, 0, 2**31)
+        limit = _count(request, "limit", 100, 1, wire.MAX_PAGE)
+        total, page = self.service.detached.dead_page(offset, limit)
+        return {"total": total, "offset": offset, "dead": page}
+
+    # --- actions ------------------------------------------------------------
+
+    def pause(self, request, job_type: str) -> bytes:
+        """POST /api/types/<type>/pause."""
+        self.service.scheduler.pause(sys.intern(job_type))
+        self.log.info("HTTP admin {peer} paused type {type}", peer=self._who(request),
+                      type=quoted(job_type))
+        return wire.OK
+
+    def resume(self, request, job_type: str) -> bytes:
+        """POST /api/types/<type>/resume."""
+        self.service.scheduler.resume(job_type)
+        self.log.info("HTTP admin {peer} resumed type {type}", peer=self._who(request),
+                      type=quoted(job_type))
+        return wire.OK
+
+    def clear(self, request, job_type: str) -> dict:
+        """POST /api/types/<type>/clear: end its queued and delayed jobs."""
+        cleared = self.service.scheduler.clear(job_type)
+        self.log.info("HTTP admin {peer} cleared type {type}: {count} jobs",
+                      peer=self._who(request), type=quoted(job_type), count=cleared)
+        return {"ok": True, "cleared": cleared}
+
+    def cancel(self, request, job_id: str) -> dict:
+        """POST /api/jobs/<id>/cancel: withdraw a detached job (a master's
+        own jobs are its to cancel)."""
+        if not self.service.detached.cancel(job_id):
+            raise ApiError(404, "unknown_job", f"no detached job has id {quoted(job_id)} (the API "
+                           "cancels detached jobs only; a master cancels its own)")
+        self.log.info("HTTP admin {peer} cancelled detached job {id}", peer=self._who(request),
+                      id=quoted(job_id))
+        return {"ok": True, "id": job_id}
+
+    def dead_retry(self, request, job_id: str) -> dict:
+        """POST /api/dead/<id>/retry: queue a dead job again."""
+        service = self.service
+        detached = service.detached
+        if job_id in detached.dead:
+            if service.scheduler.draining:
+                raise ApiError(409, "shutdown", DRAINING)
+            most = service.factories[0].max_detached
+            if len(detached.live) + len(detached.pending) >= most:
+                raise ApiError(409, "queue_full", f"the daemon already holds {most} detached jobs")
+        try:
+            found = detached.retry_dead(job_id)
+        except ShuttingDown as e:
+            raise ApiError(409, "shutdown", str(e)) from None
+        if not found:
+            raise ApiError(404, "unknown_job", f"no dead job has id {quoted(job_id)}")
+        self.log.info("HTTP admin {peer} retried dead job {id}", peer=self._who(request),
+                      id=quoted(job_id))
+        return {"ok": True, "id": job_id}
+
+    def dead_discard(self, request, job_id: str) -> dict:
+        """POST /api/dead/<id>/discard: forget a dead job."""
+        if not self.service.detached.discard_dead(job_id):
+            raise ApiError(404, "unknown_job", f"no dead job has id {quoted(job_id)}")
+        self.log.info("HTTP admin {peer} discarded dead job {id}", peer=self._who(request),
+                      id=quoted(job_id))
+        return {"ok": True, "id": job_id}
+
+    def drain(self, request) -> bytes:
+        """POST /api/drain: as the drain action (GloomService.drain)."""
+        self.log.info("HTTP admin {peer} asked the daemon to drain", peer=self._who(request))
+        self.service.drain()
+        return wire.OK
+
+
 def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
-              registry: CollectorRegistry) -> Site:
-    """The HTTP site: /status (JSON) and /metrics (Prometheus).
+              registry: CollectorRegistry, service: Any = None, series: Any = None,
+              admin_token: Optional[bytes] = None, mtls: bool = False) -> Site:
+    """The HTTP site: /status (JSON), /metrics (Prometheus) and, given the
+    daemon, the JSON API under /api/ (`Api`).
 
     :param stats: returns the daemon's figures (``GloomService.stats``);
         called with no argument for /status and with ``types_limit=None``
@@ -195,6 +649,13 @@ def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
         already, which is how /metrics shows it.
     :param registry: the Prometheus registry /metrics renders; the figures
         of ``stats`` are added to it.
+    :param service: the daemon (``gloom.tap.GloomService``); without it
+        there is no /api/.
+    :param series: the daemon's time series for /api/series and the
+        per-type rates, or None.
+    :param admin_token: the bearer token that allows the API's actions, or None.
+    :param mtls: whether the site listens on an ``mtls:`` endpoint, where a
+        client's verified certificate allows the API's actions.
     :returns: a site with no per-request access log.
     """
 
@@ -208,6 +669,8 @@ def make_site(stats: Callable[[], dict], latency: LatencyHistogram,
     root = _Root()
     root.putChild(b"status", _Page("application/json", status))
     root.putChild(b"metrics", _Page(CONTENT_TYPE_LATEST, metrics))
+    if service is not None:
+        root.putChild(b"api", Api(service, series, admin_token, mtls))
     site = _QuietSite(root)
     site.noisy = False
     return site

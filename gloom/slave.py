@@ -57,6 +57,9 @@ class SlaveProtocol(GloomProtocol):
         self.state = NEW
         self.job_type: Optional[str] = None
         self.job: Optional[ScheduledJob] = None
+        self.held_since: Optional[float] = None
+        """The clock's time when the job held now (or last) was handed over
+        (for the HTTP API's ``held_s``)."""
         self.wants_work = False
 
     def do_join(self, message: wire.Message) -> None:
@@ -201,6 +204,7 @@ class SlaveProtocol(GloomProtocol):
         """The scheduler hands this slave its job: send it."""
         self.state = BUSY
         self.job = job
+        self.held_since = self.factory.clock.seconds()
         self.sendString(job.body)
 
     def closing(self) -> None:

@@ -176,8 +176,12 @@ class Options(usage.Options):
          "of the daemon (full or normal)",
          _journal_sync],
         ["http", None, None,
-         "Endpoint serving /status (JSON) and /metrics (Prometheus), "
+         "Endpoint serving /status (JSON), /metrics (Prometheus) and the JSON API under /api/, "
          "e.g. tcp:9997:interface=127.0.0.1 [default: off]"],
+        ["admin-token-file", None, None,
+         "File holding the bearer token (at least 16 characters) that allows the actions "
+         "(POSTs) of the HTTP API under /api/ [default: none, read-only unless the http "
+         "endpoint is mtls:]"],
         ["admin-endpoint", None, None,
          "Another endpoint for masters, on which the administrative actions are always "
          "allowed, e.g. unix:/run/gloom/admin.sock or an mtls: endpoint [default: off]"],
@@ -193,6 +197,10 @@ class Options(usage.Options):
 
         if self["journal"] is not None and not self["journal"].strip():
             raise usage.UsageError("--journal needs the path of a file")
+        if self["admin-token-file"] is not None and not self["admin-token-file"].strip():
+            raise usage.UsageError("--admin-token-file needs the path of a file")
+        if self["admin-token-file"] is not None and self["http"] is None:
+            raise usage.UsageError("--admin-token-file is for the --http API: give --http too")
 
         for role in ("master", "slave", "http", "admin-endpoint"):
             if self[role] is None:
@@ -322,6 +330,9 @@ class GloomService(MultiService):
         self.stop_reactor: Callable[[], None] = getattr(reactor, "stop", lambda: None)
         """How the daemon ends itself once drained (the reactor's ``stop``)."""
         self._previous_usr1 = None
+        self.series = None
+        """The time series of the --http API (a `gloom.series.Series`), started
+        and stopped with the daemon; None without --http."""
         scheduler.setServiceParent(self)
         for factory in factories[:1] + factories[2:]:
             factory.drain = self.drain
@@ -362,10 +373,14 @@ class GloomService(MultiService):
     def startService(self) -> None:
         """Start, and drain on SIGUSR1 (when started in the main thread)."""
         MultiService.startService(self)
+        if self.series is not None:
+            self.series.start()
         if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             self._previous_usr1 = signal.signal(signal.SIGUSR1, self._usr1)
 
     def stopService(self):
+        if self.series is not None:
+            self.series.stop()
         stopped = MultiService.stopService(self)
         stopped.addCallback(self._settle_journal)
         stopped.addCallback(lambda _: self._close_connections())
@@ -464,11 +479,43 @@ def _detached_jobs(config, scheduler: Scheduler, reactor) -> detached_jobs.Detac
     return detached
 
 
+MIN_ADMIN_TOKEN = 16
+"""Fewest characters of the admin token (``--admin-token-file``)."""
+
+
+def admin_token(path: str) -> bytes:
+    """The admin token in the file ``path``, surrounding whitespace stripped.
+
+    :param path: the ``--admin-token-file``.
+    :raises SystemExit: with one line, if the file cannot be read, or its
+        token is empty or shorter than `MIN_ADMIN_TOKEN` characters.
+    """
+    try:
+        with open(path, "rb") as f:
+            token = f.read(64 * 1024 + 1).strip()
+    except OSError as e:
+        raise SystemExit(f"gloom: cannot read --admin-token-file {path}: "
+                         f"{e.strerror or e}") from None
+    if not token:
+        raise SystemExit(f"gloom: --admin-token-file {path} is empty: put a token of at least "
+                         f"{MIN_ADMIN_TOKEN} characters in it")
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise SystemExit(f"gloom: the token in --admin-token-file {path} is {len(token)} "
+                         f"characters long; it needs at least {MIN_ADMIN_TOKEN}")
+    if len(token) > 64 * 1024 or any(byte < 0x21 or byte > 0x7e for byte in token):
+        raise SystemExit(f"gloom: the token in --admin-token-file {path} must be one line of "
+                         "printable ASCII without spaces, at most 65536 characters")
+    return token
+
+
 def makeService(config, reactor: Optional[object] = None) -> GloomService:
     """Build the daemon from parsed `Options` (or any mapping with its keys;
     the keys added after the first release are optional)."""
     if reactor is None:
         from twisted.internet import reactor
+    token = None
+    if config.get("admin-token-file"):
+        token = admin_token(config["admin-token-file"])
     scheduler = Scheduler(max_retries=config["retries"], clock=reactor,
                           default_timeout=config.get("job-timeout"),
                           backoff=config.get("retry-backoff") or DEFAULT_BACKOFF,
@@ -500,12 +547,27 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
         from prometheus_client import CollectorRegistry
 
         from gloom.http import LatencyHistogram, make_site
+        from gloom.series import Series
 
         registry = CollectorRegistry()
         latency = LatencyHistogram(registry)
-        scheduler.on_answer = latency.observe
-        scheduler.on_type_unused = latency.forget
-        listeners.append(("http", make_site(root.stats, latency, registry)))
+        series = root.series = Series(reactor, scheduler)
+
+        def answered(job_type: str, seconds: float) -> None:
+            latency.observe(job_type, seconds)
+            series.observe(job_type, seconds)
+
+        def unused(job_type: str) -> None:
+            latency.forget(job_type)
+            series.forget(job_type)
+
+        scheduler.on_answer = answered
+        scheduler.on_failure = series.failed
+        scheduler.on_type_unused = unused
+        site = make_site(root.stats, latency, registry, service=root, series=series,
+                         admin_token=token,
+                         mtls=config["http"].strip().lower().startswith("mtls:"))
+        listeners.append(("http", site))
     for role, factory in listeners:
         endpoint = endpoints.serverFromString(reactor, config[role])
         ListenService(role, config[role], endpoint, factory, reactor).setServiceParent(root)

@@ -2,18 +2,17 @@
 last 15 minutes, and per type the recent answer and failure rates and
 latencies.
 
-Nothing here runs per job beyond what the scheduler's ``on_answer`` and
-``on_failure`` hooks already cost (a counter and a slot in a ring of
-floats): the graphs are made by sampling the scheduler's running totals
-once a second, so their memory is bounded by the window, whatever the
-load.
+Nothing here runs per job: the graphs are made by sampling the
+scheduler's running totals once a second, and the per-type rates and
+latencies by sampling the latency histogram ``/metrics`` keeps anyway
+(its counts per bucket, ten seconds apart); only a failed job costs a
+counter.  Memory is bounded by the window, whatever the load.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from twisted.internet.task import LoopingCall
 
@@ -23,88 +22,52 @@ DEFAULT_SECONDS = 900
 RATE_SECONDS = 10
 """Over how many seconds a type's answer and failure rates are averaged."""
 
-LATENCY_SAMPLES = 512
-"""How many of a type's latest answers its latency percentiles are read from."""
-
-
-class _TypeFigures:
-    """One type's running counts and its latest latencies, in a ring."""
-
-    __slots__ = ("answered", "failed", "latencies", "next", "filled")
-
-    def __init__(self) -> None:
-        self.answered = 0
-        self.failed = 0
-        self.latencies = array("d", bytes(8 * LATENCY_SAMPLES))
-        self.next = 0
-        self.filled = 0
-
-    def observe(self, seconds: float) -> None:
-        self.answered += 1
-        self.latencies[self.next] = seconds
-        self.next = (self.next + 1) % LATENCY_SAMPLES
-        if self.filled < LATENCY_SAMPLES:
-            self.filled += 1
-
-    def percentiles(self) -> Dict[str, Optional[float]]:
-        if not self.filled:
-            return {"p50_ms": None, "p99_ms": None}
-        ordered = sorted(self.latencies[:self.filled])
-        last = len(ordered) - 1
-        return {"p50_ms": round(ordered[int(last * 0.50)] * 1000, 3),
-                "p99_ms": round(ordered[int(last * 0.99)] * 1000, 3)}
 
 
 class Series:
     """Samples a scheduler once a second into rings of per-second counts
     (answered, failed, submitted, and the queue depth at that moment), and
-    keeps per type the counts and latencies its rates and percentiles are
-    read from.
+    per type the latency histogram's counts, from which its rates and
+    percentiles are read.
 
-    Wire `observe`, `failed` and `forget` to the scheduler's
-    ``on_answer``, ``on_failure`` and ``on_type_unused`` hooks (the daemon
-    does), then `start` it.
+    Wire `failed` and `forget` to the scheduler's ``on_failure`` and
+    ``on_type_unused`` hooks (the daemon does), then `start` it.
     """
 
-    def __init__(self, clock: Any, scheduler: Any, seconds: int = DEFAULT_SECONDS):
+    def __init__(self, clock: Any, scheduler: Any, latency: Any = None,
+                 seconds: int = DEFAULT_SECONDS):
         """
         :param clock: what samples are timed and scheduled with (the reactor).
         :param scheduler: the daemon's `gloom.scheduler.Scheduler`.
+        :param latency: the daemon's `gloom.http.LatencyHistogram` (fed by
+            the scheduler's ``on_answer``), or None for no per-type figures
+            but failures.
         :param seconds: how many one-second samples are kept.
         """
         self.clock = clock
         self.scheduler = scheduler
+        self.latency = latency
         self.answered: Deque[int] = deque(maxlen=seconds)
         self.failed_counts: Deque[int] = deque(maxlen=seconds)
         self.submitted: Deque[int] = deque(maxlen=seconds)
         self.depth: Deque[int] = deque(maxlen=seconds)
         self.end: Optional[float] = None
         self._last: Optional[tuple] = None
-        self._types: Dict[str, _TypeFigures] = {}
-        # Each second's running counts per type, for the rates.
+        self._failed: Dict[str, int] = {}
+        # Each second's running counts per type: (answered, failed, buckets).
         self._history: Deque[tuple] = deque(maxlen=RATE_SECONDS + 1)
         self._loop = LoopingCall(self.sample)
         self._loop.clock = clock
 
     # --- the scheduler's hooks --------------------------------------------
 
-    def observe(self, job_type: str, seconds: float) -> None:
-        """A job of ``job_type`` was answered, ``seconds`` after its submit."""
-        figures = self._types.get(job_type)
-        if figures is None:
-            figures = self._types[job_type] = _TypeFigures()
-        figures.observe(seconds)
-
     def failed(self, job_type: str) -> None:
         """A job of ``job_type`` ended failed."""
-        figures = self._types.get(job_type)
-        if figures is None:
-            figures = self._types[job_type] = _TypeFigures()
-        figures.failed += 1
+        self._failed[job_type] = self._failed.get(job_type, 0) + 1
 
     def forget(self, job_type: str) -> None:
         """The type has no jobs and no slaves left: drop its figures."""
-        self._types.pop(job_type, None)
+        self._failed.pop(job_type, None)
 
     # --- sampling -----------------------------------------------------------
 
@@ -133,8 +96,25 @@ class Series:
         self.depth.append(self.scheduler.queued_total())
         self._last = now
         self.end = self.clock.seconds()
-        self._history.append((self.end, {name: (figures.answered, figures.failed)
-                                         for name, figures in self._types.items()}))
+        answered = self._histogram()
+        failed = self._failed
+        self._history.append((self.end, {
+            name: (count, failed.get(name, 0), buckets)
+            for name, (count, buckets) in answered.items()} | {
+            name: (0, count, ()) for name, count in failed.items() if name not in answered}))
+
+    def _histogram(self) -> Dict[str, Tuple[int, Tuple[Tuple[float, float], ...]]]:
+        """Per type: answers counted, and the cumulative count per bucket
+        as ``(upper bound, count)`` pairs."""
+        if self.latency is None:
+            return {}
+        found: Dict[str, list] = {}
+        for family in self.latency.histogram.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    found.setdefault(sample.labels["type"], []).append(
+                        (float(sample.labels["le"]), sample.value))
+        return {name: (int(buckets[-1][1]), tuple(buckets)) for name, buckets in found.items()}
 
     # --- reading ------------------------------------------------------------
 
@@ -146,21 +126,40 @@ class Series:
                 "depth": list(self.depth)}
 
     def type_figures(self) -> Dict[str, Dict[str, Optional[float]]]:
-        """Per type seen lately: answers and failures per second (over the
-        last `RATE_SECONDS` seconds sampled) and the latency percentiles of
-        its latest `LATENCY_SAMPLES` answers, in milliseconds."""
-        rates: Dict[str, List[float]] = {}
-        if len(self._history) >= 2:
-            (first_at, first), (last_at, last) = self._history[0], self._history[-1]
-            span = last_at - first_at
-            if span > 0:
-                for name, (answered, failed) in last.items():
-                    was = first.get(name, (0, 0))
-                    rates[name] = [round((answered - was[0]) / span, 3),
-                                   round((failed - was[1]) / span, 3)]
-        figures = {}
-        for name, kept in self._types.items():
-            answered, failed = rates.get(name, (0.0, 0.0))
-            figures[name] = {"answered_per_s": answered, "failed_per_s": failed,
-                             **kept.percentiles()}
+        """Per type seen lately: answers and failures per second and the
+        latency percentiles (in milliseconds, read from the histogram's
+        buckets) of its answers, over the last `RATE_SECONDS` seconds
+        sampled; percentiles are None for a type with no answer then."""
+        figures: Dict[str, Dict[str, Optional[float]]] = {}
+        if len(self._history) < 2:
+            return figures
+        (first_at, first), (last_at, last) = self._history[0], self._history[-1]
+        span = last_at - first_at
+        for name, (answered, failed, buckets) in last.items():
+            was = first.get(name, (0, 0, ()))
+            before = dict(was[2])
+            recent = [(bound, count - before.get(bound, 0)) for bound, count in buckets]
+            figures[name] = {"answered_per_s": round((answered - was[0]) / span, 3),
+                             "failed_per_s": round((failed - was[1]) / span, 3),
+                             "p50_ms": _percentile(recent, 0.50),
+                             "p99_ms": _percentile(recent, 0.99)}
         return figures
+
+
+def _percentile(buckets: List[Tuple[float, float]], fraction: float) -> Optional[float]:
+    """The latency below which ``fraction`` of the answers fell, in
+    milliseconds, from cumulative ``(upper bound, count)`` buckets:
+    interpolated within the bucket it falls in (the open last bucket
+    gives its lower bound)."""
+    if not buckets or not buckets[-1][1]:
+        return None
+    wanted = fraction * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= wanted:
+            if bound == float("inf"):
+                return round(lower * 1000, 3)
+            share = (wanted - below) / (count - below) if count > below else 1.0
+            return round((lower + (bound - lower) * share) * 1000, 3)
+        lower, below = bound, count
+    return round(lower * 1000, 3)

@@ -4,8 +4,11 @@
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from prometheus_client import CollectorRegistry
+
+from gloom.http import LatencyHistogram
 from gloom.scheduler import Scheduler
-from gloom.series import LATENCY_SAMPLES, RATE_SECONDS, Series
+from gloom.series import RATE_SECONDS, Series
 from tests.test_scheduler import Answer
 
 
@@ -23,10 +26,16 @@ class SeriesTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.scheduler = Scheduler(clock=self.clock, max_retries=0)
-        self.series = Series(self.clock, self.scheduler, seconds=5)
-        self.scheduler.on_answer = self.series.observe
+        self.latency = LatencyHistogram(CollectorRegistry())
+        self.series = Series(self.clock, self.scheduler, self.latency, seconds=5)
+        self.scheduler.on_answer = self.latency.observe
         self.scheduler.on_failure = self.series.failed
-        self.scheduler.on_type_unused = self.series.forget
+
+        def unused(job_type):
+            self.latency.forget(job_type)
+            self.series.forget(job_type)
+
+        self.scheduler.on_type_unused = unused
         self.series.start()
         self.addCleanup(self.series.stop)
         self.slave = Slave()
@@ -80,24 +89,34 @@ class SeriesTests(SynchronousTestCase):
             self.clock.advance(1)  # idle: the rate decays to nothing
         self.assertEqual(self.series.type_figures()["t"]["answered_per_s"], 0.0)
 
-    def test_latency_percentiles_of_the_latest_answers(self):
+    def test_latency_percentiles_from_the_histogram_buckets(self):
+        self.clock.advance(1)  # the first sample
         for n in range(100):
             self.submit(1)
-            self.clock.advance(0.001 * (n + 1))  # 1 ms .. 100 ms in the queue
+            self.clock.advance(0.0001 * (n + 1))  # 0.1 ms .. 10 ms in the queue
             self.answer(1)
+        self.clock.advance(1)
         figures = self.series.type_figures()["t"]
-        self.assertTrue(49 <= figures["p50_ms"] <= 51, figures)
-        self.assertTrue(98 <= figures["p99_ms"] <= 100, figures)
+        # Interpolated within the histogram's buckets (1, 2.5, 5, 10 ms ...).
+        self.assertTrue(2.5 <= figures["p50_ms"] <= 5, figures)
+        self.assertTrue(5 <= figures["p99_ms"] <= 10, figures)
 
-    def test_the_latency_ring_keeps_only_the_latest(self):
-        for _ in range(LATENCY_SAMPLES):
+    def test_percentiles_are_of_the_recent_answers(self):
+        self.clock.advance(1)
+        for _ in range(50):
             self.submit(1)
-            self.clock.advance(1)
+            self.clock.advance(0.2)  # slow answers first
             self.answer(1)
-        for _ in range(LATENCY_SAMPLES):
+        for _ in range(RATE_SECONDS + 1):
+            self.clock.advance(1)
+        for _ in range(50):
             self.submit(1)
-            self.answer(1)  # at once
-        self.assertEqual(self.series.type_figures()["t"]["p99_ms"], 0.0)
+            self.answer(1)  # then instant ones
+        self.clock.advance(1)
+        self.assertLessEqual(self.series.type_figures()["t"]["p99_ms"], 1.0)
+        for _ in range(RATE_SECONDS + 1):
+            self.clock.advance(1)
+        self.assertIsNone(self.series.type_figures()["t"]["p50_ms"])  # none answered lately
 
     def test_failures_by_type(self):
         other = Slave()
@@ -106,7 +125,7 @@ class SeriesTests(SynchronousTestCase):
         self.scheduler.want_job(other)
         self.scheduler.fail(other, other.jobs.pop(), "no")
         self.clock.advance(1)  # the first sample: a rate needs two
-        self.assertEqual(self.series.type_figures()["u"]["failed_per_s"], 0.0)
+        self.assertEqual(self.series.type_figures(), {})
         self.submit(2, "u")
         for _ in range(2):
             self.scheduler.want_job(other)
@@ -121,9 +140,12 @@ class SeriesTests(SynchronousTestCase):
         self.scheduler.join(other, "u")
         self.submit(1, "u")
         self.scheduler.want_job(other)
-        self.scheduler.complete(other, other.jobs.pop(), None)
+        self.scheduler.fail(other, other.jobs.pop(), "no")
+        self.clock.advance(1)
+        self.clock.advance(1)
         self.assertIn("u", self.series.type_figures())
         self.scheduler.leave(other)
+        self.clock.advance(1)
         self.assertNotIn("u", self.series.type_figures())
 
     def test_nothing_sampled_before_start(self):

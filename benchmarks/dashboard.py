@@ -186,7 +186,7 @@ def flow(daemon: Daemon, jobs: int) -> float:
     return json.loads(result.stdout)["jobs_per_s"]
 
 
-PAGE_POLL = ("/status", "/api/types", "/api/series")
+PAGE_POLL = ("/api/totals", "/api/types?limit=100", "/api/series")
 """What an open dashboard asks for every second..."""
 PAGE_SLOW_POLL = ("/api/connections", "/api/dead?limit=100")
 """...and every fifth second besides (see gloom/dashboard/dashboard.js)."""

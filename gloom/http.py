@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from typing import Any, Callable, Optional, Set, Tuple
-from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,7 +18,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from gloom import wire
 from gloom.master import DRAINING
@@ -247,8 +246,50 @@ class _Root(Resource):
         return self.files[b""].render_HEAD(request)
 
 
+MAX_BODY = 64 * 1024
+"""The largest request body the HTTP endpoint reads: none of its requests
+needs one, and a bigger one is refused before it is read."""
+
+
+class _SmallRequest(Request):
+    """A request whose body may not be bigger than `MAX_BODY`: a bigger one
+    is answered 413 and the connection closed, before the body is read
+    (Twisted would otherwise spool it to a temporary file first)."""
+
+    _body_bytes = 0
+    _refused = False
+
+    def gotLength(self, length):
+        if length is not None and length > MAX_BODY:
+            super().gotLength(0)
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        body = wire.encode_value({"error": "too_large",
+                                  "reason": f"a request body may be at most {MAX_BODY} bytes"})
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        transport.loseConnection()
+
+
 class _QuietSite(Site):
-    """No access log line per request: scrapes come every few seconds."""
+    """No access log line per request: scrapes come every few seconds.
+    Request bodies are limited to `MAX_BODY` bytes."""
+
+    requestFactory = _SmallRequest
 
     def log(self, request):
         pass
@@ -262,7 +303,7 @@ MAX_LISTED = 1000
 """Most masters, and most slaves, /api/connections lists."""
 
 API_ENDPOINTS = (
-    "GET /api/", "GET /api/types", "GET /api/connections", "GET /api/series",
+    "GET /api/", "GET /api/totals", "GET /api/types", "GET /api/connections", "GET /api/series",
     "GET /api/jobs/<id>", "GET /api/dead", "POST /api/types/<type>/pause",
     "POST /api/types/<type>/resume", "POST /api/types/<type>/clear",
     "POST /api/jobs/<id>/cancel", "POST /api/dead/<id>/retry", "POST /api/dead/<id>/discard",
@@ -320,13 +361,28 @@ def tls_subject(transport) -> Optional[str]:
         return None
 
 
+def _same_site(request) -> bool:
+    """Whether a request is not a browser's on behalf of another web site:
+    a client certificate is sent by the browser whatever page asks, so an
+    action must not come from another origin (``Sec-Fetch-Site``,
+    ``Origin``).  Clients that are not browsers send neither header."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None and fetch_site not in (b"same-origin", b"none"):
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"host")
+    return host is not None and origin.split(b"://", 1)[-1] == host
+
+
 def _name(segment: bytes, what: str) -> str:
     """A path segment as a job id or type: URL-decoded UTF-8, 1 to
     `wire.MAX_NAME_BYTES` bytes.
 
     :raises ApiError: 400, if it is not.
     """
-    raw = unquote_to_bytes(segment)
+    raw = segment  # Twisted has URL-decoded each segment of the path already
     if not raw:
         raise ApiError(400, "bad_request", f"the {what} is empty")
     if len(raw) > wire.MAX_NAME_BYTES:
@@ -405,6 +461,7 @@ class Api(Resource):
                                       "reason": "the daemon failed to answer; see its log"}) + b"\n"
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
         if head:
             request.setHeader(b"Content-Length", b"%d" % len(body))
             return b""
@@ -418,7 +475,7 @@ class Api(Resource):
         first = path[0] if path else b""
         if count <= 1 and first == b"":
             return self._get(request, self.get_index)
-        if count == 1 and first in (b"types", b"connections", b"series", b"dead"):
+        if count == 1 and first in (b"totals", b"types", b"connections", b"series", b"dead"):
             return self._get(request, getattr(self, f"get_{first.decode()}"))
         if count == 2 and first == b"jobs":
             return self._get(request, self.get_job, path[1], "job id")
@@ -462,6 +519,10 @@ class Api(Resource):
         :raises ApiError: 403 without any credential configured or with a
             wrong token, 401 without the Authorization header.
         """
+        if not _same_site(request):
+            raise ApiError(403, "forbidden", "a request from another web site is refused")
+        if len(request.requestHeaders.getRawHeaders(b"authorization", [])) > 1:
+            raise ApiError(400, "bad_request", "more than one Authorization header")
         if self.mtls and _peer_certificate(request) is not None:
             return  # the handshake verified it against the endpoint's caCerts
         if self.admin_token is None:
@@ -492,18 +553,27 @@ class Api(Resource):
             actions, why = False, "this request presented no client certificate"
         else:
             actions, why = False, READ_ONLY
-        return {"endpoints": list(API_ENDPOINTS), "actions": actions, "why": why}
+        needs_token = actions and not (self.mtls and _peer_certificate(request) is not None)
+        return {"endpoints": list(API_ENDPOINTS), "actions": actions, "why": why,
+                "needs_token": needs_token}
+
+    def get_totals(self, request) -> dict:
+        """GET /api/totals: the daemon's figures as /status gives them,
+        without the per-type table (a dashboard's poll, cheap however many
+        types there are)."""
+        figures = self.service.stats(types_limit=0)
+        figures.pop("types", None)
+        figures.pop("types_omitted", None)
+        return figures
 
     def get_types(self, request) -> dict:
         """GET /api/types[?limit=N]: every type, the busiest first."""
         limit = _count(request, "limit", None, 0, 2**31)
         scheduler = self.service.scheduler
-        types = scheduler.types()
+        names = scheduler.type_names()
+        types = scheduler.types(limit, names)  # the busiest, in O(types log limit)
         ordered = sorted(types.items(), key=lambda item: -(item[1]["queued"] + item[1]["running"]))
-        omitted = 0
-        if limit is not None and len(ordered) > limit:
-            omitted = len(ordered) - limit
-            ordered = ordered[:limit]
+        omitted = len(names) - len(types)
         figures = self.series.type_figures() if self.series is not None else None
         if figures is not None:
             for name, counts in ordered:

@@ -5,11 +5,13 @@ read, every action, and the admin credential (``--admin-token-file``, or an
 import json
 import os
 import shutil
+import socket
 import tempfile
 from urllib.parse import quote
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -64,9 +66,11 @@ class ApiTestCase(DaemonTestCase):
         return f"http://127.0.0.1:{self.port('http')}{path}".encode()
 
     @inlineCallbacks
-    def request(self, path, method="GET", token=None, authorization=None):
+    def request(self, path, method="GET", token=None, authorization=None, extra=()):
         """Send a request; return (code, headers, the decoded JSON body)."""
         headers = Headers()
+        for name, value in extra:
+            headers.addRawHeader(name, value)
         if token is not None:
             headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
         if authorization is not None:
@@ -79,6 +83,7 @@ class ApiTestCase(DaemonTestCase):
         return response.code, response.headers, json.loads(body) if body else None
 
     def post(self, path, token=None, **kwargs):
+        """POST ``path`` (with the bearer ``token``, if given)."""
         return self.request(path, "POST", token, **kwargs)
 
     @inlineCallbacks
@@ -370,6 +375,62 @@ class TokenTests(ApiTestCase):
         stats = self.service.stats()
         self.assertEqual((stats["paused"], stats["draining"], stats["types"]["t"]["queued"]),
                          ([], False, 1))
+
+    @inlineCallbacks
+    def test_ids_are_url_decoded_once(self):
+        """The page encodes an id once: ``a%20b`` is that id, not ``a b``."""
+        yield self.dead_jobs("a b", "a%20b")
+        code, _, body = yield self.post("/api/dead/a%2520b/discard", TOKEN)
+        self.assertEqual((code, body), (200, {"ok": True, "id": "a%20b"}))
+        self.assertEqual(list(self.service.detached.dead), ["a b"])
+        code, _, body = yield self.request("/api/jobs/a%20b")
+        self.assertEqual((code, body["state"]), (200, "dead"))
+
+    @inlineCallbacks
+    def test_cross_site_posts_are_refused(self):
+        port = self.port("http")
+        for extra in (((b"Origin", b"http://evil.example"),),
+                      ((b"Sec-Fetch-Site", b"cross-site"),),
+                      ((b"Origin", b"null"),)):
+            code, _, body = yield self.post("/api/types/t/pause", TOKEN, extra=extra)
+            self.assertEqual((code, body["error"]), (403, "forbidden"), extra)
+            self.assertIn("another web site", body["reason"])
+        self.assertEqual(self.service.scheduler.paused, set())
+        same = ((b"Origin", f"http://127.0.0.1:{port}".encode()), (b"Sec-Fetch-Site", b"same-origin"))
+        code, _, _ = yield self.post("/api/types/t/pause", TOKEN, extra=same)
+        self.assertEqual((code, self.service.scheduler.paused), (200, {"t"}))
+
+    @inlineCallbacks
+    def test_two_authorization_headers_are_refused(self):
+        code, _, body = yield self.post("/api/types/t/pause", "wrong", authorization=f"Bearer {TOKEN}")
+        self.assertEqual((code, body["error"]), (400, "bad_request"))
+        self.assertEqual(self.service.scheduler.paused, set())
+
+    @inlineCallbacks
+    def test_a_big_body_is_refused_before_it_is_read(self):
+        def send():
+            with socket.create_connection(("127.0.0.1", self.port("http")), timeout=10) as sock:
+                sock.sendall(b"POST /api/drain HTTP/1.1\r\nHost: x\r\n"
+                             b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                             b"Content-Length: 100000000\r\n\r\n")  # and no byte of it
+                answer = b""
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return answer
+                    answer += chunk
+
+        answer = yield deferToThread(send)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
+        self.assertIn(b'"error":"too_large"', answer)
+        self.assertFalse(self.service.scheduler.draining)
+
+    @inlineCallbacks
+    def test_totals_without_the_types(self):
+        code, _, body = yield self.request("/api/totals")
+        self.assertEqual(code, 200)
+        self.assertNotIn("types", body)
+        self.assertEqual((body["draining"], body["totals"]["submitted"]), (False, 0))
 
     @inlineCallbacks
     def test_gets_need_no_token(self):

@@ -4,6 +4,7 @@
 
 const POLL_MS = 1000;
 const SLOW_POLL_EVERY = 5;  // connections and dead letters: every 5th poll
+const TYPES_SHOWN = 100;    // the busiest types; the rest are counted
 let tick = 0;
 let actions = false;
 let token = sessionStorage.getItem("gloom-token") || "";
@@ -138,6 +139,7 @@ function drawTypes(answer) {
     }));
     body.appendChild(row);
   });
+  $("types-omitted").textContent = answer.types_omitted ? "and " + answer.types_omitted + " more types" : "";
 }
 
 function drawConnections(answer) {
@@ -203,7 +205,8 @@ async function lookUp(id) {
 async function poll() {
   tick += 1;
   try {
-    const [stats, types, series] = await Promise.all([getJSON("/status"), getJSON("/api/types"), getJSON("/api/series")]);
+    const [stats, types, series] = await Promise.all([
+      getJSON("/api/totals"), getJSON("/api/types?limit=" + TYPES_SHOWN), getJSON("/api/series")]);
     drawTotals(stats);
     drawTypes(types);
     drawGraph($("graph-answered"), series.answered, "#16a34a");
@@ -228,7 +231,7 @@ async function start() {
     $("readonly").hidden = actions;
     if (actions) {
       document.body.classList.add("admin");
-      $("login").hidden = !!token;
+      $("login").hidden = !index.needs_token || !!token;
     }
   } catch (e) {
     showError("Cannot reach the daemon: " + e.message);

@@ -205,13 +205,16 @@ def poll_like_pages(daemon: Daemon, pages: int, stop: threading.Event) -> None:
     def page() -> None:
         connection = http.client.HTTPConnection("127.0.0.1", daemon.http, timeout=30)
         tick = 0
-        while not stop.is_set():
-            started = time.monotonic()
-            tick += 1
-            for path in PAGE_POLL + (PAGE_SLOW_POLL if tick % 5 == 1 else ()):
-                connection.request("GET", path)
-                connection.getresponse().read()
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                tick += 1
+                for path in PAGE_POLL + (PAGE_SLOW_POLL if tick % 5 == 1 else ()):
+                    connection.request("GET", path)
+                    connection.getresponse().read()
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        except (OSError, http.client.HTTPException):
+            pass  # the daemon stopped
 
     for _ in range(pages):
         threading.Thread(target=page, daemon=True).start()

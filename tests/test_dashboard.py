@@ -138,8 +138,44 @@ class DashboardTestCase(SynchronousTestCase):
 
         threading.Thread(target=submit, daemon=True).start()
 
+    # The page redraws its tables and cards every second, so an element
+    # found may be gone by the time it is read or clicked: reads go through
+    # one script, clicks are retried.
+
     def card(self, name):
-        return int(self.driver.find_element("css selector", f"#total-{name} b").text)
+        text = self.driver.execute_script(
+            "const b = document.querySelector(arguments[0]); return b ? b.textContent : null;",
+            f"#total-{name} b")
+        return int(text) if text and text.isdigit() else -1
+
+    def row_cells(self, job_type):
+        """The text of each cell of a type's row, or None if it is not shown."""
+        return self.driver.execute_script(
+            "const row = document.querySelector('tr[data-type=\"' + arguments[0] + '\"]');"
+            "return row ? Array.from(row.cells).map(c => c.textContent) : null;", job_type)
+
+    def buttons_shown(self, job_type):
+        """Per button in a type's row: its label and whether it is displayed."""
+        return self.driver.execute_script(
+            "return Array.from(document.querySelectorAll('tr[data-type=\"' + arguments[0] + '\"] button'))"
+            ".map(b => [b.textContent, b.offsetParent !== null]);", job_type)
+
+    def click(self, job_type, label):
+        """Click a type's button, however often the row is redrawn meanwhile."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def attempt():
+            try:
+                found = self.driver.find_elements(
+                    "xpath", f'//tr[@data-type="{job_type}"]//button[text()="{label}"]')
+                if found and found[0].is_displayed():
+                    found[0].click()
+                    return True
+            except StaleElementReferenceException:
+                pass
+            return False
+
+        wait_for(self, attempt, f"the {label} button of {job_type}")
 
 
 class PageTests(DashboardTestCase):
@@ -154,9 +190,8 @@ class PageTests(DashboardTestCase):
         first = self.card("completed")
         self.flow()
         wait_for(self, lambda: self.card("completed") > first + 10, "completed jobs to rise")
-        row = wait_for(self, lambda: self.driver.find_elements("css selector", 'tr[data-type="resize"]'),
-                       "the resize row")
-        self.assertEqual(row[0].find_element("css selector", "td").text, "resize")
+        cells = wait_for(self, lambda: self.row_cells("resize"), "the resize row")
+        self.assertEqual(cells[0], "resize")
         self.assertEqual(self.console_errors(), [])
 
     def test_a_graph_draws(self):
@@ -189,21 +224,16 @@ class AdminTests(DashboardTestCase):
         self.open_page()
         self.driver.find_element("id", "token").send_keys(TOKEN)
         self.driver.find_element("css selector", "#login button").click()
-        pause = wait_for(self, lambda: self.driver.find_elements(
-            "xpath", '//tr[@data-type="resize"]//button[text()="Pause"]'), "the Pause button")
-        self.assertTrue(pause[0].is_displayed())
-        pause[0].click()
+        self.click("resize", "Pause")
         wait_for(self, lambda: self.stats()["types"]["resize"]["paused"], "the daemon to pause resize")
-        wait_for(self, lambda: self.driver.find_elements(
-            "xpath", '//tr[@data-type="resize"]//button[text()="Resume"]'), "the Resume button")
+        wait_for(self, lambda: ["Resume", True] in (self.buttons_shown("resize") or []),
+                 "the Resume button")
         self.assertEqual(self.console_errors(), [])
 
     def test_without_the_token_a_pause_is_refused(self):
         self.worker()
         self.open_page()
-        pause = wait_for(self, lambda: self.driver.find_elements(
-            "xpath", '//tr[@data-type="resize"]//button[text()="Pause"]'), "the Pause button")
-        pause[0].click()
+        self.click("resize", "Pause")
         error = wait_for(self, lambda: self.driver.find_element("id", "error").text, "the refusal")
         self.assertIn("token", error.lower())
         self.assertTrue(self.driver.find_element("id", "login").is_displayed())
@@ -216,10 +246,7 @@ class ReadOnlyTests(DashboardTestCase):
     def test_without_a_credential_there_is_no_pause_button(self):
         self.worker()
         self.open_page()
-        wait_for(self, lambda: self.driver.find_elements("css selector", 'tr[data-type="resize"]'),
-                 "the resize row")
+        buttons = wait_for(self, lambda: self.buttons_shown("resize"), "the resize row's buttons")
         self.assertTrue(self.driver.find_element("id", "readonly").is_displayed())
-        buttons = self.driver.find_elements("xpath", '//tr[@data-type="resize"]//button')
-        self.assertTrue(buttons)
-        self.assertFalse(any(button.is_displayed() for button in buttons))
+        self.assertEqual(buttons, [["Pause", False], ["Clear", False]])
         self.assertEqual(self.console_errors(), [])

@@ -21,10 +21,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from gloom import wire
-from gloom.master import DRAINING
 from gloom.protocol import address_name
 from gloom.quoting import quoted
-from gloom.scheduler import TOTALS, ShuttingDown
+from gloom.scheduler import TOTALS
 
 DETACHED_TOTALS = ("detached", "dead", "dead_dropped", "results_dropped", "progress_replaced")
 """The totals of detached jobs (and of progress held for masters that do
@@ -673,18 +672,10 @@ class Api(Resource):
 
     def dead_retry(self, request, job_id: str) -> dict:
         """POST /api/dead/<id>/retry: queue a dead job again."""
-        service = self.service
-        detached = service.detached
-        if job_id in detached.dead:
-            if service.scheduler.draining:
-                raise ApiError(409, "shutdown", DRAINING)
-            most = service.factories[0].max_detached
-            if len(detached.live) + len(detached.pending) >= most:
-                raise ApiError(409, "queue_full", f"the daemon already holds {most} detached jobs")
         try:
-            found = detached.retry_dead(job_id)
-        except ShuttingDown as e:
-            raise ApiError(409, "shutdown", str(e)) from None
+            found = self.service.factories[0].retry_dead(job_id)
+        except wire.MessageError as e:
+            raise ApiError(409, e.code, e.reason) from None
         if not found:
             raise ApiError(404, "unknown_job", f"no dead job has id {quoted(job_id)}")
         self.log.info("HTTP admin {peer} retried dead job {id}", peer=self._who(request),

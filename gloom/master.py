@@ -124,7 +124,7 @@ class MasterProtocol(GloomProtocol):
                 self.reply(wire.ack(id_json), ref)
             return
         detached = factory.detached
-        self._check_detached_room(job_id)
+        factory.check_detached_room(job_id)
         try:
             taken = detached.submit(job_id, job_type, job_frame, priority, timeout, run_at,
                                     retries)
@@ -141,16 +141,6 @@ class MasterProtocol(GloomProtocol):
         """What the detached job with this id is doing, for messages."""
         status = self.factory.detached.status(job_id)
         return status["state"] if status else "taken"
-
-    def _check_detached_room(self, job_id: str) -> None:
-        """Refuse one more live detached job once the daemon holds
-        ``max_detached``."""
-        factory = self.factory
-        detached = factory.detached
-        if len(detached.live) + len(detached.pending) >= factory.max_detached:
-            raise wire.MessageError(
-                wire.QUEUE_FULL, f"the daemon already holds {factory.max_detached} detached jobs",
-                job_id)
 
     def _detached_taken(self, _, id_json: bytes, ref) -> None:
         if not self.closed.called:
@@ -222,15 +212,7 @@ class MasterProtocol(GloomProtocol):
     def do_dead_retry(self, message: wire.Message) -> None:
         """Queue a dead job again, with fresh retries."""
         job_id = wire.required_name(message, "id")
-        if job_id in self.factory.detached.dead:
-            if self.factory.scheduler.draining:
-                raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
-            self._check_detached_room(job_id)
-        try:
-            found = self.factory.detached.retry_dead(job_id)
-        except ShuttingDown as e:
-            raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
-        self._dead_reply(found, job_id, message.ref)
+        self._dead_reply(self.factory.retry_dead(job_id), job_id, message.ref)
 
     def do_dead_discard(self, message: wire.Message) -> None:
         """Forget a dead job."""
@@ -394,6 +376,38 @@ class MasterFactory(GloomFactory):
         """How many progress reports were replaced by a later one, unsent,
         because their master was not reading."""
         self._stats_frame: Optional[bytes] = None
+
+    def check_detached_room(self, job_id: str) -> None:
+        """Refuse one more live detached job once the daemon holds
+        ``max_detached``.
+
+        :param job_id: the job's id, named in the refusal.
+        :raises wire.MessageError: ``queue_full``.
+        """
+        detached = self.detached
+        if len(detached.live) + len(detached.pending) >= self.max_detached:
+            raise wire.MessageError(
+                wire.QUEUE_FULL, f"the daemon already holds {self.max_detached} detached jobs",
+                job_id)
+
+    def retry_dead(self, job_id: str) -> bool:
+        """Queue a dead job again, with fresh retries (the ``dead_retry``
+        action, and the HTTP API's).
+
+        :param job_id: the dead job's id.
+        :returns: whether there was such a dead job.
+        :raises wire.MessageError: ``shutdown`` while the daemon drains or
+            stops, ``queue_full`` when it holds ``max_detached`` live
+            detached jobs.
+        """
+        if job_id in self.detached.dead:
+            if self.scheduler.draining:
+                raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
+            self.check_detached_room(job_id)
+        try:
+            return self.detached.retry_dead(job_id)
+        except ShuttingDown as e:
+            raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
 
     def stats_frame(self) -> bytes:
         """The stats reply, built at most once per reactor turn: however

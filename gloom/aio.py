@@ -1097,19 +1097,13 @@ class Worker(_Shell):
         except RuntimeError:
             here = False
         if here:
-            if fields is None:
-                return self._core.touch(link, job)
-            return self._core.progress(link, job, *fields)
+            return self._core.progress_or_touch(link, job, fields)
         if fields is not None:
             fields = core.progress_from_another_thread(*fields)
         held = link.up and link.job is job
         if held:
             try:
-                if fields is None:
-                    self._loop.call_soon_threadsafe(self._core.touch, link, job)  # type: ignore[union-attr]
-                else:
-                    self._loop.call_soon_threadsafe(self._core.progress, link, job,  # type: ignore[union-attr]
-                                                    *fields)
+                self._loop.call_soon_threadsafe(self._core.progress_or_touch, link, job, fields)  # type: ignore[union-attr]
             except RuntimeError:  # the loop is closed
                 return False
         return held

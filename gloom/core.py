@@ -1720,6 +1720,16 @@ class WorkerCore:
         self._request(link, "touch", _slave_frame({"action": "touch", "id": job.id}))
         return True
 
+    def progress_or_touch(self, link: Link, job: Job, fields: Optional[tuple]) -> bool:
+        """`progress` with ``fields`` (done, total, data), or `touch` when
+        it is None: the one call a shell hands to its I/O thread.
+
+        :returns: whether it was sent.
+        """
+        if fields is None:
+            return self.touch(link, job)
+        return self.progress(link, job, *fields)
+
     def join(self, job_type: str) -> None:
         """Serve ``job_type`` from now on: connections asking for work ask
         for this type instead (a connection holding a job switches after

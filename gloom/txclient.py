@@ -1211,17 +1211,12 @@ class Worker(MultiService):
             job was still held when it was handed over).
         """
         if threading.get_ident() == self._thread:
-            if fields is None:
-                return self._core.touch(link, job)
-            return self._core.progress(link, job, *fields)
+            return self._core.progress_or_touch(link, job, fields)
         if fields is not None:
             fields = core.progress_from_another_thread(*fields)
         held = link.up and link.job is job
         if held:
-            if fields is None:
-                self.reactor.callFromThread(self._core.touch, link, job)
-            else:
-                self.reactor.callFromThread(self._core.progress, link, job, *fields)
+            self.reactor.callFromThread(self._core.progress_or_touch, link, job, fields)
         return held
 
     # --- connections ------------------------------------------------------------------------

@@ -360,7 +360,9 @@ class FloodTests(TestCase):
     """A slave floods progress to a master that does not read: the daemon
     (a twistd process) holds the latest report, not the flood."""
 
-    def test_a_master_that_does_not_read_costs_bounded_memory(self):
+    def start(self):
+        """A twistd daemon, a master that reads next to nothing (a 4 KiB
+        receive buffer, and it does not read) and a slave joined to ``t``."""
         if not os.path.exists("/proc/self/status"):
             self.skipTest("needs /proc to read the daemon's memory")
         master_port, slave_port = reserved_port(self), reserved_port(self)
@@ -372,6 +374,10 @@ class FloodTests(TestCase):
         slave = _Socket(slave_port)
         slave.send({"action": "join", "type": "t"})
         self.assertEqual(slave.receive(), {"ok": True})
+        return daemon, master_port, slave_port, master, slave
+
+    def test_a_master_that_does_not_read_costs_bounded_memory(self):
+        daemon, master_port, slave_port, master, slave = self.start()
         master.send(submit("a"))
         self.assertEqual(master.receive(), {"ok": True, "id": "a"})
         self.assertEqual(slave.receive()["id"], "a")
@@ -418,17 +424,7 @@ class FloodTests(TestCase):
     def test_many_submitters_of_one_job_that_do_not_read_cost_bounded_memory(self):
         """One master that does not read attaches 5,000 ids to one unique
         job; a 20 KB progress report would be 100 MB of frames for it."""
-        if not os.path.exists("/proc/self/status"):
-            self.skipTest("needs /proc to read the daemon's memory")
-        master_port, slave_port = reserved_port(self), reserved_port(self)
-        daemon = TwistdDaemon(self, "-n", "gloom", "--master",
-                              f"tcp:{master_port}:interface=127.0.0.1", "--slave",
-                              f"tcp:{slave_port}:interface=127.0.0.1")
-        daemon.ports()
-        master = _Socket(master_port, receive_buffer=4096)
-        slave = _Socket(slave_port)
-        slave.send({"action": "join", "type": "t"})
-        self.assertEqual(slave.receive(), {"ok": True})
+        daemon, master_port, slave_port, master, slave = self.start()
         for start in range(0, 5000, 500):
             master.send(*(submit(f"i{n}", unique="k") for n in range(start, start + 500)))
             for _ in range(500):

@@ -30,6 +30,25 @@ DRAINING = "the daemon is draining: it finishes the jobs it has and takes no new
 MAX_NAME = wire.MAX_NAME_BYTES
 _MISSING = wire.MISSING
 
+_TYPE_PARTS: Dict[str, tuple] = {}
+"""For the types submitted lately: the interned type, and the part of a
+job frame from the type to the body (``,"type":"T","body":``), so that a
+plain submit encodes its type once per type, not once per job."""
+
+_TYPE_PARTS_MOST = 10_000
+
+
+def _type_part(job_type: str) -> bytes:
+    """The job-frame part naming ``job_type`` (interned; from
+    `wire.job_type_part`), remembered for
+    the next submit of the type; forgotten all at once past
+    `_TYPE_PARTS_MOST` types, so hostile type names cannot grow it."""
+    part = wire.job_type_part(wire.encode_id(job_type))
+    if len(_TYPE_PARTS) >= _TYPE_PARTS_MOST:
+        _TYPE_PARTS.clear()
+    _TYPE_PARTS[job_type] = (job_type, part)
+    return part
+
 
 @implementer(IJobOwner)
 class MasterProtocol(GloomProtocol):
@@ -55,33 +74,38 @@ class MasterProtocol(GloomProtocol):
             job_id = wire.required_name(message, "id")
         if not (type(job_type) is str and 0 < len(job_type) <= MAX_NAME and job_type.isascii()):
             job_type = wire.required_name(message, "type", job_id)
-        job_type = sys.intern(job_type)
-        priority = wire.optional_priority(message, job_id)
-        timeout = wire.optional_timeout(message, job_id)
-        body = wire.required_body(message, job_id)
+        known = _TYPE_PARTS.get(job_type)
+        if known is None:
+            job_type = sys.intern(job_type)
+            type_part = _type_part(job_type)
+        else:
+            job_type, type_part = known
+        priority = message.priority
+        if type(priority) is not int:
+            priority = wire.optional_priority(message, job_id)
+        timeout = message.timeout
+        if timeout is not _MISSING:
+            timeout = wire.optional_timeout(message, job_id)
+        else:
+            timeout = None
+        body = message.body
+        if body is _MISSING:
+            body = wire.required_body(message, job_id)
         if (message.detach is not _MISSING or message.delay is not _MISSING
                 or message.at is not _MISSING or message.retries is not _MISSING
                 or message.backoff is not _MISSING or message.unique is not _MISSING):
             return self._submit_with_options(message, job_id, job_type, body, priority, timeout)
-        if self.factory.scheduler.draining:
+        factory = self.factory
+        scheduler = factory.scheduler
+        if scheduler.draining:
             raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
         unfinished = self._unfinished
-        if job_id in unfinished:
-            raise wire.MessageError(
-                wire.ID_EXISTS,
-                f"this master already has an unfinished job with id {wire.quoted(job_id)}",
-                job_id,
-            )
-        if len(unfinished) >= self.factory.max_queued:
-            raise wire.MessageError(
-                wire.QUEUE_FULL,
-                f"this master already has {self.factory.max_queued} unfinished jobs",
-                job_id,
-            )
+        if job_id in unfinished or len(unfinished) >= factory.max_queued:
+            self._check_room(job_id)
         id_json = wire.encode_id(job_id)
-        job_frame = wire.job(id_json, wire.encode_id(job_type), body)
+        job_frame = wire.job_from_parts(id_json, type_part, body)
         try:
-            job = self.factory.scheduler.submit(self, job_id, job_type, job_frame, priority, timeout)
+            job = scheduler.submit(self, job_id, job_type, job_frame, priority, timeout)
         except ShuttingDown as e:
             raise wire.MessageError(wire.SHUTDOWN, str(e), job_id) from None
         unfinished[job_id] = job

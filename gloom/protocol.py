@@ -145,9 +145,44 @@ class FrameReceiver(Int32StringReceiver):
                 return
             data = self._large_frame_received(data)
         buffer = self._buffer
-        buffer += data
-        if self._parsing:
+        if not buffer and not self._parsing and type(data) is bytes:
+            # Most reads: nothing left over from the last one.  The whole
+            # frames are cut straight out of the read, one copy each.
+            offset = self._whole_frames(data)
+            if offset == len(data) and not buffer:
+                return
+            if offset < len(data) and not self._refusing:
+                buffer[:0] = data[offset:] if offset else data
+        else:
+            buffer += data
+            if self._parsing:
+                return
+        self._parse_buffer()
+
+    def _whole_frames(self, data: bytes) -> int:
+        """Handle the whole frames at the start of ``data`` (until the
+        protocol is paused), and return how many bytes they took."""
+        self._parsing = True
+        offset = 0
+        size = len(data)
+        try:
+            while not self.paused and size - offset >= 4:
+                (length,) = unpack_from("!I", data, offset)
+                end = offset + 4 + length
+                if end > size or length > self.MAX_LENGTH:
+                    break  # a frame not all here yet, or too long: the buffer's loop decides
+                frame = data[offset + 4 : end]
+                offset = end
+                self.stringReceived(frame)
+        finally:
+            self._parsing = False
+        return offset
+
+    def _parse_buffer(self) -> None:
+        """Handle the whole frames in the buffer, until the protocol is paused."""
+        if self._refusing:
             return
+        buffer = self._buffer
         self._parsing = True
         offset = 0
         try:
@@ -244,10 +279,10 @@ class GloomProtocol(FrameReceiver):
         handled (acks for a run of submits; a slave's ok and its next job)
         go out in one write at the end, instead of one write each."""
         if self._outgoing is not None:
-            return super().dataReceived(data)
+            return FrameReceiver.dataReceived(self, data)
         self._outgoing = []
         try:
-            super().dataReceived(data)
+            FrameReceiver.dataReceived(self, data)
         finally:
             self._write_outgoing()
             self._outgoing = None

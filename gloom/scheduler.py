@@ -826,17 +826,19 @@ class Scheduler(Service):
         """
         job_type = self._serving[slave]
         queue = self._queues.get(job_type)
-        if queue and job_type not in self.paused:
+        if queue is not None and job_type not in self.paused:
             job = queue.pop()
-            try:
-                self._start(job, slave)
-            except BaseException:
-                queue.push(job)
-                raise
-            if not queue:
+            if job is not None:
+                try:
+                    self._start(job, slave)
+                except BaseException:
+                    queue.push_front(job)
+                    raise
+            if queue.entries == queue.dead:  # empty: no job, or only withdrawn ones
                 del self._queues[job_type]
-            self._hand_over(job, slave)
-            return
+            if job is not None:
+                self._hand_over(job, slave)
+                return
         if self._stopping:
             return
         waiting = Deferred(lambda _: self._forget_idle(job_type, slave))

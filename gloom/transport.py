@@ -7,8 +7,9 @@ trip someone waits on) that is two ``epoll_ctl`` calls per burst, as many
 system calls as the sends themselves, and a turn of latency.  A
 `DirectTCPWriter` sends on the socket at once when the transport has
 nothing buffered, and leaves the rest to the transport, so nothing written
-later overtakes it.  That needs three names Twisted does not promise:
-``tcp.Connection.dataBuffer``, ``_tempDataBuffer`` and ``writeSomeData``.
+later overtakes it.  That needs two names Twisted does not promise,
+``tcp.Connection.dataBuffer`` and ``_tempDataBuffer``, and its
+``getHandle()`` to be the socket the transport writes to.
 `direct_sends_available` checks them once, on a real connection, and
 `writer_for` falls back to the public `TransportWriter` if they are not
 there or do not behave as expected.  Without direct sends Gloom works the
@@ -52,13 +53,27 @@ class DirectTCPWriter(TransportWriter):
 
     direct = True
 
+    def __init__(self, transport: ITransport):
+        super().__init__(transport)
+        try:
+            self._socket_send = transport.getHandle().send
+        except AttributeError:  # closed already: nothing is sent directly
+            self._socket_send = None
+
     def send(self, data: bytes) -> None:
+        """Send ``data`` on the socket if the transport holds nothing; what
+        the socket does not take (all of it, on an error, which the
+        transport then meets when it writes) goes to the transport."""
         transport = self.transport
-        if transport.connected and not transport.dataBuffer and not transport._tempDataBuffer:
-            sent = transport.writeSomeData(data)
-            if type(sent) is int:
-                if sent == len(data):
-                    return
+        if (transport.connected and not transport.dataBuffer and not transport._tempDataBuffer
+                and self._socket_send is not None):
+            try:
+                sent = self._socket_send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
                 data = data[sent:]
         transport.write(data)
 
@@ -94,7 +109,7 @@ def why_direct_sends_unavailable() -> str:
 def _try_direct_send() -> bool:
     """Build a Twisted TCP connection on one end of a socket pair (never
     registered with a reactor), check it has the buffers `DirectTCPWriter`
-    reads, and send a byte with its ``writeSomeData``."""
+    reads, and that its handle is the socket, and send a byte on it."""
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)
@@ -102,7 +117,9 @@ def _try_direct_send() -> bool:
         if not (connection.dataBuffer == b"" and connection._tempDataBuffer == []):
             return False
         theirs.settimeout(1)
-        return connection.writeSomeData(b"g") == 1 and theirs.recv(1) == b"g"
+        if connection.getHandle() is not ours:
+            return False
+        return connection.getHandle().send(b"g") == 1 and theirs.recv(1) == b"g"
     finally:
         ours.close()
         theirs.close()

@@ -998,7 +998,26 @@ def job(id_json: bytes, type_json: bytes, body) -> bytes:
     :param body: the body as encoded JSON (bytes-like), as the master sent
         it.
     """
-    return b'{"action":"job","id":' + id_json + b',"type":' + type_json + b',"body":' + body + b"}"
+    return job_from_parts(id_json, job_type_part(type_json), body)
+
+
+def job_type_part(type_json: bytes) -> bytes:
+    """The part of a job frame from its type to its body, which every job
+    of the type shares (see `job_from_parts`).
+
+    :param type_json: the job's type, from `encode_id`.
+    """
+    return b',"type":' + type_json + b',"body":'
+
+
+def job_from_parts(id_json: bytes, type_part: bytes, body) -> bytes:
+    """Hand a job to a slave: the frame `job` builds, from its type's part.
+
+    :param id_json: the job's id, from `encode_id`.
+    :param type_part: from `job_type_part`.
+    :param body: the body as encoded JSON (bytes-like), as the master sent it.
+    """
+    return b'{"action":"job","id":' + id_json + type_part + body + b"}"
 
 
 def progress(id_json: bytes, report: bytes) -> bytes:

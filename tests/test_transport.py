@@ -114,10 +114,10 @@ class FallbackTests(SynchronousTestCase):
         self.assertIn("_tempDataBuffer", transport.why_direct_sends_unavailable())
         self.assertIs(type(writer_for(Connection(None, None))), TransportWriter)
 
-    def test_a_connection_whose_send_misbehaves_falls_back(self):
+    def test_a_connection_whose_handle_is_not_its_socket_falls_back(self):
         class Connection(transport.tcp.Connection):
-            def writeSomeData(self, data):
-                return 0  # takes nothing, so the byte stays buffered
+            def getHandle(self):
+                return None  # a wrapper, perhaps: not the socket it writes to
 
         self.patch(transport, "tcp", types.SimpleNamespace(Connection=Connection))
         self.assertFalse(transport.direct_sends_available())

@@ -117,6 +117,79 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(slave.received()[0]["body"], body)
         self.assertFalse(master.protocol.inside_a_frame())
 
+    def test_whole_frames_and_a_part_in_one_read(self):
+        """A read of whole frames and the start of the next: the whole ones
+        are handled at once, the rest when it is complete."""
+        data = b"".join(frame({"action": "submit", "id": str(i), "type": "t", "body": i})
+                        for i in range(4))
+        cut = len(data) - 5
+        self.master.protocol.dataReceived(data[:cut])
+        self.assertEqual([m["id"] for m in self.master.received()], ["0", "1", "2"])
+        self.assertTrue(self.master.protocol.inside_a_frame())
+        self.master.protocol.dataReceived(data[cut:])
+        self.assertEqual([m["id"] for m in self.master.received()], ["3"])
+        self.assertFalse(self.master.protocol.inside_a_frame())
+
+    def test_a_read_paused_part_way_keeps_the_rest_in_order(self):
+        """A handler that pauses the connection (its peer's buffer is full)
+        stops the frames of the same read; they follow, in order, once it
+        resumes, ahead of what is read later."""
+        protocol = self.master.protocol
+        handle = protocol.stringReceived
+        seen = []
+
+        def pausing(frame_bytes):
+            seen.append(frame_bytes)
+            handle(frame_bytes)
+            if len(seen) == 2:
+                protocol.pauseProducing()
+
+        protocol.stringReceived = pausing
+        first = b"".join(frame({"action": "submit", "id": str(i), "type": "t", "body": i})
+                         for i in range(5))
+        protocol.dataReceived(first)
+        self.assertEqual([m["id"] for m in self.master.received()], ["0", "1"])
+        protocol.dataReceived(frame({"action": "submit", "id": "5", "type": "t", "body": 5}))
+        self.assertEqual(self.master.received(), [])
+        protocol.resumeProducing()
+        self.assertEqual([m["id"] for m in self.master.received()], ["2", "3", "4", "5"])
+
+    def test_an_oversized_frame_after_whole_ones_is_refused(self):
+        daemon = Daemon(max_frame=100)
+        master = daemon.master()
+        data = (frame({"action": "submit", "id": "1", "type": "t", "body": 1})
+                + struct.pack("!I", 101) + b"x" * 101)
+        master.protocol.dataReceived(data)
+        received = master.received()
+        self.assertEqual(received[0], {"ok": True, "id": "1"})
+        self.assertEqual(received[1]["error"], "size_error")
+
+    def test_job_frames_name_their_type_as_wire_does(self):
+        """The part of a job frame naming its type is built once per type
+        and reused: the frame is the one wire.job builds, for any type."""
+        from gloom import wire
+
+        for job_type in ("t", 'q"uote\\', "tÿpe", "\u2028"):
+            slave = self.daemon.slave(job_type)
+            self.master.send({"action": "submit", "id": job_type, "type": job_type, "body": [1]})
+            self.master.send({"action": "submit", "id": job_type + "2", "type": job_type,
+                              "body": [2]})
+            expected = wire.job(wire.encode_id(job_type), wire.encode_id(job_type), b"[1]")
+            self.assertEqual(slave.transport.value()[4:], expected)
+            self.assertEqual(slave.received()[0]["type"], job_type)
+
+    def test_the_type_part_cache_is_bounded(self):
+        from gloom import master
+
+        self.patch(master, "_TYPE_PARTS_MOST", 10)
+        self.patch(master, "_TYPE_PARTS", {})
+        for index in range(25):
+            self.master.send({"action": "submit", "id": str(index), "type": f"type{index}",
+                              "body": None})
+            self.assertLessEqual(len(master._TYPE_PARTS), 10)
+        slave = self.daemon.slave("type24")
+        self.assertEqual(slave.received()[0]["type"], "type24")
+
     def test_tcp_nodelay_is_set(self):
         class Transport(StringTransport):
             nodelay = None

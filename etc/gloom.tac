@@ -38,6 +38,9 @@ ADMIN = False                             # True: masters may pause, resume and 
 ADMIN_ENDPOINT = None                     # another endpoint for masters where those actions
                                           # are allowed, e.g. "unix:/run/gloom/admin.sock";
                                           # None: off
+WARM_UP = None                            # synthetic jobs run over loopback before the ports
+                                          # open, so PyPy's JIT is warm for the first real
+                                          # jobs (0: none); None: 30000 on PyPy, 0 on CPython
 
 settings = {
     "--master": MASTER,
@@ -60,6 +63,7 @@ settings = {
     "--admin-token-file": ADMIN_TOKEN_FILE,
     "--admin": ADMIN,
     "--admin-endpoint": ADMIN_ENDPOINT,
+    "--warm-up": WARM_UP,
 }
 arguments = []
 for option, value in settings.items():

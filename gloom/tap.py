@@ -40,6 +40,9 @@ DEFAULT_RETRIES = 3
 # How long stopping waits for clients to read their last frames.
 CLOSE_TIMEOUT = 5.0
 
+# Synthetic jobs run at start-up under PyPy by default (--warm-up).
+DEFAULT_WARM_UP_PYPY = 30000
+
 # The stats action and /status list at most this many types (the busiest).
 STATS_TYPES_LIMIT = 1000
 
@@ -91,6 +94,20 @@ def _count_from(option: str, least: int):
         return number
 
     return count
+
+
+def _warm_up_jobs(value: str) -> int:
+    count = _whole_number(value, "--warm-up")
+    if count < 0:
+        raise ValueError(f"--warm-up must not be negative, not {count}")
+    return count
+
+
+def default_warm_up(implementation: str) -> int:
+    """How many synthetic jobs warm the daemon up by default: PyPy's JIT
+    needs them to compile the hot path before the first real jobs; CPython
+    has no JIT to warm."""
+    return DEFAULT_WARM_UP_PYPY if implementation == "PyPy" else 0
 
 
 def _journal_sync(value: str) -> str:
@@ -185,6 +202,11 @@ class Options(usage.Options):
         ["admin-endpoint", None, None,
          "Another endpoint for masters, on which the administrative actions are always "
          "allowed, e.g. unix:/run/gloom/admin.sock or an mtls: endpoint [default: off]"],
+        ["warm-up", None, None,
+         "Synthetic jobs run through the daemon over loopback before its ports open, so that "
+         "PyPy's JIT has compiled the hot path when the first real jobs come (0 or more; "
+         f"0: none) [default: {DEFAULT_WARM_UP_PYPY} on PyPy, 0 (none) on CPython]",
+         _warm_up_jobs],
     ]
 
     def opt_version(self) -> None:
@@ -314,14 +336,17 @@ class GloomService(MultiService):
 
     name = "gloom"
 
-    def __init__(self, scheduler: Scheduler, factories, reactor):
+    def __init__(self, scheduler: Scheduler, factories, reactor, warm_up: int = 0):
         """
         :param scheduler: the daemon's scheduler, started and stopped as a child.
         :param factories: the master and slave factories, in that order,
             then the admin endpoint's master factory if there is one.
         :param reactor: the reactor, for the clock.
+        :param warm_up: how many synthetic jobs to run (see `gloom.warmup`)
+            before the ports open; 0: none.
         """
         MultiService.__init__(self)
+        self.warm_up = warm_up
         self.scheduler = scheduler
         self.factories = factories
         self.detached = factories[0].detached
@@ -410,8 +435,28 @@ class GloomService(MultiService):
             self.log.warn("Connections write through Twisted's transport interface only, "
                           "with more system calls per job: {why}",
                           why=transport.why_direct_sends_unavailable())
+        if self.warm_up:
+            self._warm_up()
         self.started_at = self.reactor.seconds()
         MultiService.privilegedStartService(self)
+
+    def _warm_up(self) -> None:
+        """Run the synthetic jobs of ``--warm-up``; if that fails, say so in
+        one line and start all the same (the daemon is only slower at first)."""
+        from gloom import warmup
+
+        masters = self.factories[0]
+        try:
+            result = warmup.warm_up(self.reactor, self.warm_up, max_frame=masters.max_frame,
+                                    frame_timeout=masters.frame_timeout)
+        except Exception as e:
+            self.log.warn("warm-up skipped: {error}", error=f"{type(e).__name__}: {e}")
+            return
+        self.log.info("Warmed up: {jobs} jobs in {seconds:.1f} s{short}", jobs=result.jobs,
+                      seconds=result.seconds,
+                      short="" if result.complete else
+                      f" (of {result.wanted}: stopped at the {warmup.DEFAULT_SECONDS_LIMIT:g} s "
+                      "limit)")
 
     def stats(self, types_limit: Optional[int] = STATS_TYPES_LIMIT) -> dict:
         """What the stats action and /status report: the ``types_limit``
@@ -540,7 +585,12 @@ def makeService(config, reactor: Optional[object] = None) -> GloomService:
         admins = master_factory(True)
         factories.append(admins)
         listeners.append(("admin-endpoint", admins))
-    root = GloomService(scheduler, tuple(factories), reactor)
+    # Options gives None for the platform's default; a mapping without the
+    # key (a caller from before the option) gets no warm-up.
+    warm_up = config.get("warm-up", 0)
+    if warm_up is None:
+        warm_up = default_warm_up(platform.python_implementation())
+    root = GloomService(scheduler, tuple(factories), reactor, warm_up)
     for factory in factories[:1] + factories[2:]:
         factory.stats = root.stats
     if config.get("http"):

@@ -253,6 +253,17 @@ def twistd_command():
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def without_warm_up(arguments) -> list:
+    """twistd's ``arguments`` with ``--warm-up 0`` added after ``gloom``
+    unless they name a warm-up: under PyPy the daemon warms up by default,
+    which a test that does not test it need not wait for."""
+    arguments = list(arguments)
+    if "gloom" in arguments and not any(a.startswith("--warm-up") for a in arguments):
+        at = arguments.index("gloom") + 1
+        arguments[at:at] = ["--warm-up", "0"]
+    return arguments
+
+
 class BlockingClient:
     """A plain-socket client, as a user without any library would write it."""
 
@@ -281,13 +292,14 @@ class BlockingClient:
 
 class TwistdDaemon:
     """``twistd`` in a subprocess, started from a scratch directory so that
-    only the installed package can be imported."""
+    only the installed package can be imported.  ``twistd gloom`` runs
+    without a warm-up unless the arguments name one (`without_warm_up`)."""
 
     def __init__(self, test, *arguments):
         self.cwd = tempfile.mkdtemp()
         test.addCleanup(shutil.rmtree, self.cwd, True)
         self.process = subprocess.Popen(
-            twistd_command() + ["--pidfile=", *arguments],
+            twistd_command() + ["--pidfile=", *without_warm_up(arguments)],
             cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         test.addCleanup(self.kill)

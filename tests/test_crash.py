@@ -31,7 +31,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from gloom.journal import Journal, Record
-from tests.support import ANY_PORT, BlockingClient, TwistdDaemon, frame, twistd_command
+from tests.support import (
+    ANY_PORT,
+    BlockingClient,
+    TwistdDaemon,
+    frame,
+    twistd_command,
+    without_warm_up,
+)
 
 JOBS = int(os.environ.get("GLOOM_CRASH_JOBS", "50000"))
 """Detached jobs the master of the crash test submits."""
@@ -151,7 +158,7 @@ class LimitedDaemon(TwistdDaemon):
         self.cwd = tempfile.mkdtemp()
         test.addCleanup(shutil.rmtree, self.cwd, True)
         self.process = subprocess.Popen(
-            twistd_command() + ["--pidfile=", *arguments],
+            twistd_command() + ["--pidfile=", *without_warm_up(arguments)],
             cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=_ignore_sigxfsz_and_limit(file_size),
         )
@@ -359,7 +366,8 @@ class CorruptJournalTests(SynchronousTestCase):
         cwd = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, cwd, True)
         result = subprocess.run(
-            twistd_command() + ["--pidfile=", "-n", "gloom", *ANY_PORT, "--journal", self.path],
+            twistd_command() + ["--pidfile=", "-n", "gloom", "--warm-up", "0", *ANY_PORT,
+                                "--journal", self.path],
             cwd=cwd, capture_output=True, text=True, timeout=60)
         self.assertNotEqual(result.returncode, 0, result.stdout + result.stderr)
         output = result.stdout + result.stderr

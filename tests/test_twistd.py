@@ -173,6 +173,8 @@ class TacTests(SynchronousTestCase):
             text = tac.read()
         text, count = re.subn(r'(?m)^(MASTER|SLAVE) = "[^"]*"', r'\1 = "tcp:0:interface=127.0.0.1"', text)
         self.assertEqual(count, 2)
+        text, count = re.subn(r"(?m)^WARM_UP = None", "WARM_UP = 0", text)
+        self.assertEqual(count, 1)
         scratch = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, scratch, True)
         path = os.path.join(scratch, "gloom.tac")

@@ -56,9 +56,9 @@ class DirectTCPWriter(TransportWriter):
     def __init__(self, transport: ITransport):
         super().__init__(transport)
         try:
-            self._socket_send = transport.getHandle().send
+            self._socket = transport.getHandle()
         except AttributeError:  # closed already: nothing is sent directly
-            self._socket_send = None
+            self._socket = None
 
     def send(self, data: bytes) -> None:
         """Send ``data`` on the socket if the transport holds nothing; what
@@ -66,9 +66,9 @@ class DirectTCPWriter(TransportWriter):
         transport then meets when it writes) goes to the transport."""
         transport = self.transport
         if (transport.connected and not transport.dataBuffer and not transport._tempDataBuffer
-                and self._socket_send is not None):
+                and self._socket is not None):
             try:
-                sent = self._socket_send(data)
+                sent = self._socket.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gloom import tap
 from tests.support import ANY_PORT, BlockingClient, TwistdDaemon
+from tests.test_twistd import run_a_job
 
 
 def stats(port: int) -> dict:
@@ -28,24 +29,6 @@ def stats(port: int) -> dict:
     finally:
         client.close()
     return reply["stats"]
-
-
-def run_a_job(test, master_port: int, slave_port: int) -> None:
-    slave = BlockingClient(slave_port)
-    master = BlockingClient(master_port)
-    try:
-        slave.send({"action": "join", "type": "upper"})
-        test.assertEqual(slave.receive(), {"ok": True})
-        master.send({"action": "submit", "id": "a", "type": "upper", "body": "gloom"})
-        test.assertEqual(master.receive(), {"ok": True, "id": "a"})
-        job = slave.receive()
-        test.assertEqual(job, {"action": "job", "id": "a", "type": "upper", "body": "gloom"})
-        slave.send({"action": "respond", "body": job["body"].upper()})
-        test.assertEqual(slave.receive(), {"ok": True})
-        test.assertEqual(master.receive(), {"id": "a", "body": "GLOOM"})
-    finally:
-        slave.close()
-        master.close()
 
 
 class TwistdWarmUpTests(SynchronousTestCase):

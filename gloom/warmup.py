@@ -9,6 +9,7 @@ before the real ports open, so that the first real jobs find it compiled.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Dict, List, Optional
 
@@ -311,6 +312,11 @@ def warm_up(reactor, jobs: int, seconds_limit: float = DEFAULT_SECONDS_LIMIT,
         finally:
             for logger, observer in zip(loggers, observers):
                 logger.observer = observer
+            del load, masters, slaves, scheduler
+            # Everything the warm-up made is garbage now: collected at once,
+            # PyPy's heap does not grow the first real load on top of it (a
+            # daemon kept about 27 MB more after its first run without this).
+            gc.collect()
 
 
 def _close(reactor, load: _Load, connectors: list, ports: list, factories,

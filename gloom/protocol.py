@@ -174,6 +174,10 @@ class FrameReceiver(Int32StringReceiver):
                 frame = data[offset + 4 : end]
                 offset = end
                 self.stringReceived(frame)
+        except BaseException:
+            if offset < size:  # the rest of the read stays, ahead of what came meanwhile
+                self._buffer[:0] = data[offset:]
+            raise
         finally:
             self._parsing = False
         return offset

@@ -13,6 +13,7 @@ import gc
 import time
 from typing import Any, Dict, List, Optional
 
+from twisted.internet.base import ReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import LogLevel
 from twisted.protocols.basic import Int32StringReceiver
@@ -93,6 +94,8 @@ class _Load:
         self.error: Optional[bytes] = None
         self.masters: List["_Master"] = []
         self.slaves: List["_Slave"] = []
+        self.closing = False
+        self.stopping: list = []  # the Deferreds of the ports stopped already
 
     def take(self, count: int) -> int:
         """Up to ``count`` of the jobs left to submit."""
@@ -195,6 +198,10 @@ class _ClientFactory(ClientFactory):
         if self.load.error is None:
             self.load.error = f"could not connect: {reason.getErrorMessage()}".encode()
 
+    def clientConnectionLost(self, connector, reason) -> None:
+        if not self.load.closing and self.load.error is None:
+            self.load.error = f"the daemon closed a connection: {reason.getErrorMessage()}".encode()
+
 
 class _Quiet:
     """A log observer passing on every event but the info-level ones of the
@@ -238,23 +245,44 @@ def warm_up(reactor, jobs: int, seconds_limit: float = DEFAULT_SECONDS_LIMIT,
             max_frame: int = wire.DEFAULT_MAX_FRAME,
             frame_timeout: float = DEFAULT_FRAME_TIMEOUT) -> WarmUpResult:
     """Run ``jobs`` synthetic jobs through a private scheduler and the
-    daemon's own factories and protocols over loopback TCP, driving a
-    reactor that is not running yet by hand.  It stops after
-    ``seconds_limit`` seconds even if jobs are left, and leaves no port,
-    connection or delayed call of its own behind.
+    daemon's own factories and protocols over loopback TCP, on a private
+    reactor of the daemon's reactor's class (never installed, never run:
+    driven by hand), so that nothing scheduled on the daemon's reactor
+    runs or is touched.  It stops after ``seconds_limit`` seconds even if
+    jobs are left, and leaves no port or connection behind.
 
-    :param reactor: the daemon's reactor, not yet running.
+    :param reactor: the daemon's reactor (only its class is used).
     :param jobs: how many jobs to run (0: none).
     :param seconds_limit: most seconds the jobs may take.
     :param max_frame: as the daemon's factories have it.
     :param frame_timeout: as the daemon's factories have it.
-    :returns: how many jobs were answered, and in how long.
+    :returns: how many jobs were answered, and in how long (closing included).
     :raises Exception: whatever went wrong (the ports and connections are
         closed first).
     """
     if jobs <= 0:
         return WarmUpResult(0, 0, 0.0)
-    calls_before = set(reactor.getDelayedCalls())
+    if getattr(type(reactor), "doIteration", None) is ReactorBase.doIteration:
+        # Such a reactor (the asyncio one) runs only inside its own loop,
+        # which a second instance would share.
+        raise WarmUpError(f"{type(reactor).__name__} cannot be driven by hand")
+    started = time.monotonic()
+    private = type(reactor)()
+    try:
+        answered = _run(private, jobs, started + seconds_limit, max_frame, frame_timeout)
+    finally:
+        _dispose(private)
+        del private
+        # Everything the warm-up made is garbage now: collected at once,
+        # PyPy's heap does not grow the first real load on top of it (a
+        # daemon kept about 27 MB more after its first run without this).
+        gc.collect()
+    return WarmUpResult(answered, jobs, time.monotonic() - started)
+
+
+def _run(reactor, jobs: int, deadline: float, max_frame: int, frame_timeout: float) -> int:
+    """The warm-up's jobs on ``reactor`` (private) until ``deadline``:
+    how many were answered."""
     scheduler = Scheduler(clock=reactor)
     outbox = Outbox(reactor)
     masters = MasterFactory(scheduler, reactor, max_frame, outbox, frame_timeout, detached=None)
@@ -266,12 +294,10 @@ def warm_up(reactor, jobs: int, seconds_limit: float = DEFAULT_SECONDS_LIMIT,
     observers = [logger.observer for logger in loggers]
     for logger in loggers:
         logger.observer = _Quiet(logger.observer, (masters, slaves))
-    started = time.monotonic()
     try:
         ports.append(reactor.listenTCP(0, masters, interface="127.0.0.1"))
         ports.append(reactor.listenTCP(0, slaves, interface="127.0.0.1"))
         master_port, slave_port = (port.getHost().port for port in ports)
-        deadline = started + seconds_limit
 
         def until(condition) -> bool:
             while not condition():
@@ -285,9 +311,8 @@ def warm_up(reactor, jobs: int, seconds_limit: float = DEFAULT_SECONDS_LIMIT,
         factory = _ClientFactory(_Master, load, load.masters)
         for _ in range(MASTERS):
             connectors.append(reactor.connectTCP("127.0.0.1", master_port, factory))
-        if until(lambda: len(masters.connections) >= MASTERS
-                 and all(m.open for m in load.masters)
-                 and len(load.masters) == MASTERS):
+        if until(lambda: _all_accepted(masters, load.masters, MASTERS)):
+            _only_our_own(ports[0], masters, load.masters)
             # Jobs queued before any slave joins, then drained by the slaves.
             queued = load.take(min(QUEUED_FIRST, jobs // 4))
             for index, master in enumerate(load.masters):
@@ -303,26 +328,63 @@ def warm_up(reactor, jobs: int, seconds_limit: float = DEFAULT_SECONDS_LIMIT,
                 factory = _ClientFactory(_Slave, load, load.slaves)
                 for _ in range(SLAVES):
                     connectors.append(reactor.connectTCP("127.0.0.1", slave_port, factory))
-                until(lambda: load.answered >= jobs)
-        seconds = time.monotonic() - started
-        return WarmUpResult(load.answered, jobs, seconds)
+                if until(lambda: _all_accepted(slaves, load.slaves, SLAVES)):
+                    _only_our_own(ports[1], slaves, load.slaves)
+                    until(lambda: load.answered >= jobs)
+        return load.answered
     finally:
         try:
-            _close(reactor, load, connectors, ports, (masters, slaves), calls_before)
+            _close(reactor, load, connectors, ports, (masters, slaves))
         finally:
             for logger, observer in zip(loggers, observers):
                 logger.observer = observer
-            del load, masters, slaves, scheduler
-            # Everything the warm-up made is garbage now: collected at once,
-            # PyPy's heap does not grow the first real load on top of it (a
-            # daemon kept about 27 MB more after its first run without this).
-            gc.collect()
 
 
-def _close(reactor, load: _Load, connectors: list, ports: list, factories,
-           calls_before: set) -> None:
-    """Close every connection and port of the warm-up, and cancel what it
-    left scheduled."""
+def _all_accepted(factory, clients: list, count: int) -> bool:
+    """Whether all ``count`` of the warm-up's clients are connected, and
+    the daemon side has accepted each."""
+    if len(clients) < count or not all(client.open for client in clients):
+        return False
+    peers = {connection.transport.getPeer().port for connection in factory.connections}
+    return all(client.transport.getHost().port in peers for client in clients)
+
+
+def _only_our_own(port, factory, clients: list) -> None:
+    """Stop listening once the warm-up's own clients are in, and drop any
+    other connection (another local process that connected meanwhile), so
+    that nobody else can hold up or join the warm-up."""
+    load = clients[0].load
+    load.stopping.append(port.stopListening())
+    ours = {client.transport.getHost().port for client in clients}
+    for connection in list(factory.connections):
+        if connection.transport.getPeer().port not in ours:
+            connection.abort()
+
+
+def _dispose(reactor) -> None:
+    """Free what a private reactor holds: its calls, its descriptors, and
+    what it made when it was built (its waker's pipe, its poller), where it
+    has them."""
+    for call in reactor.getDelayedCalls():
+        if call.active():
+            call.cancel()
+    reactor.removeAll()
+    waker = getattr(reactor, "waker", None)
+    if waker is not None:
+        try:
+            reactor.removeReader(waker)
+        except Exception:
+            pass
+        waker.connectionLost(None)
+    close = getattr(getattr(reactor, "_poller", None), "close", None)
+    if close is not None:
+        close()
+
+
+def _close(reactor, load: _Load, connectors: list, ports: list, factories) -> None:
+    """Close every connection and port of the warm-up (on its private
+    reactor, whose calls are then cancelled)."""
+    load.closing = True
     for client in load.masters + load.slaves:
         if client.open:
             client.transport.loseConnection()
@@ -332,20 +394,17 @@ def _close(reactor, load: _Load, connectors: list, ports: list, factories,
     for factory in factories:
         for connection in list(factory.connections):
             connection.close()
-    stopped = [port.stopListening() for port in ports]
+    stopped = load.stopping + [port.stopListening() for port in ports
+                               if not getattr(port, "disconnecting", False)]
     deadline = time.monotonic() + CLOSE_LIMIT
     aborted = False
-
-    def left() -> list:
-        return [call for call in reactor.getDelayedCalls()
-                if call.active() and call not in calls_before]
 
     def open_connections() -> bool:
         return (any(factory.connections for factory in factories)
                 or any(client.open for client in load.masters + load.slaves)
                 or any(connector.state != "disconnected" for connector in connectors))
 
-    while open_connections() or left() or not all(d is None or d.called for d in stopped):
+    while open_connections() or not all(d is None or d.called for d in stopped):
         now = time.monotonic()
         if now > deadline:
             break
@@ -358,5 +417,3 @@ def _close(reactor, load: _Load, connectors: list, ports: list, factories,
                 if client.open:
                     client.transport.abortConnection()
         _turn(reactor)
-    for call in left():
-        call.cancel()

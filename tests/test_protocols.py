@@ -154,6 +154,27 @@ class RoundTripTests(SynchronousTestCase):
         protocol.resumeProducing()
         self.assertEqual([m["id"] for m in self.master.received()], ["2", "3", "4", "5"])
 
+    def test_a_handler_that_raises_loses_nothing_after_it(self):
+        """Should a frame's handling raise out of the protocol, the frames
+        after it in the same read are kept, in order, for the next read."""
+        protocol = self.master.protocol
+        handle = protocol.stringReceived
+        seen = []
+
+        def raising(frame_bytes):
+            seen.append(frame_bytes)
+            if len(seen) == 2:
+                raise RuntimeError("boom")
+            handle(frame_bytes)
+
+        protocol.stringReceived = raising
+        data = b"".join(frame({"action": "submit", "id": str(i), "type": "t", "body": i})
+                        for i in range(4))
+        cut = len(data) - 3
+        self.assertRaises(RuntimeError, protocol.dataReceived, data[:cut])
+        protocol.dataReceived(data[cut:])
+        self.assertEqual([m["id"] for m in self.master.received()], ["0", "2", "3"])
+
     def test_an_oversized_frame_after_whole_ones_is_refused(self):
         daemon = Daemon(max_frame=100)
         master = daemon.master()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 
+from twisted.internet.base import ReactorBase
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.usage import UsageError
@@ -114,7 +115,33 @@ class Refusing(MemoryReactorClock):
         return super().listenTCP(port, factory, backlog, interface)
 
 
+class HandsOff(MemoryReactorClock):
+    """A reactor that runs only inside its own loop (as the asyncio one):
+    no second instance of it may be made."""
+
+    doIteration = ReactorBase.doIteration
+    made = 0
+
+    def __init__(self):
+        super().__init__()
+        HandsOff.made += 1
+
+
 class FailingWarmUpTests(SynchronousTestCase):
+    def test_a_reactor_that_cannot_be_driven_by_hand_gets_no_warm_up(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor = HandsOff()
+        service = tap.makeService({"master": "tcp:9998", "slave": "tcp:9999", "max-frame": 1024,
+                                   "retries": 3, "warm-up": 100}, reactor)
+        service.privilegedStartService()
+        self.assertEqual(HandsOff.made, 1)  # the daemon's own, and no private one
+        self.assertEqual([port[0] for port in reactor.tcpServers], [9998, 9999])
+        skipped = [e for e in events if "warm-up skipped" in (e.get("log_format") or "")]
+        self.assertEqual(len(skipped), 1)
+        self.assertIn("cannot be driven by hand", skipped[0]["error"])
+
     def test_a_failing_warm_up_is_logged_and_start_up_goes_on(self):
         events = []
         globalLogPublisher.addObserver(events.append)
@@ -141,6 +168,8 @@ globalLogBeginner.beginLoggingTo([events.append], redirectStandardIO=False)
 from gloom import warmup
 from gloom.protocol import GloomProtocol
 readers, writers = set(reactor.getReaders()), set(reactor.getWriters())
+ran = []
+foreign = reactor.callLater(0, ran.append, "run")  # the daemon's own: not the warm-up's
 outcome = {}
 try:
     result = warmup.warm_up(reactor, int(sys.argv[1]), float(sys.argv[2]),
@@ -149,6 +178,8 @@ try:
     outcome["complete"] = result.complete
 except Exception as e:
     outcome["error"] = f"{type(e).__name__}: {e}"
+outcome["foreign_untouched"] = foreign.active() and not ran
+foreign.cancel()
 outcome["delayed"] = len(reactor.getDelayedCalls())
 outcome["readers"] = len(set(reactor.getReaders()) - readers)
 outcome["writers"] = len(set(reactor.getWriters()) - writers)
@@ -173,6 +204,7 @@ class WarmUpFunctionTests(SynchronousTestCase):
         self.assertEqual((outcome["delayed"], outcome["readers"], outcome["writers"]), (0, 0, 0),
                          outcome)
         self.assertTrue(outcome["observer_restored"])
+        self.assertTrue(outcome["foreign_untouched"], "the warm-up ran the reactor's own calls")
         self.assertEqual(outcome["connection_lines"], 0)
         return outcome
 

@@ -39,10 +39,10 @@ _TYPE_PARTS_MOST = 10_000
 
 
 def _type_part(job_type: str) -> bytes:
-    """The job-frame part naming ``job_type`` (interned; from
-    `wire.job_type_part`), remembered for
-    the next submit of the type; forgotten all at once past
-    `_TYPE_PARTS_MOST` types, so hostile type names cannot grow it."""
+    """The job-frame part naming ``job_type`` (interned), from
+    `wire.job_type_part`, remembered for the next submit of the type; all
+    are forgotten at once past `_TYPE_PARTS_MOST` types, so that hostile
+    type names cannot grow the table."""
     part = wire.job_type_part(wire.encode_id(job_type))
     if len(_TYPE_PARTS) >= _TYPE_PARTS_MOST:
         _TYPE_PARTS.clear()

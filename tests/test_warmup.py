@@ -128,30 +128,28 @@ class HandsOff(MemoryReactorClock):
 
 
 class FailingWarmUpTests(SynchronousTestCase):
-    def test_a_reactor_that_cannot_be_driven_by_hand_gets_no_warm_up(self):
+    def start(self, reactor) -> list:
+        """Start a daemon asking for a warm-up on ``reactor``; return what
+        Gloom logged, having checked that its real ports were opened."""
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        reactor = HandsOff()
         service = tap.makeService({"master": "tcp:9998", "slave": "tcp:9999", "max-frame": 1024,
                                    "retries": 3, "warm-up": 100}, reactor)
         service.privilegedStartService()
-        self.assertEqual(HandsOff.made, 1)  # the daemon's own, and no private one
         self.assertEqual([port[0] for port in reactor.tcpServers], [9998, 9999])
-        skipped = [e for e in events if "warm-up skipped" in (e.get("log_format") or "")]
+        return [e for e in events if e.get("log_namespace", "").startswith("gloom")]
+
+    def test_a_reactor_that_cannot_be_driven_by_hand_gets_no_warm_up(self):
+        reactor = HandsOff()
+        made = HandsOff.made
+        skipped = [e for e in self.start(reactor) if "warm-up skipped" in e["log_format"]]
+        self.assertEqual(HandsOff.made, made)  # no second instance was made
         self.assertEqual(len(skipped), 1)
         self.assertIn("cannot be driven by hand", skipped[0]["error"])
 
     def test_a_failing_warm_up_is_logged_and_start_up_goes_on(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        reactor = Refusing()
-        service = tap.makeService({"master": "tcp:9998", "slave": "tcp:9999", "max-frame": 1024,
-                                   "retries": 3, "warm-up": 100}, reactor)
-        service.privilegedStartService()
-        self.assertEqual([port[0] for port in reactor.tcpServers], [9998, 9999])
-        ours = [e for e in events if e.get("log_namespace", "").startswith("gloom")]
+        ours = self.start(Refusing())
         skipped = [e for e in ours if "warm-up skipped" in e["log_format"]]
         self.assertEqual(len(skipped), 1, ours)
         self.assertEqual(skipped[0]["log_level"], LogLevel.warn)

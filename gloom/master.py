@@ -94,7 +94,8 @@ class MasterProtocol(GloomProtocol):
         if (message.detach is not _MISSING or message.delay is not _MISSING
                 or message.at is not _MISSING or message.retries is not _MISSING
                 or message.backoff is not _MISSING or message.unique is not _MISSING):
-            return self._submit_with_options(message, job_id, job_type, body, priority, timeout)
+            return self._submit_with_options(message, job_id, job_type, type_part, body,
+                                             priority, timeout)
         factory = self.factory
         scheduler = factory.scheduler
         if scheduler.draining:
@@ -115,8 +116,9 @@ class MasterProtocol(GloomProtocol):
         else:
             self.sendString(wire.with_ref(wire.ack(id_json), ref))
 
-    def _submit_with_options(self, message: wire.Message, job_id: str, job_type: str, body,
-                             priority: int, timeout: Optional[float]) -> None:
+    def _submit_with_options(self, message: wire.Message, job_id: str, job_type: str,
+                             type_part: bytes, body, priority: int,
+                             timeout: Optional[float]) -> None:
         """A submit that is detached, delayed, or names how it is retried."""
         factory = self.factory
         detach = wire.optional_flag(message, "detach", job_id)
@@ -131,7 +133,7 @@ class MasterProtocol(GloomProtocol):
         if factory.scheduler.draining:
             raise wire.MessageError(wire.SHUTDOWN, DRAINING, job_id)
         id_json = wire.encode_id(job_id)
-        job_frame = wire.job(id_json, wire.encode_id(job_type), body)
+        job_frame = wire.job_from_parts(id_json, type_part, body)
         ref = message.ref
         if not detach:
             self._check_room(job_id)

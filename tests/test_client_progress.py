@@ -15,6 +15,7 @@ import unittest
 
 from gloom import core
 from gloom.client import Master, ServerError, Slave, Timeout, TransportError
+from tests.support import reserved_port
 
 
 class FakePeer:
@@ -225,10 +226,7 @@ class FakeMasterTests(unittest.TestCase):
 
     def test_admin_says_which_daemons_were_not_reached(self):
         up = FakeDaemon(self)
-        down = socket.socket()
-        down.bind(("127.0.0.1", 0))  # bound, never listening: refused
-        self.addCleanup(down.close)
-        missing = f"127.0.0.1:{down.getsockname()[1]}"
+        missing = f"127.0.0.1:{reserved_port(self)}"  # bound, never listening: refused
         master = Master([up.address, missing], connect_timeout=2)
         self.addCleanup(master.disconnect)
         peer = up.accept()
@@ -247,10 +245,7 @@ class FakeMasterTests(unittest.TestCase):
 
     def test_a_unique_submit_goes_by_its_key_to_the_daemons_up_at_once(self):
         up = FakeDaemon(self)
-        down = socket.socket()
-        down.bind(("127.0.0.1", 0))  # bound, never listening: refused
-        self.addCleanup(down.close)
-        missing = f"127.0.0.1:{down.getsockname()[1]}"
+        missing = f"127.0.0.1:{reserved_port(self)}"  # bound, never listening: refused
         names = [up.address, missing]
         key = next(key for key in (f"k{n}" for n in range(1000)) if core.rendezvous(key, names)[0] == missing)
         master = Master(names, connect_timeout=2)

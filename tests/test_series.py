@@ -55,13 +55,26 @@ class SeriesTests(SynchronousTestCase):
             job = self.slave.jobs.pop()
             self.scheduler.complete(self.slave, job, body)
 
+    def fail(self, slave, count):
+        """``slave`` takes ``count`` jobs of its type, and fails each."""
+        for _ in range(count):
+            self.scheduler.want_job(slave)
+            self.scheduler.fail(slave, slave.jobs.pop(), "no")
+
+    def failed_once(self, job_type):
+        """A new slave of ``job_type``, which failed one job of it."""
+        slave = Slave()
+        self.scheduler.join(slave, job_type)
+        self.submit(1, job_type)
+        self.fail(slave, 1)
+        return slave
+
     def test_one_sample_a_second_of_what_happened_in_it(self):
         self.submit(5)
         self.clock.advance(1)  # 5 submitted, none answered, 5 queued
         self.answer(3)
         self.clock.advance(1)
-        self.scheduler.want_job(self.slave)
-        self.scheduler.fail(self.slave, self.slave.jobs.pop(), "no")
+        self.fail(self.slave, 1)
         self.clock.advance(1)
         snapshot = self.series.snapshot()
         self.assertEqual(snapshot["submitted"], [5, 0, 0])
@@ -119,28 +132,18 @@ class SeriesTests(SynchronousTestCase):
         self.assertIsNone(self.series.type_figures()["t"]["p50_ms"])  # none answered lately
 
     def test_failures_by_type(self):
-        other = Slave()
-        self.scheduler.join(other, "u")
-        self.submit(1, "u")
-        self.scheduler.want_job(other)
-        self.scheduler.fail(other, other.jobs.pop(), "no")
+        other = self.failed_once("u")
         self.clock.advance(1)  # the first sample: a rate needs two
         self.assertEqual(self.series.type_figures(), {})
         self.submit(2, "u")
-        for _ in range(2):
-            self.scheduler.want_job(other)
-            self.scheduler.fail(other, other.jobs.pop(), "no")
+        self.fail(other, 2)
         self.clock.advance(1)
         figures = self.series.type_figures()["u"]
         self.assertEqual((figures["failed_per_s"], figures["answered_per_s"], figures["p50_ms"]),
                          (2.0, 0.0, None))
 
     def test_a_type_gone_is_forgotten(self):
-        other = Slave()
-        self.scheduler.join(other, "u")
-        self.submit(1, "u")
-        self.scheduler.want_job(other)
-        self.scheduler.fail(other, other.jobs.pop(), "no")
+        other = self.failed_once("u")
         self.clock.advance(1)
         self.clock.advance(1)
         self.assertIn("u", self.series.type_figures())

@@ -970,6 +970,8 @@ class Slave(_Client):
     def _lost(self, connection: _Connection, why: str) -> None:
         link = connection.handle
         self._core.link_down(link)
+        for _, job in [entry for entry in self._jobs if entry[0] is link]:
+            self._core.abandon(job)  # never given out by job(): its place comes free
         self._jobs = deque(entry for entry in self._jobs if entry[0] is not link)
 
     # --- the 2009 API -------------------------------------------------------------------------
@@ -1048,6 +1050,8 @@ class Slave(_Client):
         self.current = self._link = None
         with self._io():
             if not link.up:
+                with self._state:
+                    self._core.finished(link, job, outcome, failure)  # frees its place only
                 raise TransportError(f"the connection to {link.daemon} was lost; "
                                      f"job {job.id!r} went back to its queue there", link.daemon, job.id)
             with self._state:

@@ -72,6 +72,10 @@ MAX_PAGE = 1000
 
 _HEADER = struct.Struct("!I")
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+"""The encoder every request goes through (``json.dumps`` with these
+settings would build one per call)."""
+
 _JOB_ENDINGS = frozenset({"job_failed", "shutdown", "cleared"})
 """The error codes of frames that end a job, rather than refuse a request."""
 
@@ -575,7 +579,7 @@ def encode(message: Any, what: str = "the body") -> bytes:
     :raises EncodeError: if the message is not JSON.
     """
     try:
-        return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return _ENCODER.encode(message).encode()
     except (TypeError, ValueError) as e:
         raise EncodeError(f"{what} cannot be sent as JSON: {e}") from None
     except RecursionError:
@@ -949,16 +953,15 @@ class MasterCore:
                 self._end(request, error=ServerError.from_frame(message, daemon))
                 return
         if "stats" in message or "ok" in message or "error" in message:
+            if "error" in message:
+                # An error without a ref (a frame the daemon could not read,
+                # such as one over its size limit): kept, to explain a close
+                # that may follow to the requests that close ends.
+                state.last_error = f"{message.get('error')}: {message.get('reason', '')}"
             request = self._unreferenced_reply(state, message)
             if request is not None:
                 del state.by_ref[request.ref]
                 self._reply(state, request, message)
-                return
-            if "error" in message:
-                # An error that answers nothing in flight (a frame the daemon
-                # could not read); kept, to explain a close that may follow.
-                state.last_error = f"{message.get('error')}: {message.get('reason', '')}"
-                return
             return
         raise ProtocolError(f"{daemon} sent an unexpected frame: {json.dumps(message)[:200]}")
 
@@ -1594,6 +1597,9 @@ class WorkerCore:
         # Until when (in ticks) each daemon counts as having had no work.
         self._dry_until: Dict[str, int] = dict.fromkeys(self.daemons, 0)
         self.in_hand = 0
+        """How many jobs the worker holds, those whose connection was lost
+        while their handler runs on among them."""
+        self._orphans: Dict[int, Job] = {}
         self.stopping = False
         self.released = 0
         """How many jobs were handed back unrun because they came when the
@@ -1613,8 +1619,13 @@ class WorkerCore:
     def link_down(self, link: Link) -> Optional[Job]:
         """A slave connection is gone; the daemon takes back its job.
 
-        :returns: the job it held, if any (its outcome can no longer be
-            sent).
+        The job stays counted in `in_hand` while its handler runs on (its
+        outcome can no longer be sent, and the daemon may hand the job out
+        again), so the worker never runs more than ``concurrency`` at
+        once: the shell calls `finished` when the handler ends, or
+        `abandon` if it never started it.
+
+        :returns: the job it held, if any.
         """
         job = link.job
         link.up = False
@@ -1623,9 +1634,16 @@ class WorkerCore:
         link.replies = []
         link.reported = []
         if job is not None:
-            self.in_hand -= 1
+            self._orphans[id(job)] = job
         self._balance()
         return job
+
+    def abandon(self, job: Job) -> None:
+        """A job whose connection was lost will not be run (the shell had
+        not started it): its place comes free."""
+        if self._orphans.pop(id(job), None) is not None:
+            self.in_hand -= 1
+            self._balance()
 
     def received(self, link: Link, message: dict) -> None:
         """A frame on a slave connection."""
@@ -1658,7 +1676,8 @@ class WorkerCore:
         """The worker ran ``job``: answer it (``failure``: the reason it
         failed), then take new work if there is room."""
         if link.job is not job:
-            return  # the connection was lost meanwhile
+            self.abandon(job)  # the connection was lost meanwhile: only its place comes free
+            return
         link.job = None
         self.in_hand -= 1
         if link.up:
@@ -1779,9 +1798,11 @@ class WorkerCore:
         a job on them (an answer, leave or release not yet confirmed)."""
         if self.stopping or self.job_type is None:
             return 0
-        settling = sum(1 for link in self.links
-                       if link.up and link.replies and link.job is None and not link.wants)
-        return self.concurrency - self.in_hand - settling
+        free = self.concurrency - self.in_hand
+        for link in self.links:
+            if link.replies and link.up and link.job is None and not link.wants:
+                free -= 1  # settling
+        return free
 
     @property
     def asking(self) -> int:
@@ -1899,7 +1920,9 @@ class WorkerCore:
         """Make the number of asking connections the room for jobs: take
         asks back from the daemons with the most, add asks where fewest."""
         free = self.free
-        asking = [link for link in self.links if link.up and link.job is None and link.wants]
+        asking = [link for link in self.links if link.wants and link.up and link.job is None]
+        if free == len(asking) and len(self.daemons) < 2:
+            return  # as it should be (the usual case, after each job with one daemon)
         excess = len(asking) - max(free, 0)
         if excess > 0:
             counts = self._asks()

@@ -158,15 +158,22 @@ class Protocol(object):
             pass
         self.sock.close()
 
-    def send(self, data: Any, timeout: Optional[float] = None) -> None:
+    def send(self, data: Any, timeout: Optional[float] = None, check_error: bool = True) -> None:
         """Send one frame.  A ``str`` or ``bytes`` is sent as the payload as
         it is (2009's ``send``, later ``write``); anything else as JSON
         (2009's ``write``, later ``send``).
 
         :param data: the payload, or a value to send as JSON.
         :param timeout: seconds the send may take.  One that runs out may
-            have sent part of the frame, so the connection is closed.
+            have sent part of the frame, so the connection is closed.  A
+            bool here is the first version's ``check_error``, given by
+            position.
+        :param check_error: accepted for the first version's code, which
+            took it and never used it; an error frame is raised by the
+            read that meets it.
         """
+        if isinstance(timeout, bool):
+            timeout = None
         self._send_payload(_encode(data), _deadline(timeout))
 
     def recv(self, timeout: Optional[float] = None) -> bytes:
@@ -304,6 +311,18 @@ class Connection(Protocol):
         if "error" in frame:
             raise ServerError(frame)
         return frame
+
+    def recv(self, timeout: Optional[float] = None) -> bytes:
+        """The payload of the next frame that nothing else has taken, as
+        bytes: a frame set aside while a request waited for its reply
+        comes first, encoded again as compact JSON.
+
+        :param timeout: seconds to wait; by default, for ever.
+        :raises Timeout: if no whole frame came in time.
+        """
+        if self._stash:
+            return json.dumps(self._stash.popleft(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return self._next_payload(_deadline(timeout))
 
     # --- requests and replies ----------------------------------------------
     #

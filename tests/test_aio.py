@@ -731,9 +731,13 @@ class WorkerShellTests(SynchronousTestCase):
             connection.connection_lost(None)
             while len(net.connections) < 2:
                 await asyncio.sleep(0.005)
-            self.assertEqual(worker.busy, 0)
+            await turn()
+            # The handler runs on: it keeps its place, so the new connection asks for nothing.
+            self.assertEqual(worker.busy, 1)
+            self.assertEqual(net.connections[1].transport.frames(), [])
             gate[0].set_result("late")
             await turn()
+            self.assertEqual(worker.busy, 0)
             self.assertEqual(connection.transport.frames(), [{"action": "join", "type": "t"}])
             self.assertEqual(net.connections[1].transport.frames(), [{"action": "join", "type": "t"}])
             self.assertEqual(self.reports, ["the connection to d:1 was closed; job '1' went back to the daemon "

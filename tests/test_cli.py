@@ -10,6 +10,7 @@ import sys
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import reserved_port
@@ -246,6 +247,37 @@ class WorkerTests(CLITestCase):
         yield self.until(lambda: self.scheduler.idle_slaves("upper") == 1)
         out, err, status = yield self.gloom("submit", "upper", '"again"', *self.master_arg())
         self.assertEqual(out, '"AGAIN"\n', err)
+
+
+    @inlineCallbacks
+    def test_a_command_running_on_through_a_restart_keeps_its_place(self):
+        import tempfile
+
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch, True)
+        log, go = os.path.join(scratch, "log"), os.path.join(scratch, "go")
+        self.addCleanup(lambda: open(go, "w").close())  # the command ends, whatever the test did
+        script = (f'echo start >> {log}; for i in $(seq 1500); do [ -e {go} ] && break; sleep 0.02; done; '
+                  f'echo end >> {log}; cat')  # at most 30 s, should the test end first
+        yield self.worker("slow", "sh", "-c", script)
+        first = self.start("submit", "slow", "1", *self.master_arg())
+        yield wait_until(lambda: os.path.exists(log))
+        yield self.service.stopService()  # the command runs on; its answer has nowhere to go
+        self.start_daemon()
+        yield self.until(lambda: len(self.service.factories[1].connections) == 1)  # reconnected
+        second = self.start("submit", "slow", "2", *self.master_arg())
+        yield self.until(lambda: len(self.scheduler) == 1)
+        yield deferLater(reactor, 0.5, lambda: None)  # time for a join that must not come
+        self.assertEqual(self.scheduler.idle_slaves("slow"), 0)
+        with open(log) as lines:
+            self.assertEqual(lines.read().split(), ["start"])  # -c 1: one command at a time
+        open(go, "w").close()
+        out, err, status = yield second.ended
+        self.assertEqual((out, status), ("2\n", 0), err)
+        with open(log) as lines:
+            self.assertEqual(lines.read().split(), ["start", "end", "start", "end"])
+        _, _, status = yield first.ended
+        self.assertNotEqual(status, 0)  # its daemon went away
 
 
 class StatusAndBenchTests(CLITestCase):

@@ -423,6 +423,7 @@ class ErrorTests(ClientTestCase):
                     c.transport.abortConnection() for c in list(self.service.factories[1].connections)])
                 error = self.assertRaises(TransportError, slave.respond, "late")
                 self.assertEqual((error.daemon, error.id), (f"127.0.0.1:{slave_addr[1]}", "a"))
+                self.assertEqual(slave._core.in_hand, 0)  # counted until answered, then freed
                 self.assertRaises(TransportError, slave.job, 5)
         return deferToThread(body)
 

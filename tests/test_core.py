@@ -315,6 +315,19 @@ class MasterCoreTests(unittest.TestCase):
         cores.lost("a:1", "a:1 closed the connection")
         self.assertIn("size_error", str(job.error))
 
+    def test_a_close_after_an_error_that_ended_a_request_says_what_the_daemon_said(self):
+        cores, wire = master()
+        cores.connected("a:1")
+        first = cores.submit("t", "x", id="a")
+        cores.received("a:1", {"ok": True, "id": "a", "ref": first.ref})
+        big = cores.submit("t", "x" * 100, id="b")
+        # The daemon could not read the second frame: its refusal carries no ref or id.
+        cores.received("a:1", {"error": "size_error", "reason": "a frame of 70000000 bytes is over 67108864"})
+        self.assertEqual(big.error.error, "size_error")
+        cores.lost("a:1", "a:1 closed the connection")
+        self.assertIsInstance(first.error, core.TransportError)
+        self.assertIn("it said size_error: a frame of 70000000 bytes", str(first.error))
+
     def test_stats_from_each_daemon_and_summed(self):
         cores, wire = master(["a:1", "b:1"])
         pending = cores.stats()
@@ -578,18 +591,36 @@ class WorkerCoreTests(unittest.TestCase):
         self.assertEqual(wire.replies[-1], ("respond", "timed_out"))
         self.assertFalse(wire.reports[-1][1])
 
-    def test_lost_link_gives_its_job_back_and_a_late_finish_is_ignored(self):
+    def test_lost_link_keeps_its_place_until_the_handler_ends(self):
         cores, wire = worker(1, ["a:1", "b:1"])
         for link in cores.links:
             cores.link_up(link)
         a, b = cores.links
+        confirm(cores)
         cores.received(a, job_frame("j1"))
         self.assertEqual(cores.link_down(a).id, "j1")
-        self.assertEqual(cores.in_hand, 0)
-        self.assertTrue(b.wants)
+        # Its handler still runs: no other daemon may hand the worker a job.
+        self.assertEqual((cores.in_hand, cores.free, cores.asking), (1, 0, 0))
+        cores.link_up(a)  # back, while the handler runs on
+        self.assertEqual((cores.free, cores.asking), (0, 0))
         sent = len(wire.sent)
-        cores.finished(a, wire.started[-1][1], 1)
-        self.assertEqual(len(wire.sent), sent)
+        cores.finished(a, wire.started[-1][1], 1)  # its outcome goes nowhere
+        self.assertNotIn("respond", [m["action"] for _, m in wire.sent[sent:]])
+        self.assertEqual((cores.in_hand, cores.free, cores.asking), (0, 1, 1))
+        cores.finished(a, wire.started[-1][1], 1)  # a second call changes nothing
+        self.assertEqual((cores.in_hand, cores.asking), (0, 1))
+
+    def test_abandoned_job_frees_its_place(self):
+        cores, wire = worker(2)
+        for link in cores.links:
+            cores.link_up(link)
+        a, b = cores.links
+        cores.received(a, job_frame("j1"))
+        job = cores.link_down(a)
+        self.assertEqual(cores.free, 1)
+        cores.abandon(job)
+        cores.abandon(job)
+        self.assertEqual((cores.in_hand, cores.free), (0, 2))
 
     def test_join_later_and_switch_type(self):
         cores, wire = worker(1, job_type=None)

@@ -2,6 +2,7 @@
 body runs in a thread (blocking calls), written as 2009 code would call the
 client, while the reactor serves the daemon in-process."""
 
+import json
 import os
 import socket
 import struct
@@ -245,6 +246,26 @@ class MasterAndSlaveTests(LegacyTestCase):
             self.assertEqual(self.assertRaises(gloom.ServerError, master.read).error, "size_error")
             self.assertRaises(gloom.TransportError, master.recv, 5)  # the daemon closed it
             master.disconnect()
+        return deferToThread(body)
+
+    def test_first_versions_send_and_recv_after_a_wait(self):
+        def body():
+            master_port, slave_port = self.ports()
+            master = gloom.Master("127.0.0.1", master_port)
+            master.send({"action": "stats"}, check_error=True)  # the first version's keyword
+            self.assertIn("stats", master.read(5))
+            master.send({"action": "stats"}, False)  # ... given by position
+            self.assertIn("stats", master.read(5))
+            slave = gloom.Slave("127.0.0.1", slave_port)
+            slave.join("t")
+            master.submit("a", "t", 1)
+            slave.respond(slave.job(timeout=5).body + 1)  # once it returns, a's answer was sent
+            master.submit("b", "t", 2)  # a's answer is read, and set aside, while this waits
+            self.assertEqual(json.loads(master.recv(5)), {"id": "a", "body": 2})
+            slave.respond(slave.job(timeout=5).body + 1)
+            self.assertEqual(json.loads(master.recv(5)), {"id": "b", "body": 3})
+            master.disconnect()
+            slave.disconnect()
         return deferToThread(body)
 
     def test_a_late_answer_returns_false(self):

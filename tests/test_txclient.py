@@ -642,6 +642,27 @@ class WorkerScriptedTests(SynchronousTestCase):
         self.script.close_closing()
         self.successResultOf(stopped)
 
+    def test_a_handler_running_on_after_its_connection_drops_keeps_its_place(self):
+        held = defer.Deferred()
+        worker = self.worker(lambda job: held, ports=(9001, 9002))
+        peers = self.script.accept()
+        self.confirm(peers)
+        link = next(link for link in worker._core.links if link.wants)  # the one ask
+        peer = next(peer for peer in peers if link.daemon.endswith(f":{peer.port}"))
+        peer.send({"action": "job", "id": "j1", "type": "t", "body": 1})
+        peer.drop(ConnectionLost())
+        self.script.reactor.advance(1)
+        again = self.script.accept()
+        sent = self.confirm(peers + again)
+        # The handler still runs: under concurrency 1 nothing may ask for another job.
+        self.assertEqual(worker.busy, 1)
+        self.assertEqual([frame for frames in sent.values() for frame in frames], [])
+        held.callback("late")  # its answer goes nowhere; its place comes free
+        sent = self.confirm(peers + again)
+        self.assertEqual(worker.busy, 0)
+        frames = [frame for frames in sent.values() for frame in frames]
+        self.assertEqual(frames, [{"action": "join", "type": "t"}])
+
     def confirm(self, peers):
         """Answer every request with ok until none is left; return the
         frames each peer sent meanwhile."""

@@ -27,6 +27,7 @@ frames between those connections and `gloom.core.MasterCore` or
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import random
@@ -49,6 +50,12 @@ TLS = Union[None, bool, _ssl.SSLContext]
 _log = logging.getLogger("gloom.aio")
 
 _TRANSIENT_TLS = (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)
+
+PROVEN_AFTER = 5.0
+"""The seconds a connection must stay up, if the daemon sends no frame on
+it, before it counts as a working one that resets the backoff.  (A port
+that closes every new connection, such as a TLS port reached without
+``ssl=``, must back off as a refusing one does, not be retried at once.)"""
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -92,12 +99,22 @@ def _connect_failure(error: BaseException, daemon: str, timeout: float) -> Tuple
     return f"cannot connect to {daemon}: {error}", True
 
 
-def _loss(error: Optional[BaseException], daemon: str, why: Optional[str]) -> Tuple[str, bool]:
+def _loss(error: Optional[BaseException], daemon: str, why: Optional[str],
+          silent: bool = False) -> Tuple[str, bool]:
     """Why a connection to ``daemon`` ended, in one line, and whether it
-    was a TLS failure that retrying cannot help."""
+    was a TLS failure that retrying cannot help.
+
+    :param silent: whether it was a plain (not TLS) connection on which the
+        daemon sent nothing: a TLS port closes such a connection at its
+        first bytes, so a close then gets a hint (as the Twisted client's
+        does).
+    """
     if why is not None:
         return why, False
     if error is None:
+        if silent:
+            return (f"the connection to {daemon} was closed before the daemon said anything (if that port "
+                    "expects TLS, give ssl=)"), False
         return f"the connection to {daemon} was closed", False
     tls = _tls_failure(error, daemon)
     if tls is not None:
@@ -109,7 +126,8 @@ def _loss(error: Optional[BaseException], daemon: str, why: Optional[str]) -> Tu
 class _Connection(asyncio.Protocol):
     """One connection to a daemon: splits the bytes into frames and hands
     each decoded frame to ``received``; ``closed`` resolves with the
-    exception the connection ended with (None for a clean close)."""
+    exception the connection ended with (None for a clean close), and
+    ``heard`` says whether a frame came."""
 
     def __init__(self, name: str, received: Callable[[dict], None]):
         self.name = name
@@ -119,6 +137,7 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future = self._loop.create_future()
         self.why: Optional[str] = None
+        self.heard = False
         self._unsent: Optional[List[bytes]] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +148,7 @@ class _Connection(asyncio.Protocol):
             return
         try:
             for payload in self.buffer.feed(data):
+                self.heard = True
                 self.received(core.decode(payload, self.name))
                 if self.why is not None:
                     return
@@ -191,6 +211,7 @@ class _Shell:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: Dict[Any, asyncio.Task] = {}
         self._connections: Dict[Any, _Connection] = {}
+        self._firsts: List[asyncio.Future] = []
         self._closing = False
 
     async def _open(self, name: str, received: Callable[[dict], None]) -> _Connection:
@@ -214,19 +235,34 @@ class _Shell:
         each has made its first attempt (at most ``connect_timeout``)."""
         if self._loop is not None:
             raise RuntimeError("already started")
+        self._launch(keys)
+        await self._tried()
+
+    def _launch(self, keys: Iterable[Tuple[Any, str]]) -> None:
+        """Start a `_keep` task for each (key, daemon name), in the running
+        loop."""
         self._loop = asyncio.get_running_loop()
-        firsts = []
         for key, name in keys:
             first = self._loop.create_future()
-            firsts.append(first)
+            self._firsts.append(first)
             self._tasks[key] = self._loop.create_task(self._keep(key, name, first))
-        if firsts:
-            await asyncio.wait(firsts, timeout=self.connect_timeout)
+
+    async def _tried(self) -> None:
+        """Wait until each connection has made its first attempt (at most
+        ``connect_timeout``)."""
+        if self._firsts:
+            await asyncio.wait(self._firsts, timeout=self.connect_timeout)
 
     async def _keep(self, key: Any, name: str, first: asyncio.Future) -> None:
         """Keep connection ``key`` to daemon ``name`` up until closing:
         connect, serve, and after each failure or loss try again, waiting
-        twice as long each time (``retry_initial`` to ``retry_max``)."""
+        twice as long each time (``retry_initial`` to ``retry_max``).
+
+        Only a connection that proved itself resets the wait to
+        ``retry_initial``: one on which the daemon sent a frame, or that
+        stayed up `PROVEN_AFTER` seconds.  A connection closed at once (a
+        TLS port reached without ``ssl=``, a daemon refusing at accept)
+        counts as a failed attempt, so the waits grow."""
         delay = self.retry_initial
         failures = 0
         try:
@@ -248,19 +284,23 @@ class _Shell:
                     connection.close()
                     break
                 failures = 0
-                delay = self.retry_initial
                 self._connections[key] = connection
+                connected_at = self._loop.time()  # type: ignore[union-attr]
                 self._up(key, connection)
                 if not first.done():
                     first.set_result(None)
                 error = await connection.closed
                 del self._connections[key]
-                why, permanent = _loss(error, name, connection.why)
+                proven = connection.heard or self._loop.time() - connected_at >= PROVEN_AFTER  # type: ignore[union-attr]
+                if proven:
+                    delay = self.retry_initial
+                why, permanent = _loss(error, name, connection.why, silent=self._ssl is None and not proven)
                 if self._closing:
                     why, permanent = f"the connection to {name} was closed by this client", False
                 self._down(key, why, permanent)
                 if not self._closing:
-                    await asyncio.sleep(self._delay(self.retry_initial))
+                    await asyncio.sleep(self._delay(delay))
+                    delay = min(delay * 2, self.retry_max)
         finally:
             if not first.done():
                 first.set_result(None)
@@ -313,7 +353,10 @@ class Master(_Shell):
     Each daemon gets one connection, kept up in a task of its own; jobs
     are spread over the daemons up by `gloom.core.MasterCore`.  While no
     daemon is up, requests wait for one.  Use ``async with Master() as
-    master:``, or ``await start()`` and ``await close()``.
+    master:``, or ``await start()`` and ``await close()`` (or ``stop()``,
+    the same, as the Twisted client names it).  A request made before
+    `start` starts the master in the running loop, and waits for a daemon
+    as the Twisted client's do.
 
     :param masters: the daemons' master addresses: ``host:port`` strings,
         a list or one comma-separated string; None for ``GLOOM_MASTERS``,
@@ -351,13 +394,21 @@ class Master(_Shell):
         self._why: Dict[str, str] = {}
         self._unreachable: Optional[str] = None
         self._closed = False
+        self._auto_started = False
+        """Whether a request started the master (`start` then only waits)."""
 
     # --- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start connecting to every daemon, and return once each has been
-        tried once (connected or not)."""
-        await self._start((name, name) for name in self.names)
+        tried once (connected or not).  If a request started the master
+        already, only wait for those first attempts."""
+        if self._loop is None:
+            self._begin()
+        elif not self._auto_started:
+            raise RuntimeError("already started")
+        self._auto_started = False
+        await self._tried()
 
     async def close(self) -> None:
         """Stop: close every connection once what was written is sent.
@@ -369,8 +420,12 @@ class Master(_Shell):
         await self._close_connections()
         self._core.unreachable("the master was closed")
 
+    async def stop(self) -> None:
+        """`close`, by the name the Twisted client's ``stop`` has."""
+        await self.close()
+
     async def __aenter__(self) -> "Master":
-        if self._loop is None:
+        if self._loop is None or self._auto_started:
             await self.start()
         return self
 
@@ -391,6 +446,19 @@ class Master(_Shell):
     def in_flight(self) -> int:
         """How many submitted jobs have not ended."""
         return self._core.in_flight
+
+    @property
+    def daemons(self) -> List[str]:
+        """The names of all the daemons, as messages and errors give them."""
+        return list(self.names)
+
+    @property
+    def unreachable(self) -> Dict[str, str]:
+        """The daemons not connected now whose last connection attempt
+        failed, each with why (one line)."""
+        up = set(self._core.up())
+        return {name: self._why[name] for name in self.names
+                if name not in up and self._failures.get(name, 0) and name in self._why}
 
     # --- requests --------------------------------------------------------------------------
 
@@ -544,10 +612,17 @@ class Master(_Shell):
     async def stats(self, daemon: Optional[str] = None) -> dict:
         """The daemons' figures: one daemon's (``daemon``, or the only one),
         or the sum of those up (`gloom.core.sum_stats`, each one's own under
-        ``daemons``)."""
+        ``daemons``).
+
+        :param daemon: the name or address of the one daemon to ask.
+        :raises ValueError: if ``daemon`` is not one of this master's.
+        """
+        if daemon is not None:
+            daemon = self._name_of(daemon)
         self._check_open()
         if daemon is not None or len(self.names) == 1:
             return await self._result(self._core.stats(daemon))
+        await self._tried()
         up = self._core.up()
         if not up:
             request = self._core.stats()  # waits for the first daemon up
@@ -604,6 +679,7 @@ class Master(_Shell):
         """Ask every daemon connected; each one's reply, by name."""
         core.admin_message(action, type)  # a ValueError before anything is sent
         self._check_open()
+        await self._tried()
         up = self._core.up()
         outcomes = await asyncio.gather(*(self._result(self._core.admin(action, type, name)) for name in up),
                                         return_exceptions=True)
@@ -612,10 +688,28 @@ class Master(_Shell):
     # --- inside ------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        """Refuse a request once closed; start the master if not yet."""
         if self._closed:
             raise TransportError("the master is closed")
         if self._loop is None:
-            raise RuntimeError("the master is not started: use 'async with' or 'await start()'")
+            asyncio.get_running_loop()  # a RuntimeError out of a loop, before anything starts
+            self._auto_started = True
+            self._begin()
+
+    def _begin(self) -> None:
+        """Start a connection task for each daemon in the running loop."""
+        self._launch((name, name) for name in self.names)
+
+    def _name_of(self, daemon: str) -> str:
+        """The name of one of this master's daemons, given its name or address."""
+        if daemon in self._hosts:
+            return daemon
+        for address, name in zip(self.addresses, self.names):
+            if daemon == address:
+                return name
+        if core.display_name(daemon) in self._hosts:
+            return core.display_name(daemon)
+        raise ValueError(f"{daemon!r} is not one of this client's daemons")
 
     def _submit(self, type: str, body: Any, priority: Optional[int], id: Optional[str],
                 timeout: Optional[float], **options: Any) -> core.Request:
@@ -862,16 +956,21 @@ class Worker(_Shell):
     work.  Use ``async with Worker(...)``, or ``await start()``, then
     ``await stop()`` or ``await wait()``.
 
-    :param type: the type of jobs to take.
+    :param type: the type of jobs to take (also ``.type`` and
+        ``.job_type``, as on the Twisted client's worker).
     :param handler: called with each `gloom.core.Job`; returns the answer
-        body.  A plain function runs in the event loop's default executor
-        (a thread); a coroutine function, or a function that returns an
-        awaitable, is awaited in the loop.  An exception fails the job with
-        its text.  While it runs, ``job.progress(done, total, data=None)``
-        tells the masters how far it got and ``job.touch()`` restarts its
-        timeout; both may be called from the loop or from the handler's
-        thread (they are handed to the loop), and return whether they were
-        sent (False once the job is answered or its connection lost).
+        body.  A plain function runs in a thread of the worker's own pool
+        of ``concurrency`` threads (made by `start`, shut down by `stop`
+        once the jobs in hand are done), so that every job the worker
+        holds runs at once, whatever the size of the loop's default
+        executor; a coroutine function is awaited in the loop, and so is
+        what a plain function returns if it is awaitable.  An exception
+        fails the job with its text.  While it runs, ``job.progress(done,
+        total, data=None)`` tells the masters how far it got and
+        ``job.touch()`` restarts its timeout; both may be called from the
+        loop or from the handler's thread (they are handed to the loop),
+        and return whether they were sent (False once the job is answered
+        or its connection lost).
         ``job.cancelled`` becomes True once the daemon answers either with
         ``cancelled``: every master that submitted the job withdrew it, and
         the work may stop (the job must still be answered or failed; the
@@ -919,10 +1018,17 @@ class Worker(_Shell):
         self._done: Optional[asyncio.Future] = None
         self._changed: Optional[asyncio.Future] = None
         self._rotation: Optional[asyncio.TimerHandle] = None
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        """The threads a plain handler runs in, one per job the worker may hold."""
 
     @property
     def type(self) -> Optional[str]:
         """The type of jobs taken."""
+        return self._core.job_type
+
+    @property
+    def job_type(self) -> Optional[str]:
+        """The type of jobs taken (`type`, by the Twisted worker's name)."""
         return self._core.job_type
 
     @property
@@ -935,6 +1041,12 @@ class Worker(_Shell):
         """How many jobs are in hand now."""
         return self._core.in_hand
 
+    @property
+    def released(self) -> int:
+        """How many jobs were handed back unrun, having come when the
+        worker was full or stopping."""
+        return self._core.released
+
     # --- life ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -945,13 +1057,16 @@ class Worker(_Shell):
             raise RuntimeError("already started")
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        if not self._async:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self._core.concurrency, thread_name_prefix=f"gloom-{self._core.job_type}")
         if len(self._core.daemons) > 1:
             self._rotation = loop.call_later(self._core.ROTATE_INTERVAL, self._rotate)
         await self._start((link, link.daemon) for link in self._core.links)
 
     async def stop(self) -> None:
         """Take no new job at once, let the jobs in hand finish and be
-        answered, then disconnect."""
+        answered, then shut the handler threads down and disconnect."""
         if self._loop is None:
             raise RuntimeError("the worker is not started")
         if self._stopping is None:
@@ -1000,6 +1115,10 @@ class Worker(_Shell):
         self._core.stop()
         while self._jobs:
             await asyncio.gather(*self._jobs, return_exceptions=True)
+        if self._executor is not None:
+            # Every job is answered, so no thread runs a handler: this
+            # only lets the idle threads end.
+            self._executor.shutdown(wait=True)
         # Wait (a little) for the daemons' replies to what was sent, such as
         # the last answers, so that nothing is cut off.
         deadline = self._loop.time() + self.connect_timeout  # type: ignore[union-attr]
@@ -1065,7 +1184,8 @@ class Worker(_Shell):
         if permanent:
             self._reported(why, True)
         elif job is not None:
-            self._trouble[key.daemon] = text = f"{why}; job {job.id!r} went back to the daemon unanswered"
+            self._trouble[key.daemon] = text = (f"{why}; job {job.id!r} cannot be answered (a daemon still "
+                                                   "running queues it again)")
             self._report(text)
         else:
             self._trouble_with(key.daemon, f"{why} (reconnecting)")
@@ -1117,7 +1237,7 @@ class Worker(_Shell):
             if self._async:
                 outcome = await self.handler(job)
             else:
-                outcome = await loop.run_in_executor(None, self.handler, job)
+                outcome = await loop.run_in_executor(self._executor, self.handler, job)
                 if inspect.isawaitable(outcome):
                     outcome = await outcome
         except Exception as e:

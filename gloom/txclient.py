@@ -243,6 +243,39 @@ def _default_policy() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=0.5, maxDelay=30)
 
 
+PROVEN_AFTER = 5.0
+"""The seconds a connection must stay up, if the daemon sends no frame on
+it, before it counts as a working one that resets the backoff."""
+
+
+class _Backoff:
+    """The retry policy of one connection's ``ClientService``.
+
+    ``ClientService`` counts failed attempts from 0 again at every
+    connection made, so a port that closes each new connection at once (a
+    TLS port reached with a plain address) would be retried at the first
+    delay for ever.  This counts its own attempts, and starts again only
+    once a connection proved itself (`proven`: the daemon sent a frame on
+    it, or it stayed up `PROVEN_AFTER` seconds).
+
+    :param policy: the delay before each attempt, given how many attempts
+        in a row failed (1 for the first retry), as ``ClientService``
+        takes it.
+    """
+
+    def __init__(self, policy: Callable[[int], float]):
+        self.policy = policy
+        self.failures = 0
+
+    def __call__(self, attempt: int) -> float:
+        self.failures += 1
+        return self.policy(self.failures)
+
+    def proven(self) -> None:
+        """A connection worked: the next wait is the first one again."""
+        self.failures = 0
+
+
 # --- connections ------------------------------------------------------------------------------
 
 
@@ -255,10 +288,12 @@ class _Connection(Int32StringReceiver):
 
     MAX_LENGTH = core.READ_LIMIT
 
-    def __init__(self, owner, key):
+    def __init__(self, owner, key, backoff: Optional[_Backoff] = None):
         self.owner = owner
         self.key = key
+        self.backoff = backoff
         self.up = False
+        self.up_at: Optional[float] = None
         self.problem: Optional[str] = None
         self.heard = False
         self._frames = core.FrameBuffer(self.MAX_LENGTH)
@@ -280,12 +315,21 @@ class _Connection(Int32StringReceiver):
 
     def _ready(self) -> None:
         self.up = True
+        self.up_at = self.owner.reactor.seconds()
         self.owner._up(self)
+
+    def _proven(self) -> None:
+        """The connection works (see `_Backoff`)."""
+        if self.backoff is not None:
+            self.backoff.proven()
 
     @property
     def silent(self) -> bool:
-        """Whether this plain (not TLS) connection was up and heard nothing."""
-        return self.up and not self.heard and not isinstance(self.transport, TLSMemoryBIOProtocol)
+        """Whether this plain (not TLS) connection was up and heard
+        nothing, for less than `PROVEN_AFTER` seconds (an idle worker
+        connection of long standing hears nothing either)."""
+        return (self.up and not self.heard and not isinstance(self.transport, TLSMemoryBIOProtocol)
+                and self.owner.reactor.seconds() - self.up_at < PROVEN_AFTER)
 
     def dataReceived(self, data: bytes) -> None:
         self.heard = True
@@ -296,6 +340,8 @@ class _Connection(Int32StringReceiver):
         except ProtocolError as e:
             self.abort(f"{self.owner._name(self.key)}: {e}")
             return
+        if frames:
+            self._proven()
         for frame in frames:
             if self.problem is not None:
                 return
@@ -311,20 +357,30 @@ class _Connection(Int32StringReceiver):
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        # Before ClientService asks its retry policy for the next delay.
+        if self.up_at is not None and self.owner.reactor.seconds() - self.up_at >= PROVEN_AFTER:
+            self._proven()
         self.owner._lost(self, reason)
 
 
 class _Factory(Factory):
     noisy = False
 
-    def __init__(self, owner, key):
+    def __init__(self, owner, key, backoff: Optional[_Backoff] = None):
         self.owner = owner
         self.key = key
+        self.backoff = backoff
 
     def buildProtocol(self, addr):
-        connection = _Connection(self.owner, self.key)
+        connection = _Connection(self.owner, self.key, self.backoff)
         connection.factory = self
         return connection
+
+
+def _service(endpoint, owner, key, policy: Callable[[int], float], clock) -> ClientService:
+    """A ``ClientService`` for one connection, backing off by `_Backoff`."""
+    backoff = _Backoff(policy)
+    return ClientService(endpoint, _Factory(owner, key, backoff), retryPolicy=backoff, clock=clock)
 
 
 @implementer(IStreamClientEndpoint)
@@ -382,7 +438,10 @@ class MasterClient(MultiService):
         attempts in a row with none up, the requests waiting for a
         connection fail with `TransportError` (None: they wait for ever).
     :param retry_policy: seconds to wait before each new connection attempt,
-        as ``ClientService`` takes it; by default, backoff from 0.5 s to 30 s.
+        given how many attempts in a row failed, as ``ClientService`` takes
+        it; by default, backoff from 0.5 s to 30 s.  A connection that
+        closes before the daemon sent a frame, within `PROVEN_AFTER`
+        seconds, counts as a failed attempt.
     :param resubmit: submit a dropped daemon's jobs again elsewhere instead
         of failing them.
     :raises ValueError: if an address cannot be used.
@@ -414,7 +473,7 @@ class MasterClient(MultiService):
         for address, name in zip(addresses, names):
             daemon = _MasterDaemon(name, address)
             endpoint = _ReportingEndpoint(client_endpoint(reactor, address), name, self._attempt_failed)
-            daemon.service = ClientService(endpoint, _Factory(self, name), retryPolicy=policy, clock=reactor)
+            daemon.service = _service(endpoint, self, name, policy, reactor)
             daemon.service.setServiceParent(self)
             self._daemons[name] = daemon
 
@@ -467,10 +526,19 @@ class MasterClient(MultiService):
         """
         return deferLater(self.reactor, 0, self.stopService)
 
+    def close(self) -> Deferred:
+        """`stop`, by the name the asyncio client's ``close`` has."""
+        return self.stop()
+
     @property
     def connected(self) -> bool:
         """Whether a connection to any daemon is up right now."""
         return bool(self._core.up())
+
+    @property
+    def in_flight(self) -> int:
+        """How many submitted jobs have not ended."""
+        return self._core.in_flight
 
     @property
     def up(self) -> List[str]:
@@ -1040,9 +1108,10 @@ class Worker(MultiService):
 
     A fatal error (the daemon refused to serve the type, or TLS settings the
     daemon rejects) is reported, then the worker stops itself and `done`
-    fails with `WorkerError`.
+    (and `wait`) fails with `WorkerError`.
 
-    :param job_type: the type of jobs to take.
+    :param type: the type of jobs to take (also ``.type`` and
+        ``.job_type``); ``job_type=`` is taken too, by keyword, as before.
     :param handler: called with each `Job`; returns the answer body or a
         Deferred for it, and an exception or failure fails the job with its
         text.  While it runs, ``job.progress(done, total, data=None)``
@@ -1072,19 +1141,30 @@ class Worker(MultiService):
         ``error`` is the exception it failed with, or None.
     :raises ValueError: if ``concurrency`` is below 1, the type is empty, or
         an address cannot be used.
+    :raises TypeError: if the type is given twice (``type`` and
+        ``job_type``) or not at all, or the handler is not callable.
     """
 
     log = Logger()
 
-    def __init__(self, job_type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves=None,
-                 reactor=None, retry_policy: Optional[Callable[[int], float]] = None,
+    def __init__(self, type: Optional[str] = None, handler: Optional[Callable[[Job], Any]] = None,
+                 concurrency: int = 1, slaves=None, reactor=None,
+                 retry_policy: Optional[Callable[[int], float]] = None,
                  report: Optional[Callable[[str], None]] = None,
-                 on_job: Optional[Callable[[Job, float, Optional[BaseException]], None]] = None):
+                 on_job: Optional[Callable[[Job, float, Optional[BaseException]], None]] = None,
+                 *, job_type: Optional[str] = None):
         super().__init__()
+        if job_type is not None:
+            if type is not None:
+                raise TypeError("give the job type once: as type (or first), or as job_type")
+            type = job_type
+        if type is None:
+            raise TypeError("Worker needs the type of jobs to take")
+        job_type = type
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.job_type = job_type
+        self.type = self.job_type = job_type
         self.handler = handler
         self.concurrency = concurrency
         self.report = report or (lambda text: self.log.warn("{text}", text=text))
@@ -1109,9 +1189,10 @@ class Worker(MultiService):
             name: _ReportingEndpoint(client_endpoint(reactor, address), name, self._attempt_failed)
             for address, name in zip(addresses, names)}
         for link in self._core.links:
-            service = ClientService(endpoints_by_name[link.daemon], _Factory(self, link), retryPolicy=policy,
-                                    clock=reactor)
+            service = _service(endpoints_by_name[link.daemon], self, link, policy, reactor)
             service.setServiceParent(self)
+        if not callable(handler):
+            raise TypeError("the handler must be callable")
 
     # --- service ----------------------------------------------------------------------------
 
@@ -1156,6 +1237,12 @@ class Worker(MultiService):
     def done(self) -> Deferred:
         """A new Deferred that fires (with None) once the worker has stopped,
         or fails with `WorkerError` if it stopped on a fatal error."""
+        return self.wait()
+
+    def wait(self) -> Deferred:
+        """A new Deferred that fires (with None) once the worker has stopped,
+        or fails with `WorkerError` if it stopped on a fatal error: `done`,
+        by the name the asyncio worker's ``wait`` has."""
         if self._stopped:
             return succeed(None) if self._error is None else _failed(self._error)
         waiter = Deferred()
@@ -1260,7 +1347,8 @@ class Worker(MultiService):
                 self._fatal(line)
             elif not self._draining and not daemon.reported:
                 daemon.reported = True
-                held = f" while running job {job.id!r} (the daemon queues it again)" if job is not None else ""
+                held = (f" while running job {job.id!r} (its answer cannot be delivered; a daemon still "
+                        "running queues the job again)") if job is not None else ""
                 self.report(f"{connection.problem or line}{held}; reconnecting")
             self._check_drained()
         elif not self._draining:
@@ -1339,7 +1427,7 @@ def _failed(error: BaseException) -> Deferred:
 
 
 def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves=None,
-         reactor=None) -> Worker:
+         reactor=None, **kw: Any) -> Worker:
     """Start a `Worker` answering jobs of ``type`` with ``handler(job)``.
 
     :param type: the type of jobs to take.
@@ -1349,8 +1437,10 @@ def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves=
     :param concurrency: the most jobs at once.
     :param slaves: the daemons' slave ports, as `Worker` takes them.
     :param reactor: the reactor; by default, the global one.
+    :param kw: `Worker`'s other keyword arguments (``retry_policy``,
+        ``report``, ``on_job``), as the asyncio ``work`` passes its own.
     :returns: the started `Worker`.
     """
-    worker = Worker(type, handler, concurrency, slaves, reactor)
+    worker = Worker(type, handler, concurrency, slaves, reactor, **kw)
     worker.start()
     return worker

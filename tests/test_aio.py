@@ -460,6 +460,65 @@ class MasterShellTests(SynchronousTestCase):
             await master.close()
         run(body())
 
+    def test_a_connection_closed_before_any_frame_may_expect_tls(self):
+        async def body():
+            for tls, hint in ((None, True), (True, False)):
+                master = Master("d:1", ssl=tls, **QUICK)
+                net = FakeNet(master)
+                await master.start()
+                task = asyncio.ensure_future(master.submit("t", None, id="j"))
+                await turn()
+                net.connections[0].connection_lost(None)
+                error = await asyncio.gather(task, return_exceptions=True)
+                self.assertIsInstance(error[0], TransportError)
+                closed = ("the connection to d:1 was closed before the daemon said anything (if that port expects "
+                          "TLS, give ssl=)") if hint else "the connection to d:1 was closed"
+                self.assertEqual(str(error[0]), f"{closed}; job 'j' was dropped by d:1")
+                await master.close()
+        run(body())
+
+    def test_names_shared_with_the_twisted_client(self):
+        async def body():
+            master = Master(["a:1", "b:2"], **QUICK)
+            net = FakeNet(master)
+            net.refuse.add("b:2")
+            # A request before start() starts the master, and waits for a daemon.
+            task = asyncio.ensure_future(master.submit("t", None, id="j"))
+            await turn()
+            (a,) = net.to("a:1")
+            (sent,) = a.transport.frames()
+            self.assertEqual((sent["id"], master.in_flight), ("j", 1))
+            self.assertEqual(master.daemons, ["a:1", "b:2"])
+            self.assertEqual(master.unreachable, {"b:2": "cannot connect to b:2: Connection refused"})
+            await master.start()  # started already: it only waits for the first attempts
+            with self.assertRaises(RuntimeError):
+                await master.start()
+            with self.assertRaises(ValueError) as caught:
+                await master.stats("c:3")
+            self.assertEqual(str(caught.exception), "'c:3' is not one of this client's daemons")
+            net.feed(a, {"ok": True, "id": "j", "ref": sent["ref"]}, {"id": "j", "body": 5})
+            self.assertEqual((await task, master.in_flight), (5, 0))
+            await master.stop()  # close(), by the Twisted client's name
+            self.assertTrue(a.transport.closing)
+            with self.assertRaises(TransportError):
+                await master.submit("t")
+        run(body())
+
+    def test_an_admin_request_before_start_waits_for_the_first_attempts(self):
+        async def body():
+            master = Master(["a:1", "b:2"], **QUICK)
+            net = FakeNet(master)
+            pausing = asyncio.ensure_future(master.pause("t"))
+            await turn(10)
+            self.assertEqual(len(net.connections), 2)
+            for connection in net.connections:  # every daemon is asked, not only the first up
+                (sent,) = connection.transport.frames()
+                self.assertEqual((sent["action"], sent["type"]), ("pause", "t"))
+                net.feed(connection, {"ok": True, "ref": sent["ref"]})
+            self.assertIsNone(await pausing)
+            await master.close()
+        run(body())
+
     def test_addresses(self):
         self.assertEqual(Master("a:1, b:2").names, ["a:1", "b:2"])
         self.assertEqual(Master(["[::1]:5"])._hosts, {"[::1]:5": ("::1", 5)})
@@ -559,6 +618,97 @@ class WorkerShellTests(SynchronousTestCase):
                 await worker.wait()
         run(body())
 
+    def test_plain_handlers_run_in_a_pool_of_concurrency_threads(self):
+        concurrency = min(32, (os.cpu_count() or 1) + 4) + 2  # more than the loop's default executor
+        barrier = threading.Barrier(concurrency)
+
+        def handler(job):
+            barrier.wait(timeout=10)  # passes only once every job runs at once
+            return threading.current_thread().name
+
+        async def body():
+            worker, net = self.worker(handler, concurrency=concurrency)
+            await worker.start()
+            executor = worker._executor
+            for index, connection in enumerate(net.connections):
+                net.feed(connection, {"ok": True}, {"action": "job", "id": str(index), "type": "t", "body": None})
+            while len(self.jobs) < concurrency:
+                await asyncio.sleep(0.001)
+            self.assertEqual([error for _, error in self.jobs], [None] * concurrency)
+            answers = [frame["body"] for connection in net.connections for frame in connection.transport.frames()
+                       if frame.get("action") == "respond"]
+            self.assertEqual(len(answers), concurrency)
+            self.assertTrue(all(name.startswith("gloom-t") for name in answers), answers)
+            await self.stop(worker, net)
+            self.assertTrue(executor._shutdown)
+        run(body(), timeout=30)
+
+    def test_stop_finishes_a_plain_handler_before_its_threads_go(self):
+        release = threading.Event()
+
+        def handler(job):
+            release.wait(10)
+            return "done"
+
+        async def asynchronous(job):
+            return "done"
+
+        async def body():
+            worker, net = self.worker(handler)
+            await worker.start()
+            (connection,) = net.connections
+            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
+            await turn()
+            stopping = asyncio.ensure_future(worker.stop())
+            await turn()
+            self.assertFalse(stopping.done())
+            self.assertFalse(worker._executor._shutdown)
+            release.set()
+            while not self.jobs:
+                await asyncio.sleep(0.001)
+            await turn()
+            self.assertEqual(connection.transport.frames(),
+                             [{"action": "join", "type": "t"}, {"action": "leave"},
+                              {"action": "respond", "id": "1", "body": "done"}])
+            net.reply_ok(worker)
+            await stopping
+            self.assertTrue(worker._executor._shutdown)
+            # A coroutine function needs no threads.
+            worker, net = self.worker(asynchronous)
+            await worker.start()
+            self.assertIsNone(worker._executor)
+            await self.stop(worker, net)
+        run(body())
+
+    def test_only_a_connection_that_proved_itself_resets_the_backoff(self):
+        async def body(loop):
+            worker, net = self.worker(lambda job: None)
+            waits = []
+            worker._delay = lambda delay: waits.append(delay) or 0
+            await worker.start()
+            for _ in range(4):  # closed at once, without a word: a TLS port reached without ssl=
+                net.connections[-1].connection_lost(None)
+                await turn(10)
+            self.assertEqual((waits, len(net.connections)), ([0.02, 0.04, 0.08, 0.1], 5))
+            self.assertEqual(self.reports[0], "the connection to d:1 was closed before the daemon said anything "
+                                              "(if that port expects TLS, give ssl=) (reconnecting)")
+            net.feed(net.connections[-1], {"ok": True})  # the daemon answered the join: it works
+            net.connections[-1].connection_lost(None)
+            await turn(10)
+            self.assertEqual(waits[4:], [0.02])
+            net.connections[-1].connection_lost(None)
+            await turn(10)
+            self.assertEqual(waits[4:], [0.02, 0.04])
+            loop.advance(aio.PROVEN_AFTER)  # up long enough, though silent
+            self.reports.clear()
+            net.connections[-1].connection_lost(None)
+            await turn(10)
+            self.assertEqual(waits[4:], [0.02, 0.04, 0.02])
+            # A quiet connection of long standing that closes gets no TLS hint.
+            self.assertEqual(self.reports[0], "the connection to d:1 was closed (reconnecting)")
+            await self.stop(worker, net)
+        run_on_clock(body)
+
     def test_concurrency_over_two_daemons(self):
         release = []
         join, leave = {"action": "join", "type": "t"}, {"action": "leave"}
@@ -589,6 +739,7 @@ class WorkerShellTests(SynchronousTestCase):
             await turn()
             self.assertEqual((worker.busy, len(release)), (2, 2))
             self.assertEqual(frames(), [[], [{"action": "release", "id": "3"}], [], []])
+            self.assertEqual((worker.released, worker.type, worker.job_type), (1, "t", "t"))
             # Until a confirms the release, it counts job 3 on us: a1 leaves.
             release[0].set_result(None)
             await turn(5)
@@ -740,8 +891,8 @@ class WorkerShellTests(SynchronousTestCase):
             self.assertEqual(worker.busy, 0)
             self.assertEqual(connection.transport.frames(), [{"action": "join", "type": "t"}])
             self.assertEqual(net.connections[1].transport.frames(), [{"action": "join", "type": "t"}])
-            self.assertEqual(self.reports, ["the connection to d:1 was closed; job '1' went back to the daemon "
-                                            "unanswered", "connected to d:1"])
+            self.assertEqual(self.reports, ["the connection to d:1 was closed; job '1' cannot be answered (a "
+                                            "daemon still running queues it again)", "connected to d:1"])
             self.assertEqual(self.jobs, [("1", None)])
             await self.stop(worker, net)
         run(body())

@@ -22,7 +22,7 @@ from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from gloom import core
+from gloom import core, txclient
 from gloom.core import EncodeError, ServerError, TransportError, WorkerError
 from gloom.txclient import MasterClient, Worker, client_endpoint, describe_failure, work
 from tests.support import Daemon, frame, live_ids, record_answers, reserved_port, unframe
@@ -798,6 +798,34 @@ class WorkerScriptedTests(SynchronousTestCase):
         error = self.failureResultOf(done, WorkerError).value
         self.assertEqual(str(error), line)
         self.assertFalse(worker.running)
+        self.assertEqual(str(self.failureResultOf(worker.wait(), WorkerError).value), line)
+
+    def test_only_a_connection_that_proved_itself_resets_the_backoff(self):
+        asked = []
+        worker = Worker("t", lambda job: None, 1, ["tcp:127.0.0.1:9001"], self.script.reactor,
+                        retry_policy=lambda attempt: asked.append(attempt) or 1.0, report=self.said.append)
+        worker.start()
+        for _ in range(3):  # a port that closes each connection without a word (TLS, say)
+            (peer,) = self.script.accept()
+            peer.drop(ConnectionDone())
+            self.script.reactor.advance(1)
+        self.assertEqual(asked, [1, 2, 3])
+        self.assertIn("closed before the daemon said anything (if that port expects TLS, give a tls: address)",
+                      self.said[0])
+        (peer,) = self.script.accept()
+        self.joined([peer])  # the daemon answered: the connection works
+        peer.drop(ConnectionDone())
+        self.assertEqual(asked[-1], 1)
+        self.script.reactor.advance(1)
+        (peer,) = self.script.accept()
+        peer.drop(ConnectionDone())
+        self.assertEqual(asked[-1], 2)
+        self.script.reactor.advance(2)
+        (peer,) = self.script.accept()
+        self.script.reactor.advance(txclient.PROVEN_AFTER)  # up long enough, though silent
+        peer.drop(ConnectionDone())
+        self.assertEqual(asked[-1], 1)
+        self.successResultOf(worker.stop())
 
 
 class MasterScriptedTests(SynchronousTestCase):
@@ -813,6 +841,37 @@ class MasterScriptedTests(SynchronousTestCase):
         self.assertEqual(str(error), "the connection to tcp:127.0.0.1:9000 was closed before the daemon said "
                                      "anything (if that port expects TLS, give a tls: address); job 'j' was "
                                      "dropped by tcp:127.0.0.1:9000")
+
+    def test_a_master_connection_closed_at_once_backs_off_too(self):
+        script = Scripted()
+        asked = []
+        master = MasterClient("tcp:127.0.0.1:9000", script.reactor,
+                              retry_policy=lambda attempt: asked.append(attempt) or 1.0)
+        master.start()
+        for delay in (1, 1, 1):
+            (peer,) = script.accept()
+            peer.drop(ConnectionDone())
+            script.reactor.advance(delay)
+        self.assertEqual(asked, [1, 2, 3])
+        answer = master.submit("t", 1, id="j")
+        (peer,) = script.accept()
+        (sent,) = peer.received()
+        peer.send({"ok": True, "id": "j", "ref": sent["ref"]}, {"id": "j", "body": 2})
+        self.assertEqual(self.successResultOf(answer), 2)
+        peer.drop(ConnectionDone())
+        self.assertEqual(asked[-1], 1)
+
+    def test_a_quiet_connection_of_long_standing_gets_no_tls_hint(self):
+        script = Scripted()
+        master = MasterClient("tcp:127.0.0.1:9000", script.reactor, fail_after=1)
+        master.start()
+        (peer,) = script.accept()
+        script.reactor.advance(txclient.PROVEN_AFTER)
+        answer = master.submit("t", 1, id="j")
+        peer.drop(ConnectionDone())
+        error = self.failureResultOf(answer, TransportError).value
+        self.assertEqual(str(error), "the connection to tcp:127.0.0.1:9000 was closed; job 'j' was dropped by "
+                                     "tcp:127.0.0.1:9000")
 
     def test_a_frame_over_the_limit_closes_the_connection(self):
         script = Scripted()
@@ -873,8 +932,58 @@ class DescriptionTests(SynchronousTestCase):
         self.patch(core.os, "environ", {"GLOOM_MASTERS": "tcp:127.0.0.1:1, tcp:127.0.0.1:2"})
         master = MasterClient(reactor=MemoryReactorClock())
         self.assertEqual(master.daemons, ["tcp:127.0.0.1:1", "tcp:127.0.0.1:2"])
-        worker = Worker("t", None, 3, "tcp:127.0.0.1:3,tcp:127.0.0.1:4", MemoryReactorClock())
+        worker = Worker("t", lambda job: None, 3, "tcp:127.0.0.1:3,tcp:127.0.0.1:4", MemoryReactorClock())
         self.assertEqual(len(list(worker)), 6)  # a ClientService per connection
+
+
+class SharedNamesTests(MemoryTestCase):
+    """The names and semantics the Twisted client shares with gloom.aio."""
+
+    def test_master_in_flight_and_close(self):
+        master = self.master()
+        answer = master.submit("nobody", 1)
+        self.memory.flush()
+        self.assertEqual(master.in_flight, 1)
+        closed = master.close()
+        self.memory.reactor.advance(0)
+        self.memory.flush()
+        self.successResultOf(closed)
+        self.failureResultOf(answer, TransportError)
+        self.assertEqual((master.in_flight, master.connected), (0, False))
+
+    def test_worker_type_job_type_and_wait(self):
+        slaves, reactor = self.memory.addresses("slave"), self.memory.reactor
+        worker = Worker(type="t", handler=lambda job: None, slaves=slaves, reactor=reactor, retry_policy=RETRY)
+        self.assertEqual((worker.type, worker.job_type), ("t", "t"))
+        old = Worker(job_type="u", handler=lambda job: None, slaves=slaves, reactor=reactor)
+        self.assertEqual((old.type, old.job_type), ("u", "u"))
+        self.assertRaises(TypeError, Worker, "t", lambda job: None, slaves=slaves, job_type="t")
+        self.assertRaises(TypeError, Worker, handler=lambda job: None, slaves=slaves)
+        self.assertRaises(TypeError, Worker, "t", None, 1, slaves, reactor)
+        worker.start()
+        self.memory.flush()
+        waited = worker.wait()
+        self.assertNoResult(waited)
+        stopped = worker.stop()
+        self.memory.flush()
+        self.successResultOf(stopped)
+        self.assertIsNone(self.successResultOf(waited))
+        self.assertIsNone(self.successResultOf(worker.wait()))
+
+    def test_work_passes_the_workers_options_on(self):
+        said, ran = [], []
+        worker = work("t", lambda job: job.body, 1, self.memory.addresses("slave"), self.memory.reactor,
+                      retry_policy=RETRY, report=said.append, on_job=lambda job, seconds, error: ran.append(job.id))
+        self.memory.flush()
+        self.assertTrue(worker.running)
+        master = self.master()
+        answer = master.submit("t", 7, id="j")
+        self.memory.flush()
+        self.assertEqual((self.successResultOf(answer), ran), (7, ["j"]))
+        self.assertEqual(worker.report, said.append)
+        stopped = worker.stop()
+        self.memory.flush()
+        self.successResultOf(stopped)
 
 
 # --- against a real daemon -------------------------------------------------------------------------

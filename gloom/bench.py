@@ -4,20 +4,20 @@ latency percentiles.  In drain mode one master first queues every job (at
 random priorities) with no slave present, then the slaves drain the queue:
 the cost of the priority queue at depth.
 
-Each load master has a connection to every daemon and deals its jobs to
-them in turn; each echo slave has a connection to every daemon.  The
-connections are minimal protocols on Int32StringReceiver and `gloom.core`,
-with the fastest JSON encoder at hand, so the client costs the daemon as
-little CPU time as it can.
+Each load master is a `gloom.core.MasterCore` with a connection to every
+daemon, routing each job as every Gloom master does (by its id's
+rendezvous hash); each echo slave connection is a `gloom.core.WorkerCore`
+of concurrency 1 on its daemon.  The connections are bare
+Int32StringReceivers, so the client costs the daemon's machine little more
+CPU time than the protocol itself.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import struct
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.defer import CancelledError
@@ -26,27 +26,14 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from gloom import core
-from gloom.core import ProtocolError, TransportError
+from gloom.core import ProtocolError, ServerError, TransportError
 from gloom.txclient import client_endpoint, describe_failure
-
-try:
-    from msgspec.json import encode as _encode
-except ImportError:  # PyPy: the standard library does the work
-    _encode = None
-
-_HEADER = struct.Struct("!I")
-
-
-def _frame(message: dict) -> bytes:
-    if _encode is not None:
-        data = _encode(message)
-        return _HEADER.pack(len(data)) + data
-    return core.frame(message)
 
 
 class _BenchConnection(Int32StringReceiver):
-    """A bench connection: frames in, decoded by `gloom.core.decode`,
-    handed to its owner; frames out, encoded as fast as possible."""
+    """A bench connection to one daemon (its ``name``): frames in, decoded
+    by `gloom.core.decode`, handed to its owner, a load master or an echo
+    slave, whose core writes the frames out."""
 
     MAX_LENGTH = core.READ_LIMIT
 
@@ -57,98 +44,124 @@ class _BenchConnection(Int32StringReceiver):
                 setter(True)
             except OSError:
                 pass
+        self.name = self.factory.name
         self.owner = self.factory.owner
         self.owner.connected(self)
 
     def stringReceived(self, data: bytes) -> None:
         try:
-            message = core.decode(data)
+            message = core.decode(data, self.name)
         except ProtocolError as e:
             self.owner.bench.errors.append({"error": "protocol_error", "reason": str(e)})
             self.transport.abortConnection()
             return
-        self.owner.received(self, message)
-
-    def send(self, message: dict) -> None:
-        self.transport.write(_frame(message))
+        try:
+            self.owner.received(self, message)
+        except ProtocolError as e:  # a frame that answers nothing
+            self.owner.bench.errors.append({"error": "protocol_error", "reason": str(e)})
+            self.transport.abortConnection()
 
     def connectionLost(self, reason=None) -> None:
         self.owner.bench.connection_lost(self)
 
 
+def _error_entry(error: BaseException) -> dict:
+    """An error as the bench lists it: the daemon's error frame's fields."""
+    if isinstance(error, ServerError):
+        return {"error": error.error, "reason": error.reason}
+    return {"error": error.__class__.__name__, "reason": str(error)}
+
+
 class _EchoSlave:
-    """An echo slave: joins the bench's type on every daemon and answers
-    each job with its own body, after ``reports`` progress reports."""
+    """The echo slaves: each connection joins the bench's type on its
+    daemon and answers each job with its own body, after ``reports``
+    progress reports (a `gloom.core.WorkerCore` per connection)."""
 
     def __init__(self, bench: "Bench"):
         self.bench = bench
 
     def connected(self, connection: _BenchConnection) -> None:
-        connection.send({"action": "join", "type": self.bench.job_type})
+        transport = connection.transport
+        worker = core.WorkerCore(self.bench.job_type, 1, [connection.name],
+                                 lambda link, data: transport.write(data), self._run,
+                                 self._said, self._replied)
+        connection.worker = worker
+        connection.link = link = worker.links[0]
+        link.handle = worker
+        worker.link_up(link)  # it joins
 
     def received(self, connection: _BenchConnection, message: dict) -> None:
-        if message.get("action") == "job":
-            reports = self.bench.reports
-            if reports:
-                connection.transport.writeSequence(
-                    [_frame({"action": "progress", "id": message["id"], "done": done,
-                             "total": reports}) for done in range(reports)])
-            connection.transport.write(_frame({"action": "respond", "id": message["id"],
-                                               "body": message["body"]}))
-        elif "error" in message:
-            self.bench.errors.append(message)
+        connection.worker.received(connection.link, message)
+
+    def _run(self, link: core.Link, job: core.Job) -> None:
+        worker = link.handle
+        reports = self.bench.reports
+        for done in range(reports):
+            worker.progress(link, job, done, reports)
+        worker.finished(link, job, job.body)
+
+    def _replied(self, link: core.Link, kind: str, error: Optional[ServerError]) -> None:
+        if error is not None:
+            self.bench.errors.append(_error_entry(error))
+
+    def _said(self, text: str, fatal: bool) -> None:
+        if fatal:
+            self.bench.errors.append({"error": "worker_error", "reason": text})
 
 
 class _LoadMaster:
-    """A load master: keeps up to ``window`` jobs in flight, dealt to its
-    connections (one per daemon) in turn."""
+    """A load master: a `gloom.core.MasterCore` over a connection to each
+    daemon, keeping up to ``window`` jobs in flight."""
 
     def __init__(self, bench: "Bench", number: int):
         self.bench = bench
-        self.connections: List[_BenchConnection] = []
-        self.sent_at: dict = {}
-        self.acked: set = set()
+        self.connections: Dict[str, _BenchConnection] = {}
+        self.core = core.MasterCore([name for name, _ in bench.master_endpoints], self._send,
+                                    ended=self._ended, acked=self._acked, progressed=self._progressed)
         self.sequence = 0
         self.prefix = f"bench-{random.randrange(1 << 40):x}-{number}"
         self.priority = random.Random(1).randrange if bench.drain else None
 
     def connected(self, connection: _BenchConnection) -> None:
-        self.connections.append(connection)
+        self.connections[connection.name] = connection
+        self.core.connected(connection.name)
+
+    def _send(self, daemon: str, data: bytes) -> None:
+        self.connections[daemon].transport.write(data)
+
+    def received(self, connection: _BenchConnection, message: dict) -> None:
+        self.core.received(connection.name, message)
 
     def fill(self) -> None:
         bench = self.bench
-        connections = self.connections
-        count = len(connections)
-        sent_at = self.sent_at
-        while len(sent_at) < bench.window and bench.unsent > 0:
+        submits = self.core
+        jobs = submits.jobs
+        submit = submits.submit
+        priority = self.priority
+        clock = time.perf_counter
+        while len(jobs) < bench.window and bench.unsent > 0:
             bench.unsent -= 1
             self.sequence += 1
-            job_id = f"{self.prefix}-{self.sequence}"
-            sent_at[job_id] = time.perf_counter()
-            message = {"action": "submit", "id": job_id, "type": bench.job_type, "body": bench.body}
-            if self.priority is not None:
-                message["priority"] = self.priority(-1000, 1000)
-            connections[self.sequence % count].transport.write(_frame(message))
+            started = clock()
+            request = submit(bench.job_type, bench.body, None if priority is None else priority(-1000, 1000),
+                             id=f"{self.prefix}-{self.sequence}")
+            request.waiter = started
 
-    def received(self, connection: _BenchConnection, message: dict) -> None:
+    def _acked(self, request: core.Request) -> None:
+        self.bench.settled_ack()
+
+    def _progressed(self, request: core.Request, progress: dict) -> None:
+        self.bench.reports_received += 1
+
+    def _ended(self, request: core.Request) -> None:
         bench = self.bench
-        job_id = message.get("id")
-        if "progress" in message:
-            bench.reports_received += 1
-            return
-        if message.get("ok"):
-            self.acked.add(job_id)
-            bench.settled_ack()
-            return
-        started = self.sent_at.pop(job_id, None)
-        if job_id in self.acked:
-            self.acked.discard(job_id)
-        elif "error" in message:
-            bench.settled_ack()  # a refused submit is settled too: it will not be drained
-        if "error" in message:
-            bench.errors.append(message)
-        elif started is not None:
-            bench.latencies.append(time.perf_counter() - started)
+        error = request.error
+        if error is None:
+            bench.latencies.append(time.perf_counter() - request.waiter)
+        else:
+            if not request.acked:
+                bench.settled_ack()  # a refused submit is settled too: it will not be drained
+            bench.errors.append(_error_entry(error))
         bench.done += 1
         if bench.done >= bench.jobs:
             if not bench.finished.called:
@@ -343,6 +356,7 @@ class Bench:
         factory = Factory.forProtocol(_BenchConnection)
         factory.noisy = False
         factory.owner = owner
+        factory.name = name
         try:
             connection = yield self._wait(endpoint.connect(factory))
         except Exception as e:

@@ -538,6 +538,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="times a lost attempt is queued again, 0 to 1000 (default: the daemon's)")
     submit.add_argument("--backoff", action="store_true",
                         help="retry lost attempts after a growing delay (detached jobs always do)")
+    submit.add_argument("--resubmit", action="store_true",
+                        help="when a daemon's connection drops, submit its unanswered jobs again to "
+                             "the daemons up (a job may then run twice); not with --detach")
     submit.add_argument("--id", help="the job's id (default: a fresh one); not with --lines")
     submit.add_argument("--unique", metavar="KEY",
                         help="join the job of this type with this key if one is queued, delayed or "
@@ -843,6 +846,8 @@ class _Submitter:
         self.reader: Optional[_StdinReader] = None
         self.at_end = False
         self.stopped_reading = False
+        self.last_number = 0
+        """The number of the last line (or input) submitted."""
         self.status = EXIT_OK
         self.finished = defer.Deferred()
         self._stats_waiters: Dict[Optional[str], List[defer.Deferred]] = {}
@@ -909,6 +914,7 @@ class _Submitter:
             if self.lines and not data.strip():
                 continue
             slot = _Slot(number, args.id or uuid.uuid4().hex)
+            self.last_number = number
             self.window.add(slot)
             self.open.append(slot)
             where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
@@ -1024,11 +1030,12 @@ class _Submitter:
             _say(where + _describe(error))
             if self.lines:
                 _out(_dump(_error_object(error)))
-            if isinstance(error, TransportError) and not self.stopped_reading:
-                # The connection is gone: its jobs' outcomes are unknown, and
-                # every line after this one would wait for a reconnection.
+            if isinstance(error, TransportError) and not self.stopped_reading and not self.master.connected:
+                # Every connection is gone: the jobs' outcomes are unknown, and
+                # every line after these would wait for a reconnection.  (With
+                # another daemon up, the next lines go there.)
                 if self.lines and (self.pending or not self.at_end):
-                    _say(f"stopped reading input after line {slot.number}")
+                    _say(f"no daemon is connected: stopped reading input after line {self.last_number}")
                 self.stop_reading()
                 self.at_end = True
         self.pump()
@@ -1117,7 +1124,7 @@ def _submit(session: _Session, args):
     from gloom.txclient import MasterClient
 
     try:
-        master = MasterClient(args.masters_at, session.reactor, fail_after=1)
+        master = MasterClient(args.masters_at, session.reactor, fail_after=1, resubmit=args.resubmit)
     except ValueError as e:
         raise UsageError(str(e)) from None
     global _BAR
@@ -2069,6 +2076,9 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
             raise UsageError("--id names one job: not with --lines" if args.id else "--id must not be empty")
         if args.detach and args.wait:
             raise UsageError("--wait waits for an answer, and a detached job gets none")
+        if args.detach and args.resubmit:
+            raise UsageError("--resubmit is not for detached jobs: a daemon that dropped the "
+                             "connection may have taken one (gloom job ID says)")
         if args.unique is not None:
             if args.lines:
                 raise UsageError("--unique names one job: not with --lines")

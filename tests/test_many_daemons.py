@@ -136,11 +136,22 @@ class KilledDaemonTests(ManyDaemonsTestCase):
         # Jobs on every daemon are answered; jobs queued on daemon 2 stay there.
         answered = yield defer.gatherResults([master.submit("t", n, id=f"warm-{n}") for n in range(30)])
         self.assertEqual(answered, list(range(30)))
+        # On daemon 2: jobs queued there, and jobs a worker is running there.
         doomed = {job_id: master.submit("nobody", job_id, id=job_id) for job_id in self.ids_for(2, 4, "doomed")}
+        held = []
+
+        def hold(job):
+            held.append(defer.Deferred())
+            return held[-1]
+
+        self.worker("held", hold, concurrency=2)
+        doomed.update({job_id: master.submit("held", job_id, id=job_id)
+                       for job_id in self.ids_for(2, 2, "running")})
         moved = {job_id: moving.submit("later", job_id, id=job_id) for job_id in self.ids_for(2, 4, "moved")}
-        survivors = {job_id: master.submit("nobody", job_id, id=job_id)
+        survivors = {job_id: master.submit("after", job_id, id=job_id)
                      for index in (0, 1) for job_id in self.ids_for(index, 3, f"safe{index}")}
-        yield self.until(lambda: set(doomed) | set(moved) <= live_ids(self.services[2].scheduler))
+        yield self.until(lambda: set(doomed) | set(moved) <= live_ids(self.services[2].scheduler)
+                         and self.services[2].scheduler.types().get("held", {}).get("running") == 2)
 
         killed = self.names("master")[2]
         yield self.kill(2)
@@ -164,20 +175,81 @@ class KilledDaemonTests(ManyDaemonsTestCase):
             self.assertEqual((yield answer), job_id.upper())
         self.assertEqual(set(ran), {f"warm-{n}" for n in range(30)} | set(rerouted))
         self.assertEqual(set(ran.values()), {1})
-        for answer in survivors.values():
-            answer.cancel()
-            yield self.assertFailure(answer, CancelledError)
+        # The jobs on the survivors all along are answered, each once.
+        survived = {}
 
-        # It comes back on the same ports: the workers reconnect (3 + 1
-        # connections), the masters use it.
+        def after(job):
+            survived[job.id] = survived.get(job.id, 0) + 1
+            return job.body
+
+        self.worker("after", after, concurrency=2)
+        for job_id, answer in survivors.items():
+            self.assertEqual((yield answer), job_id)
+        self.assertEqual(survived, dict.fromkeys(survivors, 1))
+        for answer in held:
+            answer.callback("too late")  # their daemon is gone: the answers go nowhere
+
+        # It comes back on the same ports: the workers reconnect (t, held,
+        # later and after: 3 + 2 + 1 + 2 connections), the masters use it.
         self.start(2)
-        yield self.until(lambda: len(self.services[2].factories[1].connections) == 4)
+        yield self.until(lambda: len(self.services[2].factories[1].connections) == 8)
         yield wait_until(lambda: len(master.up) == 3)
         back = self.ids_for(2, 5, "back")
         answers = yield defer.gatherResults([master.submit("t", job_id, id=job_id) for job_id in back])
         self.assertEqual(answers, back)
         self.assertEqual(self.services[2].scheduler.totals["completed"], 5)
         self.assertEqual(set(ran.values()), {1})
+
+
+class CommandLineTests(ManyDaemonsTestCase):
+    @inlineCallbacks
+    def test_submit_lines_goes_on_with_the_survivors(self):
+        """``gloom submit --lines`` over three daemons, one killed with jobs
+        running there: those lines say connection_error, the other lines in
+        flight are answered, and the lines read after go to the survivors."""
+        import json
+        import os
+
+        from tests.test_cli import _Run, gloom_command
+
+        held = []
+
+        def handler(job):
+            if not holding:
+                return job.body
+            held.append((job, defer.Deferred()))
+            return held[-1][1]
+
+        holding = True
+        self.worker("t", handler, concurrency=12)
+        run = _Run(b"", keep_open=True)
+        argv = gloom_command() + ["submit", "t", "--lines", "--master", ",".join(self.names("master"))]
+        env = {name: value for name, value in os.environ.items() if not name.startswith("GLOOM_")}
+        process = reactor.spawnProcess(run, argv[0], argv, env=env)
+        self.addCleanup(lambda: run.ended if run.ended.called else (process.signalProcess("KILL"), run.ended)[1])
+        process.write(b"".join(b"%d\n" % n for n in range(1, 13)))
+        self.addCleanup(lambda: [answer.callback(None) for _, answer in held if not answer.called])
+        yield wait_until(lambda: len(held) == 12)  # the worker's side: polled
+        running = [s.types().get("t", {}).get("running", 0) for s in self.schedulers()]
+        victim = running.index(max(running))  # 12 jobs on 3 daemons: at least 4 here
+        yield self.kill(victim)
+        holding = False
+        for job, answer in held:
+            answer.callback(job.body)
+        process.write(b"".join(b"%d\n" % n for n in range(13, 19)))
+        process.closeStdin()
+        out, err, status = yield run.ended
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(len(lines), 18, err)
+        lost = [n for n, line in enumerate(lines, 1) if isinstance(line, dict)]
+        self.assertEqual(len(lost), running[victim], err)
+        self.assertTrue(all(lines[n - 1]["error"] == "connection_error" for n in lost))
+        self.assertTrue(all(n <= 12 for n in lost))
+        self.assertEqual([line for n, line in enumerate(lines, 1) if n not in lost],
+                         [n for n in range(1, 19) if n not in lost])
+        self.assertEqual(status, 3)
+        self.assertNotIn("stopped reading", err)
+        self.assertIn(f"dropped by {self.names('master')[victim]}", err)
 
 
 class ConcurrencyTests(ManyDaemonsTestCase):

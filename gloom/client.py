@@ -63,6 +63,20 @@ TLS = Union[None, bool, ssl.SSLContext]
 
 _log = logging.getLogger(__name__)
 
+RETRY_INITIAL = 0.5
+"""Seconds before the first attempt to connect again to a daemon whose
+connection was lost (or never made), while another is up."""
+
+RETRY_MAX = 30.0
+"""The longest wait between such attempts (each failure doubles it)."""
+
+STOP_WAIT = 5.0
+"""The longest a stopping `Slave` waits for its daemons to confirm that
+they count no job on it any more."""
+
+RETRY_CONNECT_TIMEOUT = 2.0
+"""The longest one such attempt may block the call that makes it."""
+
 _READ_SIZE = 256 * 1024
 _WRITE_SIZE = 256 * 1024
 _ACK = object()  # Request.waiter of a submit whose ack submit() waits for
@@ -235,12 +249,17 @@ class _Client:
         self.names = [core.display_name(address) for address in addresses]
         """Every daemon's name, connected or not, in the order given."""
         self._connections: Dict[str, _Connection] = {}
+        self._settings = (tls, server_hostname, connect_timeout)
+        self._addresses = dict(zip(self.names, addresses))
+        self._retry: Dict[str, Tuple[float, float]] = {}
+        """For each daemon not connected: when to try it next, and the wait after that."""
         failures = []
         for address in addresses:
             try:
                 connection = _Connection(address, tls, server_hostname, connect_timeout)
             except TransportError as e:
                 failures.append(e)
+                self._retry[core.display_name(address)] = (time.monotonic() + RETRY_INITIAL, RETRY_INITIAL)
                 continue
             self._connections[connection.name] = connection
         if not self._connections:
@@ -375,8 +394,10 @@ class _Client:
                         if polled:
                             raise Timeout(f"nothing arrived within {timeout} s")
                         wait = 0
-                if tick is not None:
-                    wake = tick(now)
+                wakes = [tick(now)] if tick is not None else []
+                if self._retry:
+                    wakes.append(self._reconnect(now))
+                for wake in wakes:
                     if wake is not None:
                         until = max(0.0, wake - now)
                         wait = until if wait is None else min(wait, until)
@@ -444,9 +465,42 @@ class _Client:
                 connection.close()
                 del self._connections[connection.name]
                 self._why = connection.dead
+                self._retry[connection.name] = (time.monotonic() + RETRY_INITIAL, RETRY_INITIAL)
                 self._lost(connection, connection.dead)
 
+    def _reconnect(self, now: float) -> Optional[float]:
+        """While a daemon is up, try each lost one again when its turn has
+        come (a refused attempt doubles its wait, up to `RETRY_MAX`); a
+        connection made is handed to `_connected`.  Called while a call
+        waits for the daemons (the state lock held).
+
+        :returns: when the next attempt is due.
+        """
+        for name, (due, delay) in list(self._retry.items()):
+            if due > now:
+                continue
+            tls, server_hostname, connect_timeout = self._settings
+            timeout = RETRY_CONNECT_TIMEOUT if connect_timeout is None else \
+                min(connect_timeout, RETRY_CONNECT_TIMEOUT)
+            try:
+                connection = _Connection(self._addresses[name], tls, server_hostname, timeout)
+            except TransportError as e:
+                delay = min(delay * 2, RETRY_MAX)
+                self._retry[name] = (time.monotonic() + delay, delay)
+                _log.debug("%s", e)
+                continue
+            del self._retry[name]
+            self._connections[name] = connection
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            _log.info("connected to %s again", name)
+            self._connected(connection)
+        return min((due for due, _ in self._retry.values()), default=None)
+
     def _received(self, connection: _Connection, message: dict) -> None:
+        raise NotImplementedError
+
+    def _connected(self, connection: _Connection) -> None:
+        """A daemon lost earlier is connected again."""
         raise NotImplementedError
 
     def _lost(self, connection: _Connection, why: str) -> None:
@@ -501,6 +555,9 @@ class Master(_Client):
 
     def _lost(self, connection: _Connection, why: str) -> None:
         self._core.lost(connection.name, why)
+
+    def _connected(self, connection: _Connection) -> None:
+        self._core.connected(connection.name)
 
     def _all_lost(self) -> None:
         self._core.unreachable(self._why)
@@ -918,6 +975,7 @@ class Slave(_Client):
         self._jobs: Deque[Tuple[core.Link, Job]] = deque()
         self._replies: List[Tuple[core.Link, str, Optional[ServerError]]] = []
         self._link: Optional[core.Link] = None
+        self._stop_asked = False
         self._next_rotate = time.monotonic() + core.WorkerCore.ROTATE_INTERVAL
         self.current: Optional[Job] = None
         """The job taken by `job` and not yet answered."""
@@ -967,6 +1025,12 @@ class Slave(_Client):
     def _received(self, connection: _Connection, message: dict) -> None:
         self._core.received(connection.handle, message)
 
+    def _connected(self, connection: _Connection) -> None:
+        link = next(link for link in self._core.links if link.daemon == connection.name)
+        link.handle = connection
+        connection.handle = link
+        self._core.link_up(link)  # it asks there again, if the worker has room
+
     def _lost(self, connection: _Connection, why: str) -> None:
         link = connection.handle
         self._core.link_down(link)
@@ -1006,10 +1070,33 @@ class Slave(_Client):
         if not self._jobs:
             tick = self._rotate if len(self.names) > 1 else None
             with self._io():
-                self._wait(lambda: bool(self._jobs), timeout, tick)
+                self._wait(lambda: bool(self._jobs) or self._stop_asked, timeout, tick)
+                if not self._jobs:  # stop() was called
+                    with self._state:
+                        self._core.stop()  # every ask is taken back; a job that crosses one is released
+                    try:
+                        self._wait(lambda: not any(link.replies for link in self._core.links if link.up),
+                                   STOP_WAIT)
+                    except Timeout:
+                        pass
+                    raise TransportError("the slave was stopped: it takes no more jobs")
         with self._state:
             self._link, self.current = self._jobs.popleft()
         return self.current
+
+    def stop(self) -> None:
+        """Take no more jobs, from any thread: the job in hand (if any) is
+        still answered; then `job` raises `TransportError` and `serve`
+        returns, once every ask for work is taken back (``leave``) and a
+        job that crossed one is handed back unrun (``release``, no attempt
+        counted).  Queued jobs stay queued for other workers."""
+        self._stop_asked = True
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._wake_write.send(b"\0")
+                except OSError:
+                    pass
 
     def _rotate(self, now: float) -> float:
         """Call the core's ``rotate`` once each
@@ -1049,6 +1136,9 @@ class Slave(_Client):
         job, link = self.current, self._link
         self.current = self._link = None
         with self._io():
+            if self._stop_asked:
+                with self._state:
+                    self._core.stop()  # the answer goes after a leave: no job follows it
             if not link.up:
                 with self._state:
                     self._core.finished(link, job, outcome, failure)  # frees its place only

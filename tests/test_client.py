@@ -12,6 +12,7 @@ import time
 from unittest import mock
 
 from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -83,9 +84,13 @@ class ClientTestCase(DaemonTestCase):
 
     @staticmethod
     def drop_masters(service):
-        """The daemon drops its master connections, sending nothing more
-        (as when its host dies); call from the test's thread."""
+        """The daemon stops listening for masters and drops their
+        connections, sending nothing more (as when its host dies), so a
+        client's attempts to connect again are refused; call from the
+        test's thread."""
+        @inlineCallbacks
         def drop():
+            yield service.getServiceNamed("master").disownServiceParent()
             for connection in list(service.factories[0].connections):
                 connection.transport.abortConnection()
         blockingCallFromThread(reactor, drop)
@@ -345,6 +350,106 @@ class SeveralDaemonsTests(ClientTestCase):
                 thread.join(10)
             self.assertFalse(thread.is_alive())
             self.assertEqual(len(seen), 30)
+        return deferToThread(body)
+
+
+class SlaveStopTests(ClientTestCase):
+    def test_stop_with_queued_work_runs_none_of_it(self):
+        def body():
+            started, release = threading.Event(), threading.Event()
+            ran = []
+
+            def handler(job):
+                ran.append(job.id)
+                started.set()
+                release.wait(10)
+                return job.body
+
+            slave = Slave(self.addresses()[1])
+            slave.join("slow")
+            thread = threading.Thread(target=slave.serve, args=(handler,), daemon=True)
+            thread.start()
+            with Master(self.addresses()[0]) as master:
+                for n in range(3):
+                    master.submit(f"job-{n}", "slow", n)
+                self.assertTrue(started.wait(10))
+                slave.stop()  # from another thread, during job 0
+                release.set()
+                thread.join(10)
+                self.assertFalse(thread.is_alive())
+                self.assertEqual(master.receive(5).id, "job-0")
+                self.assertEqual(ran, ["job-0"])
+                figures = master.stats()
+                self.assertEqual(figures["types"]["slow"]["queued"], 2)
+                self.assertEqual(figures["totals"].get("retried", 0), 0)
+                self.assertEqual(blockingCallFromThread(reactor, self.scheduler.idle_slaves, "slow"), 0)
+                self.assertRaises(TransportError, slave.job, 1)
+            slave.disconnect()
+        return deferToThread(body)
+
+    def test_stop_while_waiting_for_a_job(self):
+        def body():
+            slave = Slave(self.addresses()[1])
+            slave.join("idle")
+            thread = threading.Thread(target=slave.serve, args=(lambda job: None,), daemon=True)
+            thread.start()
+            wait_idle = time.monotonic() + 10
+            while blockingCallFromThread(reactor, self.scheduler.idle_slaves, "idle") != 1:
+                self.assertLess(time.monotonic(), wait_idle)
+                time.sleep(0.01)
+            slave.stop()
+            thread.join(10)
+            self.assertFalse(thread.is_alive())
+            self.assertEqual(blockingCallFromThread(reactor, self.scheduler.idle_slaves, "idle"), 0)
+            slave.disconnect()
+        return deferToThread(body)
+
+
+class ReconnectTests(ClientTestCase):
+    def test_a_daemon_that_comes_back_is_used_again(self):
+        here, other = self.service, self.other_daemon()
+        endpoints = {role: f"tcp:{other.getServiceNamed(role).port.getHost().port}:interface=127.0.0.1"
+                     for role in ("master", "slave")}
+        names = [self.name(here), self.name(other)]
+        back = []
+
+        def restart():
+            yield other.stopService()
+            service = makeService(dict(endpoints, **{"max-frame": self.max_frame, "retries": self.retries}),
+                                  reactor)
+            service.startService()
+            self.addCleanup(service.stopService)
+            back.append(service)
+
+        def until(predicate, seconds=10):
+            deadline = time.monotonic() + seconds
+            while not predicate():
+                self.assertLess(time.monotonic(), deadline, "not within 10 s")
+                time.sleep(0.02)
+
+        def body():
+            slave = Slave([self.name(here, "slave"), self.name(other, "slave")])
+            thread = threading.Thread(target=slave.serve, args=(lambda job: job.body, "echo"), daemon=True)
+            thread.start()
+            try:
+                with Master(names) as master:
+                    self.assertEqual(list(master.map("echo", range(10), window=4, wait=10)), list(range(10)))
+                    blockingCallFromThread(reactor, lambda: inlineCallbacks(restart)())
+                    (service,) = back
+                    # The slave, waiting for work, connects again and asks there.
+                    until(lambda: blockingCallFromThread(reactor, service.scheduler.idle_slaves, "echo") == 1)
+                    # The master notices at its next calls, and connects again.
+                    until(lambda: master.stats() and names[1] in master.connected)
+                    ids = [i for i in (f"back-{n}" for n in range(40)) if rendezvous(i, names)[0] == names[1]]
+                    for job_id in ids:
+                        master.submit(job_id, "echo", job_id)
+                    self.assertEqual({master.receive(10).id for _ in ids}, set(ids))
+                    self.assertEqual(blockingCallFromThread(reactor, lambda: service.scheduler.totals["completed"]),
+                                     len(ids))
+            finally:
+                slave.disconnect()
+                thread.join(10)
+            self.assertFalse(thread.is_alive())
         return deferToThread(body)
 
 

@@ -976,6 +976,7 @@ class Slave(_Client):
         self._replies: List[Tuple[core.Link, str, Optional[ServerError]]] = []
         self._link: Optional[core.Link] = None
         self._stop_asked = False
+        self._joining = False
         self._next_rotate = time.monotonic() + core.WorkerCore.ROTATE_INTERVAL
         self.current: Optional[Job] = None
         """The job taken by `job` and not yet answered."""
@@ -1020,7 +1021,9 @@ class Slave(_Client):
             return False
 
     def _report(self, text: str, fatal: bool) -> None:
-        _log.log(logging.WARNING if fatal else logging.INFO, "%s", text)
+        # A join refused while join() waits is raised to its caller: not
+        # also a warning (which Python prints when logging is not set up).
+        _log.log(logging.WARNING if fatal and not self._joining else logging.INFO, "%s", text)
 
     def _received(self, connection: _Connection, message: dict) -> None:
         self._core.received(connection.handle, message)
@@ -1051,7 +1054,11 @@ class Slave(_Client):
             with self._state:
                 self._replies = []
                 self._core.join(type)
-            self._wait(lambda: not any("join" in link.replies for link in links if link.up))
+            self._joining = True
+            try:
+                self._wait(lambda: not any("join" in link.replies for link in links if link.up))
+            finally:
+                self._joining = False
         for _, kind, error in self._replies:
             if kind == "join" and error is not None:
                 raise error

@@ -221,6 +221,22 @@ class MasterAndSlaveTests(ClientTestCase):
                 self.assertRaises(Timeout, slave.job, 0.05)
         return deferToThread(body)
 
+    def test_a_refused_join_is_raised_not_also_warned(self):
+        import logging
+
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = warnings.append
+        logger = logging.getLogger("gloom.client")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+
+        def body():
+            with Slave(self.addresses()[0]) as slave:  # the master port
+                self.assertEqual(self.assertRaises(ServerError, slave.join, "t").error, "wrong_port")
+            self.assertEqual([record.getMessage() for record in warnings], [])
+        return deferToThread(body)
+
     def test_connection_closed_by_the_daemon(self):
         def body():
             master = Master(self.addresses()[0])

@@ -9,8 +9,9 @@ where taskset and two cores exist (one daemon: core 0; two: cores 0 and 1).
 Two loads, each the flow shape (4 masters x 64 jobs in flight, 8 echo
 slaves, 64-byte bodies), are run against one daemon and then two:
 
-- ``gloom bench`` with every daemon's address: Gloom's own client, whose
-  masters deal jobs over the daemons and whose echo slaves serve them all;
+- ``gloom bench`` with every daemon's address: Gloom's own client core,
+  whose masters route each job by its id's rendezvous hash and whose echo
+  slaves serve every daemon;
 - the C load generator (``blast``, from the shared benchmark kit, given
   with --blast), one process per daemon with the load split between them:
   clients sharded by hand, the least client cost per job.

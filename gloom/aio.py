@@ -447,6 +447,13 @@ class Master(_Shell):
         """How many submitted jobs have not ended."""
         return self._core.in_flight
 
+    def daemon_of(self, job_id: str) -> Optional[str]:
+        """The daemon an unfinished job of this master was sent to (its
+        name, as messages give it), or None: not sent yet, or not in
+        flight."""
+        request = self._core.jobs.get(job_id)
+        return request.daemon if request is not None and request.sent else None
+
     @property
     def daemons(self) -> List[str]:
         """The names of all the daemons, as messages and errors give them."""

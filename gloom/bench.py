@@ -240,7 +240,8 @@ class BenchResult:
                    f"{f['jobs_per_s']:,.0f} jobs/s"
         lines = [
             head + (" drained" if self.queue_seconds else ""),
-            f"latency ms: p50 {f['p50_ms']}  p90 {f['p90_ms']}  p99 {f['p99_ms']}  max {f['max_ms']}",
+            "latency ms: " + "  ".join(f"{name} {'-' if f[key] is None else f[key]}" for name, key in
+                                      (("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms"), ("max", "max_ms"))),
             f"({f['masters']} masters x {f['window']} in flight, {f['slaves']} slaves, "
             f"{f['body_size']}-byte bodies{reports}{over}; {f['errors']} errors)",
         ]

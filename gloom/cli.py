@@ -10,8 +10,10 @@ the option repeated); the defaults come from the environment as
 Exit status: 0 success; 1 a job failed, a daemon refused a request, no
 answer came within ``--wait``, or a worker stopped on an error retrying
 cannot fix; 2 bad usage (a body that is not JSON the daemon takes
-included); 3 a daemon could not be reached or a connection was lost; 130
-interrupted (Ctrl-C), 143 terminated (SIGTERM), except where a
+included); 3 a daemon could not be reached, a connection was lost, or a
+daemon did not reply to a request within `REPLY_TIMEOUT`; 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 standard output
+closed, except where a
 subcommand's help says otherwise (``gloom worker`` exits 0 once it has
 finished its jobs in hand; ``gloom status --watch`` exits 0; ``gloom job``
 exits 1 when a job is unknown).
@@ -44,15 +46,29 @@ from gloom.core import (EncodeError, GloomError, InOrder, Job, ServerError, Tran
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_PIPE = 128 + signal.SIGPIPE
+"""The status when standard output's reader went away (``gloom ... | head``),
+as a shell reports a process SIGPIPE ended."""
+
+REPLY_TIMEOUT = float(os.environ.get("GLOOM_REPLY_TIMEOUT") or 10.0)
+"""Seconds a daemon has to answer a request that expects a prompt reply (a
+stats, status, cancel, dead-list or admin request, a submit's ack); after
+that it counts as unreachable, so that a stopped daemon, or a port that is
+not a Gloom master port (the --http one), never hangs the command.  Waiting
+for a job's answer is not bounded by it (--wait does that).  The
+undocumented GLOOM_REPLY_TIMEOUT environment variable lowers it, for the
+tests only."""
 
 EXIT_STATUS = """exit status:
   0    success
   1    a job failed, a daemon refused a request, no answer came within --wait,
        or gloom worker stopped on an error retrying cannot fix
   2    bad usage, including a body that is not JSON the daemon takes
-  3    a daemon could not be reached, or a connection to one was lost
+  3    a daemon could not be reached, a connection to one was lost, or a
+       daemon did not reply to a request within 10 s
   130  interrupted by Ctrl-C (143 by SIGTERM), except that gloom worker
        finishes its jobs in hand and exits 0, and gloom status --watch exits 0
+  141  standard output was closed (gloom ... | head)
 (gloom job: 1 also when a job is unknown to every daemon up.)
 """
 
@@ -216,19 +232,68 @@ class _BadBody(EncodeError):
     """A body read from the input is not JSON the daemon takes."""
 
 
+def _no_reply(name: Optional[str] = None) -> str:
+    """Why a daemon that took the connection but said nothing within
+    `REPLY_TIMEOUT` counts as unreachable (prefixed with its name, if given)."""
+    why = f"no reply within {REPLY_TIMEOUT:g} s (is it a Gloom master port?)"
+    return f"{name}: {why}" if name else why
+
+
+def _replied(deferred: defer.Deferred, reactor, name: str) -> defer.Deferred:
+    """``deferred`` (a request expecting a prompt reply from daemon
+    ``name``), failed with a `TransportError` saying so if no reply came
+    within `REPLY_TIMEOUT`."""
+    def timed_out(failure):
+        failure.trap(defer.TimeoutError)
+        raise TransportError(_no_reply(name))
+
+    return deferred.addTimeout(REPLY_TIMEOUT, reactor).addErrback(timed_out)
+
+
 # --- output -------------------------------------------------------------------------
 
 
+_SESSION: Optional["_Session"] = None
+"""The run under way, if any: ended with `EXIT_PIPE` when standard output
+is closed under it."""
+
+
 def _out(text: str) -> None:
-    """A line on standard output, as UTF-8 whatever the locale says."""
+    """A line on standard output, as UTF-8 whatever the locale says.
+
+    SIGPIPE stays ignored (Python's default), so that a daemon's socket
+    closing under a write is a lost connection, never the end of the
+    process; a reader of standard output that went away (``gloom status
+    --json | head -c1``) ends the run quietly with `EXIT_PIPE` instead.
+    """
     _clear_bar()
-    stream = getattr(sys.stdout, "buffer", None)
-    if stream is None:
-        print(text, flush=True)
-        return
-    sys.stdout.flush()
-    stream.write(text.encode("utf-8", "backslashreplace") + b"\n")
-    stream.flush()
+    try:
+        stream = getattr(sys.stdout, "buffer", None)
+        if stream is None:
+            print(text, flush=True)
+            return
+        sys.stdout.flush()
+        stream.write(text.encode("utf-8", "backslashreplace") + b"\n")
+        stream.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone() -> None:
+    """Standard output's reader went away: point standard output at
+    /dev/null, so that nothing written later (nor the flush at exit) fails
+    again, and end the run with `EXIT_PIPE`, quietly (as the Python
+    documentation on SIGPIPE recommends)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    if _SESSION is not None:
+        _SESSION.end(EXIT_PIPE)
+    else:
+        raise SystemExit(EXIT_PIPE)
 
 
 def _say(message: str) -> None:
@@ -556,8 +621,10 @@ def _parser() -> argparse.ArgumentParser:
     worker = command("worker", "Answer jobs by running a command once per job.")
     worker.usage = ("gloom worker [-h] [-c N] [--raw] [--kill-after SECONDS] [-v] [--slave ADDRESS] "
                     "TYPE -- CMD [ARGS ...]")
-    worker.add_argument("type", help="the job type to serve")
-    worker.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
+    # Both optional here, so that a missing one is said by _check in words
+    # (TYPE, the command after --), not as argparse's internal names.
+    worker.add_argument("type", nargs="?", metavar="TYPE", help="the job type to serve")
+    worker.add_argument("stray", nargs="*", default=[], help=argparse.SUPPRESS)
     worker.add_argument("-c", "--concurrency", type=int, default=1, metavar="N",
                         help="jobs run at once (default 1)")
     worker.add_argument("--raw", action="store_true",
@@ -673,9 +740,16 @@ def _parse_body(text, where: str):
         raise UsageError(f"{where} is not valid JSON ({e}); a string needs quotes, e.g. '\"text\"'") from None
 
 
-def _positive(value, name: str):
-    if value is not None and value <= 0:
-        raise UsageError(f"{name} must be positive, not {value:g}")
+def _positive(value, name: str, most: Optional[float] = None):
+    """Refuse an option's value unless it is a positive number (not NaN,
+    not infinite: ``float`` reads both), and at most ``most`` if given."""
+    if value is None:
+        return
+    if isinstance(value, float) and not 0 < value < float("inf") or value <= 0 \
+            or (most is not None and value > most):
+        what = "a positive number of seconds" if isinstance(value, float) else "positive"
+        limit = f" up to {most}" if most is not None else ""
+        raise UsageError(f"{name} must be {what}{limit}, not {value:g}")
 
 
 def _bounded(deferred: defer.Deferred, reactor, seconds: float = 2.0) -> defer.Deferred:
@@ -815,7 +889,8 @@ class _Slot:
     """One line of ``gloom submit``'s output: a job (or a bad body) and,
     once it ended, its outcome.  `core.InOrder` keeps them in input order."""
 
-    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired", "status")
+    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired", "status",
+                 "ack_timer", "no_ack")
 
     def __init__(self, number: int, job_id: Optional[str] = None):
         self.number = number
@@ -828,6 +903,10 @@ class _Slot:
         self.expired = False
         self.status: Optional[defer.Deferred] = None
         """Once given up on (``--wait``): the job's status, asked just before its cancel."""
+        self.ack_timer = None
+        """Until the daemon acks the submit: the call that gives up on it (`REPLY_TIMEOUT`)."""
+        self.no_ack: Optional[TransportError] = None
+        """Why the job failed, when no ack came in time."""
 
 
 class _Submitter:
@@ -920,11 +999,9 @@ class _Submitter:
             where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
             try:
                 body = None if data is None else _parse_body(data, where)
-                extra = {}
+                extra = {"on_ack": lambda joined, slot=slot: self._acked(joined, slot)}
                 if args.unique is not None:
                     extra["unique"] = args.unique
-                    if self.say_joined:
-                        extra["on_ack"] = self._acked
                 if self.bar is not None:
                     extra["on_progress"] = self.bar.update
                 deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
@@ -942,6 +1019,7 @@ class _Submitter:
                 self._ended(Failure(e), slot)
                 continue
             slot.deferred = deferred
+            slot.ack_timer = self.reactor.callLater(REPLY_TIMEOUT, self._no_ack, slot)
             if args.wait:
                 wait = args.wait
                 if not self.lines:  # the one job's --wait counts from the start, connecting included
@@ -949,11 +1027,27 @@ class _Submitter:
                 slot.timer = self.reactor.callLater(wait, self._expire, slot)
             deferred.addBoth(self._ended, slot)
 
-    def _acked(self, joined: bool) -> None:
-        if joined:
+    def _acked(self, joined: bool, slot: _Slot) -> None:
+        """The daemon took the job: it no longer needs to ack in time (and,
+        with --unique, say whether it joined a job already there)."""
+        if slot.ack_timer is not None and slot.ack_timer.active():
+            slot.ack_timer.cancel()
+        slot.ack_timer = None
+        if joined and self.say_joined:
             _say(f"joined the {self.args.type!r} job already queued or running with unique key "
                  f"{_quoted(self.args.unique)}: its answer is this one's (this submit's body and "
                  "options are not used)")
+
+    def _no_ack(self, slot: _Slot) -> None:
+        """No ack within `REPLY_TIMEOUT`: the daemon the job was sent to
+        counts as unreachable, and the job fails (and is cancelled there)."""
+        slot.ack_timer = None
+        if slot.done:
+            return
+        daemon = self.master.daemon_of(slot.id)
+        name = daemon if daemon else _names(self.args.masters_at)
+        slot.no_ack = TransportError(_no_reply(name))
+        slot.deferred.cancel()
 
     def _expire(self, slot: _Slot) -> None:
         slot.timer = None
@@ -966,10 +1060,13 @@ class _Submitter:
         slot.deferred.cancel()
 
     def _ended(self, result, slot: _Slot) -> None:
-        if slot.timer is not None and slot.timer.active():
-            slot.timer.cancel()
-        slot.timer = None
+        for timer in (slot.timer, slot.ack_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        slot.timer = slot.ack_timer = None
         if isinstance(result, Failure):
+            if slot.no_ack is not None:
+                return self._settle(None, slot, slot.no_ack)
             if slot.expired:
                 self._no_answer(slot).addCallback(self._settle, slot, None)
                 return None
@@ -1067,8 +1164,9 @@ class _Submitter:
             return
         self.stop_reading()
         for slot in self.open:
-            if slot.timer is not None and slot.timer.active():
-                slot.timer.cancel()
+            for timer in (slot.timer, slot.ack_timer):
+                if timer is not None and timer.active():
+                    timer.cancel()
         self.finished.callback(status)
 
 
@@ -1651,9 +1749,10 @@ def _status(session: _Session, args):
         client.start()
     try:
         while True:
-            asked = [client.stats() for client in clients.values()]
-            if watch:
-                asked = [d.addTimeout(max(2.0, watch), reactor) for d in asked]
+            # Each bounded (REPLY_TIMEOUT; with --watch, also by the refresh),
+            # so that a silent daemon is a row of its own, not a hang.
+            bound = min(REPLY_TIMEOUT, max(2.0, watch)) if watch else REPLY_TIMEOUT
+            asked = [client.stats().addTimeout(bound, reactor) for client in clients.values()]
             answers = yield defer.DeferredList(asked, consumeErrors=True)
             by_daemon, unreachable = OrderedDict(), OrderedDict()
             for name, (ok, value) in zip(clients, answers):
@@ -1662,7 +1761,8 @@ def _status(session: _Session, args):
                     own["masters"] = max(0, own.get("masters", 0) - 1)  # not this command's
                     by_daemon[name] = own
                 elif value.check(defer.TimeoutError, defer.CancelledError):
-                    unreachable[name] = "no answer"
+                    unreachable[name] = (_no_reply() if bound == REPLY_TIMEOUT else
+                                         f"no reply within {bound:g} s (is it a Gloom master port?)")
                 elif value.check(GloomError):
                     unreachable[name] = str(value.value)
                 else:
@@ -1714,7 +1814,9 @@ def _cancel(session: _Session, args):
         return result
 
     try:
-        answers = yield defer.DeferredList([ask(client) for client in clients], consumeErrors=True)
+        answers = yield defer.DeferredList([_replied(ask(client), reactor, core.display_name(address))
+                                            for client, address in zip(clients, args.masters_at)],
+                                           consumeErrors=True)
     finally:
         yield defer.DeferredList([_bounded(defer.maybeDeferred(client.stop), reactor, 1.0)
                                   for client in clients])
@@ -1728,7 +1830,10 @@ def _cancel(session: _Session, args):
         hint = (" (a job that is not detached can be cancelled only over the connection that submitted it)"
                 if error.error == "unknown_job" else "")
         _say(_describe(error) + hint)
-        return EXIT_FAILED
+        lost = [e for e in errors if isinstance(e, TransportError)]
+        for each in lost:  # the job may be on a daemon that did not answer
+            _say(_describe(each))
+        return EXIT_UNREACHABLE if lost else EXIT_FAILED
     for error in errors:
         if not isinstance(error, GloomError):
             raise error
@@ -1766,8 +1871,8 @@ def _admin(session: _Session, args):
 
     try:
         yield defer.DeferredList([client.start() for client in clients.values()])
-        answers = yield defer.DeferredList([defer.maybeDeferred(ask, client) for client in clients.values()],
-                                           consumeErrors=True)
+        answers = yield defer.DeferredList([_replied(defer.maybeDeferred(ask, client), reactor, name)
+                                            for name, client in clients.items()], consumeErrors=True)
     finally:
         yield defer.DeferredList([_bounded(defer.maybeDeferred(client.stop), reactor, 1.0)
                                   for client in clients.values()])
@@ -1917,23 +2022,56 @@ def _say_unreachable(unreachable: Dict[str, str], said: Optional[set] = None) ->
 
 
 @defer.inlineCallbacks
+def _silent_daemons(session: _Session, addresses: List[str]):
+    """The daemons among ``addresses`` that take a connection but do not
+    answer a stats request within `REPLY_TIMEOUT` (a stopped daemon, the
+    --http port), by address, with why: each is asked on a connection of
+    its own, all at once, so that a request over several daemons can leave
+    those out rather than wait for them for ever.  One that cannot be
+    reached at all is not in it (the client says why on its own)."""
+    from gloom.txclient import MasterClient
+
+    reactor = session.reactor
+    clients = [MasterClient([address], reactor, fail_after=1) for address in addresses]
+    try:
+        for client in clients:
+            client.start()
+        answers = yield defer.DeferredList(
+            [defer.maybeDeferred(client.stats).addTimeout(REPLY_TIMEOUT, reactor) for client in clients],
+            consumeErrors=True)
+    finally:
+        yield defer.DeferredList([_stop(client, reactor) for client in clients])
+    return OrderedDict((address, _no_reply(core.display_name(address)))
+                       for address, (ok, value) in zip(addresses, answers)
+                       if not ok and value.check(defer.TimeoutError))
+
+
+@defer.inlineCallbacks
 def _connected_master(session: _Session, args):
-    """A MasterClient over every daemon given, once each was tried.
+    """A MasterClient over every daemon given that answers (see
+    `_silent_daemons`), once each was tried; and the silent ones, by
+    display name, with why.
 
     :raises TransportError: if none could be reached.
     """
     from gloom.txclient import MasterClient
 
     try:
-        master = MasterClient(args.masters_at, session.reactor, fail_after=1)
+        silent = yield _silent_daemons(session, args.masters_at)
+        master = MasterClient([a for a in args.masters_at if a not in silent] or args.masters_at,
+                              session.reactor, fail_after=1)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    silent = OrderedDict((core.display_name(address), why) for address, why in silent.items())
+    if len(silent) == len(args.masters_at):
+        yield _stop(master, session.reactor)
+        raise TransportError("; ".join(silent.values()))
     yield master.start()
     if not master.up:
-        why = "; ".join(master.unreachable.values()) or "no daemon could be reached"
+        why = "; ".join(list(silent.values()) + list(master.unreachable.values())) or "no daemon could be reached"
         yield _stop(master, session.reactor)
         raise TransportError(why)
-    return master
+    return master, silent
 
 
 def _stop(master, reactor) -> defer.Deferred:
@@ -1942,10 +2080,12 @@ def _stop(master, reactor) -> defer.Deferred:
 
 @defer.inlineCallbacks
 def _job(session: _Session, args):
-    master = yield _connected_master(session, args)
+    master, silent = yield _connected_master(session, args)
+    reactor = session.reactor
     try:
-        answers = yield defer.DeferredList([master.status(job_id) for job_id in args.ids], consumeErrors=True)
-        unreachable = master.unreachable
+        answers = yield defer.DeferredList([_replied(master.status(job_id), reactor, _names(master.up))
+                                            for job_id in args.ids], consumeErrors=True)
+        unreachable = dict(silent, **master.unreachable)
     finally:
         yield _stop(master, session.reactor)
     status, said = EXIT_OK, set()
@@ -1973,17 +2113,19 @@ def _job(session: _Session, args):
 
 @defer.inlineCallbacks
 def _dead(session: _Session, args):
-    master = yield _connected_master(session, args)
+    master, silent = yield _connected_master(session, args)
+    reactor = session.reactor
     try:
         if args.dead_action == "list":
             try:
-                dead = yield master.dead_list(args.offset, args.limit)
+                dead = yield _replied(master.dead_list(args.offset, args.limit), reactor, _names(master.up))
             finally:
-                unreachable = master.unreachable
+                unreachable = dict(silent, **master.unreachable)
         else:
             ask = master.dead_retry if args.dead_action == "retry" else master.dead_discard
-            answers = yield defer.DeferredList([ask(job_id) for job_id in args.ids], consumeErrors=True)
-            unreachable = master.unreachable
+            answers = yield defer.DeferredList([_replied(ask(job_id), reactor, _names(master.up))
+                                                for job_id in args.ids], consumeErrors=True)
+            unreachable = dict(silent, **master.unreachable)
     finally:
         yield _stop(master, session.reactor)
     if args.dead_action == "list":
@@ -2062,7 +2204,8 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
         own arguments shows that subcommand's usage and exits.
     """
     for name in ("window", "timeout", "wait", "concurrency", "kill_after", "watch", "jobs"):
-        _positive(getattr(args, name, None), "--" + name.replace("_", "-"))
+        _positive(getattr(args, name, None), "--" + name.replace("_", "-"),
+                  core.MAX_TIMEOUT if name == "timeout" else None)
     if getattr(args, "master", False) is not False:
         args.masters_at = _masters(args)
     if getattr(args, "slave", False) is not False:
@@ -2106,6 +2249,9 @@ def _check(args, parser: argparse.ArgumentParser) -> None:
                 raise UsageError("a job id must not be empty")
     elif args.command == "worker":
         usage = parser.subparsers["worker"]
+        if not args.type:
+            usage.error("give the job TYPE and the command to run after --, e.g. gloom worker upper "
+                        "-- tr a-z A-Z")
         if args.stray:
             usage.error(f"put the command after --, as in: gloom worker {args.type} -- "
                         f"{' '.join(args.stray)}")
@@ -2131,6 +2277,8 @@ def _job_options(args) -> Dict[str, Any]:
             delay = float(args.delay)
         except ValueError:
             raise UsageError(f"--delay must be a number of seconds, not {args.delay!r}") from None
+        if not -float("inf") < delay < float("inf"):  # NaN fails too
+            raise UsageError(f"--delay must be a number of seconds up to {core.MAX_DELAY}, not {args.delay}")
     if args.at is not None:
         at = parse_time(args.at)
         if at > time.time() + core.MAX_DELAY:
@@ -2204,7 +2352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from twisted.internet import reactor
 
-    session = _Session(reactor)
+    global _SESSION
+    session = _SESSION = _Session(reactor)
 
     def finished(result):
         outcome["result"] = result
@@ -2244,8 +2393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry_point() -> None:
-    """The ``gloom`` console script."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    """The ``gloom`` console script.  SIGPIPE stays ignored (see `_out`)."""
     try:
         status = main()
     except KeyboardInterrupt:  # before the reactor took over Ctrl-C

@@ -61,6 +61,9 @@ READ_LIMIT = MAX_FRAME + 64 * 1024
 progress report on in is longer than the one that brought it by the id and
 type around it (each at most 1,024 bytes, escaped up to six times)."""
 
+MAX_TIMEOUT = 2_592_000
+"""The longest ``timeout`` a submit may ask for, in seconds (30 days)."""
+
 MAX_DELAY = 31_536_000
 """The longest ``delay`` a submit may ask for, in seconds (365 days)."""
 

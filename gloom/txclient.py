@@ -530,6 +530,13 @@ class MasterClient(MultiService):
         """`stop`, by the name the asyncio client's ``close`` has."""
         return self.stop()
 
+    def daemon_of(self, job_id: str) -> Optional[str]:
+        """The daemon an unfinished job of this client was sent to (its
+        name, as messages give it), or None: not sent yet, or not in
+        flight."""
+        request = self._core.jobs.get(job_id)
+        return request.daemon if request is not None and request.sent else None
+
     @property
     def connected(self) -> bool:
         """Whether a connection to any daemon is up right now."""

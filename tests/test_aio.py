@@ -488,6 +488,7 @@ class MasterShellTests(SynchronousTestCase):
             (a,) = net.to("a:1")
             (sent,) = a.transport.frames()
             self.assertEqual((sent["id"], master.in_flight), ("j", 1))
+            self.assertEqual((master.daemon_of("j"), master.daemon_of("other")), ("a:1", None))
             self.assertEqual(master.daemons, ["a:1", "b:2"])
             self.assertEqual(master.unreachable, {"b:2": "cannot connect to b:2: Connection refused"})
             await master.start()  # started already: it only waits for the first attempts

@@ -161,7 +161,7 @@ class SubmitTests(CLITestCase):
              "gloom: cannot run /nonexistent/program: no such program\n"),
             (["submit", "echo", "NaN", *self.master_arg()], 2,
              "gloom: BODY is not JSON the daemon takes: NaN is not JSON\n"),
-            (["submit", "echo", "--wait", "0", *self.master_arg()], 2, "--wait must be positive"),
+            (["submit", "echo", "--wait", "0", *self.master_arg()], 2, "--wait must be a positive number of seconds, not 0"),
             (["bench", "--jobs", "0", *self.master_arg()], 2, "--jobs must be positive"),
             (["submit"], 2, "the following arguments are required: type"),
         ]
@@ -453,3 +453,193 @@ class FormatStatusTests(SynchronousTestCase):
             "2 daemons: masters 2   slaves 4   up 0m30s   version 0.1.0",
             "jobs: submitted 5",
         ])
+
+
+class _Silent(protocol.Protocol):
+    """A peer that takes the connection, reads, and never says a word (a
+    stopped daemon, or a port that is not a Gloom master port)."""
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+
+
+class SilentDaemonTests(CLITestCase):
+    """F2: every request that expects a prompt reply is bounded (lowered to
+    1 s here through GLOOM_REPLY_TIMEOUT); the silent daemon counts as
+    unreachable, the others are served, and the command exits 3."""
+
+    timeout = 60
+    env = {"GLOOM_REPLY_TIMEOUT": "1"}
+
+    def setUp(self):
+        super().setUp()
+        factory = protocol.ServerFactory.forProtocol(_Silent)
+        factory.connections = []
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.silent = f"127.0.0.1:{listening.getHost().port}"
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in factory.connections])
+        self.line = f"gloom: {self.silent}: no reply within 1 s (is it a Gloom master port?)"
+
+    @inlineCallbacks
+    def test_status_shows_the_daemons_that_answer(self):
+        real = f"127.0.0.1:{self.port('master')}"
+        out, err, status = yield self.gloom("status", "--master", f"{real},{self.silent}", env=self.env)
+        self.assertEqual(status, 3, err)
+        self.assertIn(real, out)
+        self.assertIn(f"{self.silent}  unreachable: no reply within 1 s", out)
+        self.assertIn(self.line, err.splitlines())
+        out, err, status = yield self.gloom("status", "--json", "--master", f"{real},{self.silent}",
+                                            env=self.env)
+        self.assertEqual(status, 3, err)
+        self.assertEqual(list(json.loads(out)["unreachable"]), [self.silent])
+
+    @inlineCallbacks
+    def test_cancel_job_dead_and_admin_are_bounded(self):
+        real = f"127.0.0.1:{self.port('master')}"
+        for args in (["cancel", "abc"], ["job", "abc"], ["dead", "list"], ["dead", "retry", "abc"],
+                     ["pause", "x"], ["drain"]):
+            out, err, status = yield self.gloom(*args, "--master", self.silent, env=self.env)
+            self.assertEqual(status, 3, (args, out, err))
+            self.assertIn(self.line, err.splitlines(), args)
+        # With a daemon that answers too, job and dead list go on with it.
+        out, err, status = yield self.gloom("job", "abc", "--master", f"{real},{self.silent}", env=self.env)
+        self.assertEqual((out, status), ("abc  unknown\n", 3), err)
+        self.assertIn(self.line, err.splitlines())
+        out, err, status = yield self.gloom("dead", "list", "--master", f"{real},{self.silent}", env=self.env)
+        self.assertEqual((out, status), ("(no dead jobs)\n", 3), err)
+        self.assertIn(self.line, err.splitlines())
+
+    @inlineCallbacks
+    def test_submit_without_an_ack_fails(self):
+        for extra in (["--detach"], [], ["--wait", "30"]):
+            out, err, status = yield self.gloom("submit", "x", '"x"', *extra, "--master", self.silent,
+                                                env=self.env)
+            self.assertEqual((out, status), ("", 3), (extra, err))
+            self.assertIn(self.line, err.splitlines(), extra)
+
+
+class PipeTests(CLITestCase):
+    """F1: SIGPIPE stays ignored: a daemon closing its socket under a
+    write is a lost connection, and a closed standard output ends the run
+    quietly with 141."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_a_closed_standard_output_ends_quietly(self):
+        read, write = os.pipe()
+        os.close(read)  # as "| head -c1" does once it has its byte
+        run = _Run(b"")
+        argv = gloom_command() + ["status", "--json", *self.master_arg()]
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("GLOOM_")}
+        reactor.spawnProcess(run, argv[0], argv, env=environment, childFDs={0: "w", 1: write, 2: "r"})
+        os.close(write)
+        self.addCleanup(self._reap, run)
+        out, err, status = yield run.ended
+        self.assertEqual((err, status), ("", 141))
+
+    @inlineCallbacks
+    def test_a_frame_the_daemon_refuses_mid_send(self):
+        # The daemon (max_frame 64 KiB) says size_error and closes while the
+        # client still writes the 2 MB frame: each line still gets its line.
+        big = json.dumps("a" * 2000000).encode()
+        for options, stdin in ((["--lines"], big + b'\n"small"\n'), (["-"], big)):
+            out, err, status = yield self.gloom("submit", "echo", *options, *self.master_arg(), stdin=stdin)
+            self.assertIn(status, (1, 3), err)
+            self.assertIn("size_error", err)
+            if options == ["--lines"]:
+                lines = [json.loads(line) for line in out.splitlines()]
+                self.assertEqual(len(lines), 2, out)
+                self.assertEqual(lines[0]["error"], "size_error")
+                self.assertIn("error", lines[1])
+
+
+class OptionTests(SynchronousTestCase):
+    """F3, F4 and the usage nits, through the installed command (no daemon
+    is needed: each is refused before connecting)."""
+
+    def gloom(self, *args):
+        import subprocess
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("GLOOM_")}
+        done = subprocess.run(gloom_command() + list(args), capture_output=True, text=True,
+                              env=environment, timeout=30, stdin=subprocess.DEVNULL)
+        return done.stdout, done.stderr, done.returncode
+
+    def test_nan_and_inf_are_refused_naming_the_option(self):
+        for args, option in ((["submit", "x", '"x"', "--wait", "nan"], "--wait"),
+                             (["submit", "x", '"x"', "--wait", "inf"], "--wait"),
+                             (["submit", "x", '"x"', "--timeout", "nan"], "--timeout"),
+                             (["submit", "x", '"x"', "--timeout", "inf"], "--timeout"),
+                             (["submit", "x", '"x"', "--delay", "nan"], "--delay"),
+                             (["submit", "x", '"x"', "--delay", "inf"], "--delay"),
+                             (["worker", "x", "--kill-after", "nan", "--", "cat"], "--kill-after"),
+                             (["status", "--watch", "inf"], "--watch")):
+            out, err, status = self.gloom(*args, "--master" if args[0] != "worker" else "--slave",
+                                          "127.0.0.1:1")
+            self.assertEqual((out, status), ("", 2), args)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertTrue(err.startswith(f"gloom: {option} must be"), err)
+        out, err, status = self.gloom("submit", "x", '"x"', "--timeout", "nan")
+        self.assertEqual(err, "gloom: --timeout must be a positive number of seconds up to 2592000, not nan\n")
+
+    def test_worker_without_arguments_names_type_and_command(self):
+        out, err, status = self.gloom("worker")
+        self.assertEqual(status, 2)
+        self.assertIn("TYPE", err.splitlines()[-1])
+        self.assertIn("after --", err.splitlines()[-1])
+        self.assertNotIn("stray", err)
+
+    def test_resubmit_is_listed_and_not_with_detach(self):
+        out, err, status = self.gloom("submit", "--help")
+        self.assertIn("--resubmit", out)
+        out, err, status = self.gloom("submit", "x", '"x"', "--detach", "--resubmit", "--master", "127.0.0.1:1")
+        self.assertEqual((out, status), ("", 2))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("--resubmit", err)
+
+    def test_bench_without_answers_prints_dashes(self):
+        from gloom.bench import BenchResult
+        result = BenchResult(0, 0.0, [], [], {"masters": 1, "window": 1, "slaves": 1, "body_size": 1},
+                             interrupted=True, planned=10)
+        table = result.table()
+        self.assertIn("latency ms: p50 -  p90 -  p99 -  max -", table)
+        self.assertNotIn("None", table)
+
+
+class ResubmitTests(CLITestCase):
+    """``gloom submit --resubmit`` with two daemons: when the one holding
+    the queued job dies, the job is submitted again to the other, whose
+    worker answers it."""
+
+    timeout = 60
+
+    def setUp(self):
+        super().setUp()
+        self.other_ports = {role: reserved_port(self) for role in ("master", "slave")}
+        from gloom.tap import makeService
+        self.other = makeService({"master": f"tcp:{self.other_ports['master']}:interface=127.0.0.1",
+                                  "slave": f"tcp:{self.other_ports['slave']}:interface=127.0.0.1",
+                                  "max-frame": self.max_frame, "retries": self.retries}, reactor)
+        self.other.startService()
+        self.addCleanup(lambda: self.other.stopService() if self.other.running else None)
+
+    @inlineCallbacks
+    def test_the_job_moves_to_the_daemon_up(self):
+        both = f"127.0.0.1:{self.port('master')},127.0.0.1:{self.other_ports['master']}"
+        run = self.start("submit", "upper", '"moved"', "--resubmit", "--master", both)
+        schedulers = [self.scheduler, self.other.scheduler]
+        yield wait_until(lambda: any(len(s) == 1 for s in schedulers))
+        holder = 0 if len(self.scheduler) == 1 else 1
+        services = [self.service, self.other]
+        slave_ports = [self.port("slave"), self.other_ports["slave"]]
+        # It dies (a crash: its connections are aborted, no "shutdown" said).
+        service = services[holder]
+        for role in ("master", "slave"):
+            yield service.getServiceNamed(role).disownServiceParent()
+        for factory in service.factories:
+            for connection in list(factory.connections):
+                connection.transport.abortConnection()
+        self.start("worker", "upper", "--slave", f"127.0.0.1:{slave_ports[1 - holder]}", "--", "tr", "a-z", "A-Z")
+        out, err, status = yield run.ended
+        self.assertEqual((out, status), ('"MOVED"\n', 0), err)

@@ -656,6 +656,12 @@ if __name__ == "__main__":
 
 
 class SeparationTests(unittest.TestCase):
+    def test_the_clients_limits_are_the_daemons(self):
+        from gloom import wire
+
+        self.assertEqual((core.MAX_TIMEOUT, core.MAX_DELAY, core.MAX_RETRIES),
+                         (wire.MAX_TIMEOUT, wire.MAX_DELAY, wire.MAX_RETRIES))
+
     def test_no_client_module_imports_a_daemon_module(self):
         import subprocess
         import sys

@@ -861,6 +861,18 @@ class MasterScriptedTests(SynchronousTestCase):
         peer.drop(ConnectionDone())
         self.assertEqual(asked[-1], 1)
 
+    def test_daemon_of_names_where_a_job_went(self):
+        script = Scripted()
+        master = MasterClient("tcp:127.0.0.1:9000", script.reactor)
+        answer = master.submit("t", 1, id="j")
+        self.assertIsNone(master.daemon_of("j"))  # not started: waiting for a connection
+        master.start()
+        script.accept()
+        self.assertEqual(master.daemon_of("j"), "tcp:127.0.0.1:9000")
+        self.assertIsNone(master.daemon_of("other"))
+        answer.cancel()
+        self.failureResultOf(answer)
+
     def test_a_quiet_connection_of_long_standing_gets_no_tls_hint(self):
         script = Scripted()
         master = MasterClient("tcp:127.0.0.1:9000", script.reactor, fail_after=1)

@@ -258,13 +258,15 @@ class _Shell:
         connect, serve, and after each failure or loss try again, waiting
         twice as long each time (``retry_initial`` to ``retry_max``).
 
-        Only a connection that proved itself resets the wait to
-        ``retry_initial``: one on which the daemon sent a frame, or that
-        stayed up `PROVEN_AFTER` seconds.  A connection closed at once (a
-        TLS port reached without ``ssl=``, a daemon refusing at accept)
-        counts as a failed attempt, so the waits grow."""
-        delay = self.retry_initial
+        The wait counts the attempts that failed since the last connection
+        was made, and the connections closed before they proved themselves
+        (the daemon sent no frame, and they were up less than
+        `PROVEN_AFTER` seconds) since the last one that did: so a port
+        that closes every new connection at once (a TLS port reached
+        without ``ssl=``) is retried ever more slowly, while a daemon that
+        comes back after a long outage is retried from ``retry_initial``."""
         failures = 0
+        unproven = 0
         try:
             while not self._closing:
                 try:
@@ -277,8 +279,7 @@ class _Shell:
                     self._attempt_failed(key, failures, why, permanent)
                     if not first.done():
                         first.set_result(None)
-                    await asyncio.sleep(self._delay(delay))
-                    delay = min(delay * 2, self.retry_max)
+                    await asyncio.sleep(self._delay(self._wait_for(failures + max(0, unproven - 1))))
                     continue
                 if self._closing:
                     connection.close()
@@ -292,18 +293,21 @@ class _Shell:
                 error = await connection.closed
                 del self._connections[key]
                 proven = connection.heard or self._loop.time() - connected_at >= PROVEN_AFTER  # type: ignore[union-attr]
-                if proven:
-                    delay = self.retry_initial
+                unproven = 0 if proven else unproven + 1
                 why, permanent = _loss(error, name, connection.why, silent=self._ssl is None and not proven)
                 if self._closing:
                     why, permanent = f"the connection to {name} was closed by this client", False
                 self._down(key, why, permanent)
                 if not self._closing:
-                    await asyncio.sleep(self._delay(delay))
-                    delay = min(delay * 2, self.retry_max)
+                    await asyncio.sleep(self._delay(self._wait_for(1 + max(0, unproven - 1))))
         finally:
             if not first.done():
                 first.set_result(None)
+
+    def _wait_for(self, attempt: int) -> float:
+        """The wait before retry number ``attempt`` (1 for the first):
+        ``retry_initial``, twice as long each time, at most ``retry_max``."""
+        return min(self.retry_initial * 2 ** min(attempt - 1, 32), self.retry_max)
 
     async def _close_connections(self) -> None:
         """Stop reconnecting; close each connection once what was written
@@ -1249,6 +1253,12 @@ class Worker(_Shell):
                     outcome = await outcome
         except Exception as e:
             error = e
+        except asyncio.CancelledError as e:
+            # The handler ended cancelled (it awaited something another
+            # task cancelled): the job fails, and its place comes free.
+            error = e
+            if not str(e):
+                error = asyncio.CancelledError("the handler was cancelled")
         if error is None:
             self._core.finished(link, job, outcome)
         else:

@@ -380,6 +380,8 @@ class _Client:
                 return
             if self._closed:
                 raise self._disconnected()
+            if self._retry and self._connections:
+                self._reconnect(deadline)  # outside the state lock: progress() need not wait for it
             with state:
                 if not self._connections:
                     self._all_lost()
@@ -396,7 +398,7 @@ class _Client:
                         wait = 0
                 wakes = [tick(now)] if tick is not None else []
                 if self._retry:
-                    wakes.append(self._reconnect(now))
+                    wakes.append(min(due for due, _ in self._retry.values()))
                 for wake in wakes:
                     if wake is not None:
                         until = max(0.0, wake - now)
@@ -468,20 +470,24 @@ class _Client:
                 self._retry[connection.name] = (time.monotonic() + RETRY_INITIAL, RETRY_INITIAL)
                 self._lost(connection, connection.dead)
 
-    def _reconnect(self, now: float) -> Optional[float]:
+    def _reconnect(self, deadline: Optional[float]) -> None:
         """While a daemon is up, try each lost one again when its turn has
         come (a refused attempt doubles its wait, up to `RETRY_MAX`); a
-        connection made is handed to `_connected`.  Called while a call
-        waits for the daemons (the state lock held).
-
-        :returns: when the next attempt is due.
-        """
+        connection made is handed to `_connected`.  Called by the thread
+        that waits for the daemons, without the state lock (an attempt
+        may block for up to `RETRY_CONNECT_TIMEOUT`, and never past
+        ``deadline``, the end of the call that waits)."""
+        tls, server_hostname, connect_timeout = self._settings
         for name, (due, delay) in list(self._retry.items()):
+            now = time.monotonic()
             if due > now:
                 continue
-            tls, server_hostname, connect_timeout = self._settings
             timeout = RETRY_CONNECT_TIMEOUT if connect_timeout is None else \
                 min(connect_timeout, RETRY_CONNECT_TIMEOUT)
+            if deadline is not None:
+                if deadline - now < 0.01:
+                    return  # no time left in this call: the next one tries
+                timeout = min(timeout, deadline - now)
             try:
                 connection = _Connection(self._addresses[name], tls, server_hostname, timeout)
             except TransportError as e:
@@ -489,12 +495,17 @@ class _Client:
                 self._retry[name] = (time.monotonic() + delay, delay)
                 _log.debug("%s", e)
                 continue
-            del self._retry[name]
-            self._connections[name] = connection
-            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
-            _log.info("connected to %s again", name)
-            self._connected(connection)
-        return min((due for due, _ in self._retry.values()), default=None)
+            with self._lock:
+                closed = self._closed
+            if closed:
+                connection.close()
+                return
+            with self._state:
+                del self._retry[name]
+                self._connections[name] = connection
+                self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+                _log.info("connected to %s again", name)
+                self._connected(connection)
 
     def _received(self, connection: _Connection, message: dict) -> None:
         raise NotImplementedError

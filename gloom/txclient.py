@@ -254,9 +254,12 @@ class _Backoff:
     ``ClientService`` counts failed attempts from 0 again at every
     connection made, so a port that closes each new connection at once (a
     TLS port reached with a plain address) would be retried at the first
-    delay for ever.  This counts its own attempts, and starts again only
-    once a connection proved itself (`proven`: the daemon sent a frame on
-    it, or it stayed up `PROVEN_AFTER` seconds).
+    delay for ever.  This also counts the connections closed before they
+    proved themselves (`closed`: the daemon sent no frame, and they were
+    up less than `PROVEN_AFTER` seconds) since the last one that did, and
+    adds them to the attempt: so such a port is retried ever more slowly,
+    while a daemon that comes back after a long outage is retried from the
+    first delay (its refused attempts count no more once it accepted).
 
     :param policy: the delay before each attempt, given how many attempts
         in a row failed (1 for the first retry), as ``ClientService``
@@ -265,15 +268,14 @@ class _Backoff:
 
     def __init__(self, policy: Callable[[int], float]):
         self.policy = policy
-        self.failures = 0
+        self.unproven = 0
 
     def __call__(self, attempt: int) -> float:
-        self.failures += 1
-        return self.policy(self.failures)
+        return self.policy(attempt + max(0, self.unproven - 1))
 
-    def proven(self) -> None:
-        """A connection worked: the next wait is the first one again."""
-        self.failures = 0
+    def closed(self, proven: bool) -> None:
+        """A connection closed: one that proved itself starts the count again."""
+        self.unproven = 0 if proven else self.unproven + 1
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -296,6 +298,8 @@ class _Connection(Int32StringReceiver):
         self.up_at: Optional[float] = None
         self.problem: Optional[str] = None
         self.heard = False
+        self.framed = False
+        """Whether a whole frame came (bytes alone may be a TLS alert)."""
         self._frames = core.FrameBuffer(self.MAX_LENGTH)
 
     def connectionMade(self) -> None:
@@ -318,10 +322,12 @@ class _Connection(Int32StringReceiver):
         self.up_at = self.owner.reactor.seconds()
         self.owner._up(self)
 
-    def _proven(self) -> None:
-        """The connection works (see `_Backoff`)."""
-        if self.backoff is not None:
-            self.backoff.proven()
+    @property
+    def proven(self) -> bool:
+        """Whether the connection works (see `_Backoff`): the daemon sent a
+        frame on it, or it was up for `PROVEN_AFTER` seconds."""
+        return self.framed or (self.up_at is not None
+                               and self.owner.reactor.seconds() - self.up_at >= PROVEN_AFTER)
 
     @property
     def silent(self) -> bool:
@@ -341,7 +347,7 @@ class _Connection(Int32StringReceiver):
             self.abort(f"{self.owner._name(self.key)}: {e}")
             return
         if frames:
-            self._proven()
+            self.framed = True
         for frame in frames:
             if self.problem is not None:
                 return
@@ -358,8 +364,8 @@ class _Connection(Int32StringReceiver):
 
     def connectionLost(self, reason: Failure = None) -> None:
         # Before ClientService asks its retry policy for the next delay.
-        if self.up_at is not None and self.owner.reactor.seconds() - self.up_at >= PROVEN_AFTER:
-            self._proven()
+        if self.backoff is not None:
+            self.backoff.closed(self.proven)
         self.owner._lost(self, reason)
 
 

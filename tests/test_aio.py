@@ -697,16 +697,32 @@ class WorkerShellTests(SynchronousTestCase):
             net.connections[-1].connection_lost(None)
             await turn(10)
             self.assertEqual(waits[4:], [0.02])
-            net.connections[-1].connection_lost(None)
-            await turn(10)
-            self.assertEqual(waits[4:], [0.02, 0.04])
+            for _ in range(2):  # closed at once again: the count starts over, and grows
+                net.connections[-1].connection_lost(None)
+                await turn(10)
+            self.assertEqual(waits[4:], [0.02, 0.02, 0.04])
             loop.advance(aio.PROVEN_AFTER)  # up long enough, though silent
             self.reports.clear()
             net.connections[-1].connection_lost(None)
             await turn(10)
-            self.assertEqual(waits[4:], [0.02, 0.04, 0.02])
+            self.assertEqual(waits[7:], [0.02])
             # A quiet connection of long standing that closes gets no TLS hint.
             self.assertEqual(self.reports[0], "the connection to d:1 was closed (reconnecting)")
+            # A long outage, then a daemon that takes the connection and
+            # restarts at once: the refusals count no more once it accepted.
+            net.refuse.add("d:1")
+            connections = len(net.connections)
+            net.feed(net.connections[-1], {"ok": True})  # a working connection, then the daemon goes away
+            net.connections[-1].connection_lost(None)
+            await turn(10)
+            self.assertEqual(waits[-1], 0.1)  # refused again and again: the longest wait
+            net.refuse.discard("d:1")
+            await turn(10)
+            self.assertEqual(len(net.connections), connections + 1)
+            waited = len(waits)
+            net.connections[-1].connection_lost(None)  # it took the connection, and restarts
+            await turn(10)
+            self.assertEqual(waits[waited:], [0.02])
             await self.stop(worker, net)
         run_on_clock(body)
 
@@ -864,6 +880,35 @@ class WorkerShellTests(SynchronousTestCase):
             await self.stop(worker, net)
             self.assertEqual(self.reports, ["the connection to d:1 was lost: Connection reset by peer "
                                             "(reconnecting)", "connected to d:1"])
+        run(body())
+
+    def test_a_handler_that_ends_cancelled_fails_its_job_and_frees_its_place(self):
+        gate = []
+
+        async def handler(job):
+            gate.append(asyncio.get_running_loop().create_future())
+            return await gate[-1]
+
+        async def body():
+            worker, net = self.worker(handler)
+            await worker.start()
+            (connection,) = net.connections
+            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
+            await turn()
+            self.assertEqual(worker.busy, 1)
+            gate[0].cancel()  # what the handler awaits is cancelled by someone else
+            await turn()
+            self.assertEqual(worker.busy, 0)
+            self.assertEqual(connection.transport.frames()[-1],
+                             {"action": "fail", "id": "1", "reason": "the handler was cancelled"})
+            net.feed(connection, {"ok": True}, {"action": "job", "id": "2", "type": "t", "body": None})
+            await turn()
+            self.assertEqual(worker.busy, 1)  # the place came free: it takes the next job
+            gate[1].set_result("done")
+            await turn()
+            self.assertEqual(connection.transport.frames()[-1], {"action": "respond", "id": "2", "body": "done"})
+            net.feed(connection, {"ok": True})
+            await self.stop(worker, net)
         run(body())
 
     def test_a_job_in_hand_when_the_connection_drops(self):

@@ -28,7 +28,7 @@ from gloom.client import (
     TransportError,
     client_context,
 )
-from gloom import core
+from gloom import client, core
 from gloom.core import FrameBuffer, frame, rendezvous
 from gloom.tap import makeService
 from tests.certs import Authority
@@ -366,6 +366,38 @@ class SeveralDaemonsTests(ClientTestCase):
                 thread.join(10)
             self.assertFalse(thread.is_alive())
             self.assertEqual(len(seen), 30)
+        return deferToThread(body)
+
+
+class HangingListener:
+    """A loopback port whose accept queue is full: a connection attempt to
+    it hangs until it times out."""
+
+    def __init__(self, test):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        test.addCleanup(self.listener.close)
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        for _ in range(3):  # fill the queue
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.listener.getsockname())
+            test.addCleanup(filler.close)
+
+
+class ReconnectBoundsTests(ClientTestCase):
+    def test_an_attempt_to_connect_again_ends_with_the_call(self):
+        hanging = HangingListener(self)
+
+        def body():
+            with Master([f"127.0.0.1:{self.port('master')}", hanging.address], connect_timeout=1.0) as master:
+                self.assertEqual(master.connected, [f"127.0.0.1:{self.port('master')}"])
+                time.sleep(client.RETRY_INITIAL)  # an attempt is due
+                started = time.monotonic()
+                self.assertRaises(Timeout, master.receive, 0.2)
+                # Not the 1 s the attempt could take: the call's own end bounds it.
+                self.assertLess(time.monotonic() - started, 0.8)
         return deferToThread(body)
 
 

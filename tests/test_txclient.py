@@ -816,13 +816,26 @@ class WorkerScriptedTests(SynchronousTestCase):
         self.joined([peer])  # the daemon answered: the connection works
         peer.drop(ConnectionDone())
         self.assertEqual(asked[-1], 1)
-        self.script.reactor.advance(1)
-        (peer,) = self.script.accept()
-        peer.drop(ConnectionDone())
-        self.assertEqual(asked[-1], 2)
+        for expected in (1, 2):  # closed at once again: the count starts over, and grows
+            self.script.reactor.advance(1)
+            (peer,) = self.script.accept()
+            peer.drop(ConnectionDone())
+            self.assertEqual(asked[-1], expected)
         self.script.reactor.advance(2)
         (peer,) = self.script.accept()
         self.script.reactor.advance(txclient.PROVEN_AFTER)  # up long enough, though silent
+        peer.drop(ConnectionDone())
+        self.assertEqual(asked[-1], 1)
+        # A long outage, then a daemon that takes the connection and restarts
+        # at once: the refusals count no more once it accepted.
+        del asked[:]
+        for _ in range(5):
+            self.script.reactor.advance(30)
+            self.script.reactor.tcpClients.pop(0)[2].clientConnectionFailed(
+                self.script.reactor.connectors.pop(0), refused())
+        self.assertEqual(asked, [2, 3, 4, 5, 6])  # after the first wait, when it was lost
+        self.script.reactor.advance(30)
+        (peer,) = self.script.accept()
         peer.drop(ConnectionDone())
         self.assertEqual(asked[-1], 1)
         self.successResultOf(worker.stop())

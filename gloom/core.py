@@ -1176,6 +1176,12 @@ class MasterCore:
         """How many submits have not ended."""
         return len(self.jobs)
 
+    def daemon_of(self, job_id: str) -> Optional[str]:
+        """The daemon an unfinished submit was sent to, or None: not sent
+        yet (waiting for a connection), or not in flight."""
+        request = self.jobs.get(job_id)
+        return request.daemon if request is not None and request.sent else None
+
     def up(self) -> List[str]:
         """The daemons connected now."""
         return [name for name, state in self.daemons.items() if state.up]

@@ -540,8 +540,7 @@ class MasterClient(MultiService):
         """The daemon an unfinished job of this client was sent to (its
         name, as messages give it), or None: not sent yet, or not in
         flight."""
-        request = self._core.jobs.get(job_id)
-        return request.daemon if request is not None and request.sent else None
+        return self._core.daemon_of(job_id)
 
     @property
     def connected(self) -> bool:

@@ -52,12 +52,13 @@ as a shell reports a process SIGPIPE ended."""
 
 REPLY_TIMEOUT = float(os.environ.get("GLOOM_REPLY_TIMEOUT") or 10.0)
 """Seconds a daemon has to answer a request that expects a prompt reply (a
-stats, status, cancel, dead-list or admin request, a submit's ack); after
-that it counts as unreachable, so that a stopped daemon, or a port that is
-not a Gloom master port (the --http one), never hangs the command.  Waiting
-for a job's answer is not bounded by it (--wait does that).  The
-undocumented GLOOM_REPLY_TIMEOUT environment variable lowers it, for the
-tests only."""
+stats, status, cancel, dead-list or admin request, and the stats request
+``gloom submit`` opens with); after that it counts as unreachable, so that
+a stopped daemon, or a port that is not a Gloom master port (the --http
+one), never hangs the command.  A submit's ack and a job's answer are not
+bounded by it (a big body takes as long to send as the link needs; --wait
+bounds them).  The undocumented GLOOM_REPLY_TIMEOUT environment variable
+lowers it, for the tests only."""
 
 EXIT_STATUS = """exit status:
   0    success
@@ -232,10 +233,10 @@ class _BadBody(EncodeError):
     """A body read from the input is not JSON the daemon takes."""
 
 
-def _no_reply(name: Optional[str] = None) -> str:
+def _no_reply(name: Optional[str] = None, seconds: float = REPLY_TIMEOUT) -> str:
     """Why a daemon that took the connection but said nothing within
-    `REPLY_TIMEOUT` counts as unreachable (prefixed with its name, if given)."""
-    why = f"no reply within {REPLY_TIMEOUT:g} s (is it a Gloom master port?)"
+    ``seconds`` counts as unreachable (prefixed with its name, if given)."""
+    why = f"no reply within {seconds:g} s (is it a Gloom master port?)"
     return f"{name}: {why}" if name else why
 
 
@@ -252,6 +253,9 @@ def _replied(deferred: defer.Deferred, reactor, name: str) -> defer.Deferred:
 
 # --- output -------------------------------------------------------------------------
 
+
+_STDOUT_GONE = False
+"""Whether standard output's reader went away (``gloom ... | head``)."""
 
 _SESSION: Optional["_Session"] = None
 """The run under way, if any: ended with `EXIT_PIPE` when standard output
@@ -283,7 +287,10 @@ def _stdout_gone() -> None:
     """Standard output's reader went away: point standard output at
     /dev/null, so that nothing written later (nor the flush at exit) fails
     again, and end the run with `EXIT_PIPE`, quietly (as the Python
-    documentation on SIGPIPE recommends)."""
+    documentation on SIGPIPE recommends): the jobs still in flight end
+    with the connections, unremarked."""
+    global _STDOUT_GONE
+    _STDOUT_GONE = True
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -297,7 +304,10 @@ def _stdout_gone() -> None:
 
 
 def _say(message: str) -> None:
-    """A ``gloom:`` line on standard error."""
+    """A ``gloom:`` line on standard error (none once standard output's
+    reader went away: the run ends quietly, see `_stdout_gone`)."""
+    if _STDOUT_GONE:
+        return
     _clear_bar()
     stream = getattr(sys.stderr, "buffer", None)
     line = f"gloom: {message}"
@@ -889,8 +899,7 @@ class _Slot:
     """One line of ``gloom submit``'s output: a job (or a bad body) and,
     once it ended, its outcome.  `core.InOrder` keeps them in input order."""
 
-    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired", "status",
-                 "ack_timer", "no_ack")
+    __slots__ = ("number", "id", "done", "value", "error", "deferred", "timer", "expired", "status")
 
     def __init__(self, number: int, job_id: Optional[str] = None):
         self.number = number
@@ -903,10 +912,6 @@ class _Slot:
         self.expired = False
         self.status: Optional[defer.Deferred] = None
         """Once given up on (``--wait``): the job's status, asked just before its cancel."""
-        self.ack_timer = None
-        """Until the daemon acks the submit: the call that gives up on it (`REPLY_TIMEOUT`)."""
-        self.no_ack: Optional[TransportError] = None
-        """Why the job failed, when no ack came in time."""
 
 
 class _Submitter:
@@ -999,9 +1004,10 @@ class _Submitter:
             where = f"line {number}" if self.lines else ("standard input" if args.body == "-" else "BODY")
             try:
                 body = None if data is None else _parse_body(data, where)
-                extra = {"on_ack": lambda joined, slot=slot: self._acked(joined, slot)}
+                extra = {}
                 if args.unique is not None:
                     extra["unique"] = args.unique
+                    extra["on_ack"] = self._acked
                 if self.bar is not None:
                     extra["on_progress"] = self.bar.update
                 deferred = self.master.submit(args.type, body, args.priority, id=slot.id,
@@ -1019,7 +1025,6 @@ class _Submitter:
                 self._ended(Failure(e), slot)
                 continue
             slot.deferred = deferred
-            slot.ack_timer = self.reactor.callLater(REPLY_TIMEOUT, self._no_ack, slot)
             if args.wait:
                 wait = args.wait
                 if not self.lines:  # the one job's --wait counts from the start, connecting included
@@ -1027,27 +1032,11 @@ class _Submitter:
                 slot.timer = self.reactor.callLater(wait, self._expire, slot)
             deferred.addBoth(self._ended, slot)
 
-    def _acked(self, joined: bool, slot: _Slot) -> None:
-        """The daemon took the job: it no longer needs to ack in time (and,
-        with --unique, say whether it joined a job already there)."""
-        if slot.ack_timer is not None and slot.ack_timer.active():
-            slot.ack_timer.cancel()
-        slot.ack_timer = None
+    def _acked(self, joined: bool) -> None:
         if joined and self.say_joined:
             _say(f"joined the {self.args.type!r} job already queued or running with unique key "
                  f"{_quoted(self.args.unique)}: its answer is this one's (this submit's body and "
                  "options are not used)")
-
-    def _no_ack(self, slot: _Slot) -> None:
-        """No ack within `REPLY_TIMEOUT`: the daemon the job was sent to
-        counts as unreachable, and the job fails (and is cancelled there)."""
-        slot.ack_timer = None
-        if slot.done:
-            return
-        daemon = self.master.daemon_of(slot.id)
-        name = daemon if daemon else _names(self.args.masters_at)
-        slot.no_ack = TransportError(_no_reply(name))
-        slot.deferred.cancel()
 
     def _expire(self, slot: _Slot) -> None:
         slot.timer = None
@@ -1060,13 +1049,10 @@ class _Submitter:
         slot.deferred.cancel()
 
     def _ended(self, result, slot: _Slot) -> None:
-        for timer in (slot.timer, slot.ack_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        slot.timer = slot.ack_timer = None
+        if slot.timer is not None and slot.timer.active():
+            slot.timer.cancel()
+        slot.timer = None
         if isinstance(result, Failure):
-            if slot.no_ack is not None:
-                return self._settle(None, slot, slot.no_ack)
             if slot.expired:
                 self._no_answer(slot).addCallback(self._settle, slot, None)
                 return None
@@ -1164,9 +1150,8 @@ class _Submitter:
             return
         self.stop_reading()
         for slot in self.open:
-            for timer in (slot.timer, slot.ack_timer):
-                if timer is not None and timer.active():
-                    timer.cancel()
+            if slot.timer is not None and slot.timer.active():
+                slot.timer.cancel()
         self.finished.callback(status)
 
 
@@ -1221,12 +1206,28 @@ def _error_object(error: BaseException) -> dict:
 def _submit(session: _Session, args):
     from gloom.txclient import MasterClient
 
+    # A daemon that takes the connection and says nothing (a stopped
+    # process, the --http port) is found out first and left out, rather
+    # than given jobs whose acks never come.  (An ack is not timed: a big
+    # body takes as long to send as the link needs.)
+    began = session.reactor.seconds()
+    probe = min(REPLY_TIMEOUT, args.wait) if args.wait and not args.lines else REPLY_TIMEOUT
     try:
-        master = MasterClient(args.masters_at, session.reactor, fail_after=1, resubmit=args.resubmit)
+        silent = yield _silent_daemons(session, args.masters_at, probe)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if len(silent) == len(args.masters_at):
+        raise TransportError("; ".join(silent.values()))
+    for why in silent.values():
+        _say(why)
+    try:
+        master = MasterClient([address for address in args.masters_at if address not in silent],
+                              session.reactor, fail_after=1, resubmit=args.resubmit)
     except ValueError as e:
         raise UsageError(str(e)) from None
     global _BAR
     submitter = _Submitter(session, master, args)
+    submitter.began = began  # --wait counts from the start, the look for silent daemons included
     terminal = _is_terminal(sys.stderr)
     shown = args.progress if args.progress is not None else terminal
     if shown and not args.lines and not args.detach:
@@ -2022,7 +2023,7 @@ def _say_unreachable(unreachable: Dict[str, str], said: Optional[set] = None) ->
 
 
 @defer.inlineCallbacks
-def _silent_daemons(session: _Session, addresses: List[str]):
+def _silent_daemons(session: _Session, addresses: List[str], seconds: float = REPLY_TIMEOUT):
     """The daemons among ``addresses`` that take a connection but do not
     answer a stats request within `REPLY_TIMEOUT` (a stopped daemon, the
     --http port), by address, with why: each is asked on a connection of
@@ -2037,11 +2038,11 @@ def _silent_daemons(session: _Session, addresses: List[str]):
         for client in clients:
             client.start()
         answers = yield defer.DeferredList(
-            [defer.maybeDeferred(client.stats).addTimeout(REPLY_TIMEOUT, reactor) for client in clients],
+            [defer.maybeDeferred(client.stats).addTimeout(seconds, reactor) for client in clients],
             consumeErrors=True)
     finally:
         yield defer.DeferredList([_stop(client, reactor) for client in clients])
-    return OrderedDict((address, _no_reply(core.display_name(address)))
+    return OrderedDict((address, _no_reply(core.display_name(address), seconds))
                        for address, (ok, value) in zip(addresses, answers)
                        if not ok and value.check(defer.TimeoutError))
 

@@ -13,6 +13,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
+from gloom.core import FrameBuffer, frame
 from tests.support import reserved_port
 from tests.test_integration import DaemonTestCase, wait_until
 
@@ -511,12 +512,48 @@ class SilentDaemonTests(CLITestCase):
         self.assertIn(self.line, err.splitlines())
 
     @inlineCallbacks
-    def test_submit_without_an_ack_fails(self):
+    def test_submit_leaves_a_silent_daemon_out(self):
         for extra in (["--detach"], [], ["--wait", "30"]):
             out, err, status = yield self.gloom("submit", "x", '"x"', *extra, "--master", self.silent,
                                                 env=self.env)
             self.assertEqual((out, status), ("", 3), (extra, err))
             self.assertIn(self.line, err.splitlines(), extra)
+        # With a daemon that answers too, every job goes there.
+        yield self.worker("upper", "tr", "a-z", "A-Z")
+        real = f"127.0.0.1:{self.port('master')}"
+        out, err, status = yield self.gloom("submit", "upper", "--lines", "--master", f"{self.silent},{real}",
+                                            stdin=b"".join(b'"job %d"\n' % n for n in range(20)), env=self.env)
+        self.assertEqual((out.splitlines(), status), ([f'"JOB {n}"' for n in range(20)], 0), err)
+        self.assertEqual(err.splitlines(), [self.line])
+
+    @inlineCallbacks
+    def test_an_ack_is_waited_for_as_long_as_it_takes(self):
+        """A daemon that answers at once but acks a job late (a big body on
+        a slow link, a busy client): the job is not given up on."""
+        factory = protocol.ServerFactory.forProtocol(_SlowAcks)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        out, err, status = yield self.gloom("submit", "x", '"late"', "--master",
+                                            f"127.0.0.1:{listening.getHost().port}", env=self.env)
+        self.assertEqual((out, err, status), ('"late"\n', "", 0))
+
+
+class _SlowAcks(protocol.Protocol):
+    """A daemon that answers a stats request at once, but acks a submit
+    (and answers it) only after 1.5 s, longer than the tests' reply limit."""
+
+    def connectionMade(self):
+        self.frames = FrameBuffer()
+
+    def dataReceived(self, data):
+        for payload in self.frames.feed(data):
+            request = json.loads(payload)
+            if request.get("action") == "stats":
+                self.transport.write(frame({"stats": {}, "ref": request["ref"]}))
+            elif request.get("action") == "submit":
+                replies = [{"ok": True, "id": request["id"], "ref": request["ref"]},
+                           {"id": request["id"], "body": request["body"]}]
+                reactor.callLater(1.5, self.transport.write, b"".join(frame(reply) for reply in replies))
 
 
 class PipeTests(CLITestCase):
@@ -525,6 +562,16 @@ class PipeTests(CLITestCase):
     quietly with 141."""
 
     timeout = 60
+
+    @inlineCallbacks
+    def test_a_reader_gone_with_jobs_in_flight_ends_it_quietly(self):
+        yield self.worker("slow", "sh", "-c", "sleep 0.2; cat", options=["-c", "2"], count=2)
+        run = self.start("submit", "slow", "--lines", *self.master_arg(),
+                         stdin=b"".join(b"%d\n" % n for n in range(20)))
+        yield run.printed(lambda out, err: b"\n" in out)
+        run.transport.closeStdout()  # as "| head -1" does once it has its line
+        out, err, status = yield run.ended
+        self.assertEqual((err, status), ("", 141))
 
     @inlineCallbacks
     def test_a_closed_standard_output_ends_quietly(self):

@@ -265,7 +265,8 @@ class _Shell:
         that closes every new connection at once (a TLS port reached
         without ``ssl=``) is retried ever more slowly, while a daemon that
         comes back after a long outage is retried from ``retry_initial``."""
-        failures = 0
+        failures = 0  # attempts refused in a row since a connection was made
+        waits = 0  # waits since a connection was made: those failures, and the loss before them
         unproven = 0
         try:
             while not self._closing:
@@ -279,12 +280,13 @@ class _Shell:
                     self._attempt_failed(key, failures, why, permanent)
                     if not first.done():
                         first.set_result(None)
-                    await asyncio.sleep(self._delay(self._wait_for(failures + max(0, unproven - 1))))
+                    waits += 1
+                    await asyncio.sleep(self._delay(self._wait_for(waits + max(0, unproven - 1))))
                     continue
                 if self._closing:
                     connection.close()
                     break
-                failures = 0
+                failures = waits = 0
                 self._connections[key] = connection
                 connected_at = self._loop.time()  # type: ignore[union-attr]
                 self._up(key, connection)
@@ -299,7 +301,8 @@ class _Shell:
                     why, permanent = f"the connection to {name} was closed by this client", False
                 self._down(key, why, permanent)
                 if not self._closing:
-                    await asyncio.sleep(self._delay(self._wait_for(1 + max(0, unproven - 1))))
+                    waits = 1
+                    await asyncio.sleep(self._delay(self._wait_for(waits + max(0, unproven - 1))))
         finally:
             if not first.done():
                 first.set_result(None)
@@ -1243,21 +1246,22 @@ class Worker(_Shell):
         started = loop.time()
         error: Optional[BaseException] = None
         outcome: Any = None
+        # The handler runs in a task of its own, awaited through
+        # asyncio.wait, which does not pass a cancel on: so a cancel of
+        # this task (the loop shutting down) is told from a handler that
+        # ended cancelled (it awaited something another task cancelled).
+        running = loop.create_task(self._call(job))
         try:
-            if self._async:
-                outcome = await self.handler(job)
-            else:
-                outcome = await loop.run_in_executor(self._executor, self.handler, job)
-                if inspect.isawaitable(outcome):
-                    outcome = await outcome
+            await asyncio.wait({running})
+        except asyncio.CancelledError:
+            running.cancel()
+            raise  # the job is left to the daemon, as when the connection drops
+        try:
+            outcome = running.result()
         except Exception as e:
             error = e
-        except asyncio.CancelledError as e:
-            # The handler ended cancelled (it awaited something another
-            # task cancelled): the job fails, and its place comes free.
-            error = e
-            if not str(e):
-                error = asyncio.CancelledError("the handler was cancelled")
+        except asyncio.CancelledError:
+            error = asyncio.CancelledError("the handler was cancelled")
         if error is None:
             self._core.finished(link, job, outcome)
         else:
@@ -1267,6 +1271,17 @@ class Worker(_Shell):
                 self._on_job(job, loop.time() - started, error)
             except Exception:
                 _log.exception("on_job raised an exception")
+
+    async def _call(self, job: Job) -> Any:
+        """The handler's answer to ``job``: awaited if it is a coroutine
+        function, else run in the worker's threads (and awaited if it
+        returns an awaitable)."""
+        if self._async:
+            return await self.handler(job)
+        outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self.handler, job)
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        return outcome
 
 
 async def work(type: str, handler: Callable[[Job], Any], concurrency: int = 1, slaves: Addresses = None,

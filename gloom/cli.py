@@ -1211,12 +1211,16 @@ def _submit(session: _Session, args):
     # than given jobs whose acks never come.  (An ack is not timed: a big
     # body takes as long to send as the link needs.)
     began = session.reactor.seconds()
-    probe = min(REPLY_TIMEOUT, args.wait) if args.wait and not args.lines else REPLY_TIMEOUT
+    # The one job's --wait counts from the start: this look included.
+    limit = min(REPLY_TIMEOUT, args.wait) if args.wait and not args.lines else REPLY_TIMEOUT
     try:
-        silent = yield _silent_daemons(session, args.masters_at, probe)
+        silent = yield _silent_daemons(session, args.masters_at, limit)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if len(silent) == len(args.masters_at):
+        if limit < REPLY_TIMEOUT:  # --wait ran out first: not the daemons' fault, maybe
+            _say(f"no answer within {args.wait:g} s (no daemon had replied to a first request yet)")
+            return EXIT_FAILED
         raise TransportError("; ".join(silent.values()))
     for why in silent.values():
         _say(why)

@@ -75,7 +75,12 @@ STOP_WAIT = 5.0
 they count no job on it any more."""
 
 RETRY_CONNECT_TIMEOUT = 2.0
-"""The longest one such attempt may block the call that makes it."""
+"""The longest one such attempt may take."""
+
+RETRY_ATTEMPT_MIN = 0.5
+"""The least time an attempt is given, even past the end of the call that
+makes it (a TLS handshake takes a few round trips): one cut short by that
+end is not counted as refused."""
 
 _READ_SIZE = 256 * 1024
 _WRITE_SIZE = 256 * 1024
@@ -475,22 +480,23 @@ class _Client:
         come (a refused attempt doubles its wait, up to `RETRY_MAX`); a
         connection made is handed to `_connected`.  Called by the thread
         that waits for the daemons, without the state lock (an attempt
-        may block for up to `RETRY_CONNECT_TIMEOUT`, and never past
-        ``deadline``, the end of the call that waits)."""
+        may take up to `RETRY_CONNECT_TIMEOUT`, and not past ``deadline``,
+        the end of the call that waits, by more than `RETRY_ATTEMPT_MIN`)."""
         tls, server_hostname, connect_timeout = self._settings
         for name, (due, delay) in list(self._retry.items()):
             now = time.monotonic()
             if due > now:
                 continue
-            timeout = RETRY_CONNECT_TIMEOUT if connect_timeout is None else \
+            full = RETRY_CONNECT_TIMEOUT if connect_timeout is None else \
                 min(connect_timeout, RETRY_CONNECT_TIMEOUT)
-            if deadline is not None:
-                if deadline - now < 0.01:
-                    return  # no time left in this call: the next one tries
-                timeout = min(timeout, deadline - now)
+            timeout = full if deadline is None else min(full, max(deadline - now, RETRY_ATTEMPT_MIN))
             try:
                 connection = _Connection(self._addresses[name], tls, server_hostname, timeout)
             except TransportError as e:
+                if timeout < full and time.monotonic() - now >= timeout * 0.9:
+                    # Cut short by the call's end: tried again soon, not counted as refused.
+                    self._retry[name] = (time.monotonic() + RETRY_INITIAL, delay)
+                    return
                 delay = min(delay * 2, RETRY_MAX)
                 self._retry[name] = (time.monotonic() + delay, delay)
                 _log.debug("%s", e)

@@ -713,8 +713,11 @@ class WorkerShellTests(SynchronousTestCase):
             net.refuse.add("d:1")
             connections = len(net.connections)
             net.feed(net.connections[-1], {"ok": True})  # a working connection, then the daemon goes away
+            lost = len(waits)
             net.connections[-1].connection_lost(None)
             await turn(10)
+            # The loss, then each refusal: counted as the Twisted client counts them.
+            self.assertEqual(waits[lost:lost + 3], [0.02, 0.04, 0.08])
             self.assertEqual(waits[-1], 0.1)  # refused again and again: the longest wait
             net.refuse.discard("d:1")
             await turn(10)
@@ -909,6 +912,28 @@ class WorkerShellTests(SynchronousTestCase):
             self.assertEqual(connection.transport.frames()[-1], {"action": "respond", "id": "2", "body": "done"})
             net.feed(connection, {"ok": True})
             await self.stop(worker, net)
+        run(body())
+
+    def test_a_worker_task_cancelled_at_shutdown_leaves_its_job_to_the_daemon(self):
+        gate = []
+
+        async def handler(job):
+            gate.append(asyncio.get_running_loop().create_future())
+            return await gate[-1]
+
+        async def body():
+            worker, net = self.worker(handler)
+            await worker.start()
+            (connection,) = net.connections
+            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
+            await turn()
+            (task,) = worker._jobs
+            task.cancel()  # as asyncio.run does to the tasks left when it ends (Ctrl-C)
+            await turn()
+            self.assertTrue(task.cancelled())
+            self.assertTrue(gate[0].cancelled())  # the handler was cancelled with it
+            self.assertNotIn("fail", [frame.get("action") for frame in connection.transport.frames()])
+            self.assertEqual(self.jobs, [])  # no outcome: the job is the daemon's to hand out again
         run(body())
 
     def test_a_job_in_hand_when_the_connection_drops(self):

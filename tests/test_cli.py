@@ -527,6 +527,12 @@ class SilentDaemonTests(CLITestCase):
         self.assertEqual(err.splitlines(), [self.line])
 
     @inlineCallbacks
+    def test_a_shorter_wait_ends_the_look_for_silent_daemons(self):
+        out, err, status = yield self.gloom("submit", "x", '"x"', "--wait", "0.5", "--master", self.silent)
+        self.assertEqual((out, status), ("", 1), err)
+        self.assertEqual(err, "gloom: no answer within 0.5 s (no daemon had replied to a first request yet)\n")
+
+    @inlineCallbacks
     def test_an_ack_is_waited_for_as_long_as_it_takes(self):
         """A daemon that answers at once but acks a job late (a big body on
         a slow link, a busy client): the job is not given up on."""

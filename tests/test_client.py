@@ -391,13 +391,16 @@ class ReconnectBoundsTests(ClientTestCase):
         hanging = HangingListener(self)
 
         def body():
-            with Master([f"127.0.0.1:{self.port('master')}", hanging.address], connect_timeout=1.0) as master:
+            with Master([f"127.0.0.1:{self.port('master')}", hanging.address], connect_timeout=2.0) as master:
                 self.assertEqual(master.connected, [f"127.0.0.1:{self.port('master')}"])
                 time.sleep(client.RETRY_INITIAL)  # an attempt is due
                 started = time.monotonic()
                 self.assertRaises(Timeout, master.receive, 0.2)
-                # Not the 1 s the attempt could take: the call's own end bounds it.
-                self.assertLess(time.monotonic() - started, 0.8)
+                # Not the 2 s the attempt could take: the call's own end bounds it
+                # (an attempt gets at least RETRY_ATTEMPT_MIN).
+                self.assertLess(time.monotonic() - started, 0.2 + client.RETRY_ATTEMPT_MIN + 0.4)
+                # Cut short, it does not count as refused: the wait does not grow.
+                self.assertEqual(master._retry[hanging.address][1], client.RETRY_INITIAL)
         return deferToThread(body)
 
 

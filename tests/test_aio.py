@@ -885,19 +885,25 @@ class WorkerShellTests(SynchronousTestCase):
                                             "(reconnecting)", "connected to d:1"])
         run(body())
 
-    def test_a_handler_that_ends_cancelled_fails_its_job_and_frees_its_place(self):
+    async def gated_worker(self):
+        """A started worker whose handler waits on a future of ``gate``
+        (one per job), holding job "1": (worker, net, connection, gate)."""
         gate = []
 
         async def handler(job):
             gate.append(asyncio.get_running_loop().create_future())
             return await gate[-1]
 
+        worker, net = self.worker(handler)
+        await worker.start()
+        (connection,) = net.connections
+        net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
+        await turn()
+        return worker, net, connection, gate
+
+    def test_a_handler_that_ends_cancelled_fails_its_job_and_frees_its_place(self):
         async def body():
-            worker, net = self.worker(handler)
-            await worker.start()
-            (connection,) = net.connections
-            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
-            await turn()
+            worker, net, connection, gate = await self.gated_worker()
             self.assertEqual(worker.busy, 1)
             gate[0].cancel()  # what the handler awaits is cancelled by someone else
             await turn()
@@ -915,18 +921,8 @@ class WorkerShellTests(SynchronousTestCase):
         run(body())
 
     def test_a_worker_task_cancelled_at_shutdown_leaves_its_job_to_the_daemon(self):
-        gate = []
-
-        async def handler(job):
-            gate.append(asyncio.get_running_loop().create_future())
-            return await gate[-1]
-
         async def body():
-            worker, net = self.worker(handler)
-            await worker.start()
-            (connection,) = net.connections
-            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
-            await turn()
+            worker, net, connection, gate = await self.gated_worker()
             (task,) = worker._jobs
             task.cancel()  # as asyncio.run does to the tasks left when it ends (Ctrl-C)
             await turn()
@@ -937,18 +933,8 @@ class WorkerShellTests(SynchronousTestCase):
         run(body())
 
     def test_a_job_in_hand_when_the_connection_drops(self):
-        gate = []
-
-        async def handler(job):
-            gate.append(asyncio.get_running_loop().create_future())
-            return await gate[-1]
-
         async def body():
-            worker, net = self.worker(handler)
-            await worker.start()
-            (connection,) = net.connections
-            net.feed(connection, {"ok": True}, {"action": "job", "id": "1", "type": "t", "body": None})
-            await turn()
+            worker, net, connection, gate = await self.gated_worker()
             self.assertEqual(worker.busy, 1)
             connection.connection_lost(None)
             while len(net.connections) < 2:

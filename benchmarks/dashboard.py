@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from run import pinned  # benchmarks/run.py, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -31,12 +33,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def pinned(cpu: int, command: list) -> list:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu)] + command
-    return command
 
 
 class Frames:
@@ -68,10 +64,10 @@ class Daemon:
         self.master, self.slave, self.http = free_port(), free_port(), free_port()
         self.scratch = tempfile.mkdtemp()
         self.process = subprocess.Popen(
-            pinned(0, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "gloom",
+            pinned([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "gloom",
                        "--master", f"tcp:{self.master}:interface=127.0.0.1",
                        "--slave", f"tcp:{self.slave}:interface=127.0.0.1",
-                       "--http", f"tcp:{self.http}:interface=127.0.0.1", *extra]),
+                       "--http", f"tcp:{self.http}:interface=127.0.0.1", *extra], 0),
             cwd=self.scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
@@ -180,8 +176,8 @@ def screenshot(path: str, seconds: float) -> None:
 
 def flow(daemon: Daemon, jobs: int) -> float:
     result = subprocess.run(
-        pinned(1, [os.path.join(BIN, "gloom"), "bench", "--jobs", str(jobs), "--json", "--no-progress",
-                   "--master", f"127.0.0.1:{daemon.master}", "--slave", f"127.0.0.1:{daemon.slave}"]),
+        pinned([os.path.join(BIN, "gloom"), "bench", "--jobs", str(jobs), "--json", "--no-progress",
+                   "--master", f"127.0.0.1:{daemon.master}", "--slave", f"127.0.0.1:{daemon.slave}"], 1),
         capture_output=True, text=True, check=True)
     return json.loads(result.stdout)["jobs_per_s"]
 

@@ -26,31 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import time
+
+from run import pinned, wait_port  # benchmarks/run.py, beside this script
 
 PORTS = [(19998, 19999), (20998, 20999)]
-
-
-def pinned(command, core):
-    if core is not None and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", str(core)] + command
-    return command
-
-
-def wait_port(port, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def start_daemons(venv, count):

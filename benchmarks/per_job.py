@@ -28,32 +28,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from run import pinned, wait_port  # benchmarks/run.py, beside this script
+
 SYSCALLS = ("sendto", "recvfrom", "read", "write", "writev", "epoll_wait", "epoll_ctl")
 
 MASTER_PORT, SLAVE_PORT, GEARMAN_PORT = 19998, 19999, 14730
-
-
-def pinned(command, core):
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", str(core)] + command
-    return command
-
-
-def wait_port(port, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def cpu_ticks(pid):

@@ -40,9 +40,23 @@ import time
 
 
 def pinned(command, core):
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+    """``command`` run on CPU ``core`` (taskset), where there are two cores
+    or more; as it is for ``core`` None.  The other benchmarks use it too."""
+    if core is not None and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         return ["taskset", "-c", str(core)] + command
     return command
+
+
+def wait_port(port, timeout=30.0):
+    """Return once something listens on the loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
 
 
 def resident_kib(pid):

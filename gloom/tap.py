@@ -54,20 +54,6 @@ def _frame_size(value: str) -> int:
     return size
 
 
-def _retry_count(value: str) -> int:
-    count = _whole_number(value, "--retries")
-    if count < 0:
-        raise ValueError(f"--retries must not be negative, not {count}")
-    return count
-
-
-def _queue_limit(value: str) -> int:
-    limit = _whole_number(value, "--max-queued")
-    if limit < 1:
-        raise ValueError(f"--max-queued must be at least 1, not {limit}")
-    return limit
-
-
 def _seconds_up_to(option: str, most: float):
     """A coercer for an option of seconds: positive, finite, at most ``most``."""
 
@@ -90,16 +76,10 @@ def _count_from(option: str, least: int):
     def count(value: str) -> int:
         number = _whole_number(value, option)
         if number < least:
-            raise ValueError(f"{option} must be at least {least}, not {number}")
+            limit = "not be negative" if least == 0 else f"be at least {least}"
+            raise ValueError(f"{option} must {limit}, not {number}")
         return number
 
-    return count
-
-
-def _warm_up_jobs(value: str) -> int:
-    count = _whole_number(value, "--warm-up")
-    if count < 0:
-        raise ValueError(f"--warm-up must not be negative, not {count}")
     return count
 
 
@@ -152,7 +132,7 @@ class Options(usage.Options):
          f"Largest frame a peer may send, in bytes (1 to {wire.FRAME_LIMIT})", _frame_size],
         ["retries", None, DEFAULT_RETRIES,
          "Times a job is queued again after its slave disconnects or its attempt times out "
-         "(0 or more)", _retry_count],
+         "(0 or more)", _count_from("--retries", 0)],
         ["job-timeout", None, None,
          "Seconds one attempt of a job may run when its submit names no timeout "
          f"(a positive number up to {wire.MAX_TIMEOUT}, which is 30 days) [default: no limit]",
@@ -163,7 +143,7 @@ class Options(usage.Options):
          _seconds_up_to("--frame-timeout", wire.MAX_TIMEOUT)],
         ["max-queued", None, DEFAULT_MAX_QUEUED,
          "Unfinished (queued or running) jobs one master may have at once (1 or more)",
-         _queue_limit],
+         _count_from("--max-queued", 1)],
         ["retry-backoff", None, DEFAULT_BACKOFF,
          "Seconds before the first retry of a detached job (or of a job submitted with "
          "backoff); each retry waits twice as long, less a random part of up to a half",
@@ -206,7 +186,7 @@ class Options(usage.Options):
          "Synthetic jobs run through the daemon over loopback before its ports open, so that "
          "PyPy's JIT has compiled the hot path when the first real jobs come (0 or more; "
          f"0: none) [default: {DEFAULT_WARM_UP_PYPY} on PyPy, 0 (none) on CPython]",
-         _warm_up_jobs],
+         _count_from("--warm-up", 0)],
     ]
 
     def opt_version(self) -> None:
